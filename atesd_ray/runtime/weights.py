@@ -1,0 +1,90 @@
+"""Named tensors <-> one flat byte buffer.
+
+Weights travel between actors as a single numpy buffer plus a small spec: Ray's object store
+moves numpy zero-copy (a 540 MB model in ~0.1 s here, against 1.4-4 s as 135 torch tensors),
+and a collective broadcast moves one tensor instead of hundreds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "float32"
+    offset: int  # bytes
+    nbytes: int
+
+
+@dataclass
+class PackedWeights:
+    version: int
+    specs: list[TensorSpec]
+    buffer: np.ndarray  # uint8, flat
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+
+def layout(named: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    specs, offset = [], 0
+    for name, t in named.items():
+        nbytes = t.numel() * t.element_size()
+        specs.append(TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset, nbytes))
+        offset += nbytes
+    return specs
+
+
+def flatten(named: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """All tensors' bytes, concatenated in dict order, as one uint8 CPU tensor."""
+    total = sum(t.numel() * t.element_size() for t in named.values())
+    out = torch.empty(total, dtype=torch.uint8) if out is None else out
+    offset = 0
+    for t in named.values():
+        raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        out[offset : offset + raw.numel()].copy_(raw)
+        offset += raw.numel()
+    return out
+
+
+def unflatten(buffer: torch.Tensor, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """Views into ``buffer`` (no copy) shaped as the specs say."""
+    return {
+        s.name: buffer[s.offset : s.offset + s.nbytes].view(getattr(torch, s.dtype)).view(s.shape) for s in specs
+    }
+
+
+def pack(named: dict[str, torch.Tensor], version: int) -> PackedWeights:
+    return PackedWeights(version, layout(named), flatten(named).numpy())
+
+
+def unpack(packed: PackedWeights) -> dict[str, torch.Tensor]:
+    # The object store hands out read-only arrays. The views are only read (copied into a model), so
+    # torch's warning about non-writable memory does not apply; silence it rather than copy 0.5 GB.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        buffer = torch.from_numpy(packed.buffer)
+    return unflatten(buffer, packed.specs)
+
+
+def load_into(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> None:
+    """Copy ``named`` into the model's parameters/buffers of the same names; every name must exist."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    missing = [n for n in named if n not in own]
+    if missing:
+        raise KeyError(f"weights for unknown tensors {missing[:5]} (of {len(missing)}); is this the same model?")
+    with torch.no_grad():
+        for name, tensor in named.items():
+            target = own[name]
+            if target.shape != tensor.shape:
+                raise ValueError(f"shape mismatch for '{name}': model {tuple(target.shape)}, weights {tuple(tensor.shape)}")
+            target.copy_(tensor)

@@ -1,0 +1,71 @@
+"""Per-step metrics: one progress line on the console, ``metrics.jsonl``, TensorBoard, W&B.
+
+TensorBoard and W&B go through verl's ``Tracking``. The JSONL file is written here rather than by
+verl's file logger because a resumed run must keep the steps before the checkpoint and drop only
+those after it (verl's logger truncates the file), and each line must be one flat JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+CONSOLE_KEYS = ("loss", "mismatch_kl", "alpha", "accuracy", "probe_nll", "grad_norm", "response_len", "step_time_s")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, backends: list[str], project: str, experiment: str, config: dict, resume_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.console = "console" in backends
+        self.jsonl = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
+        if self.jsonl is not None:
+            self._truncate_after(resume_step)
+        remote = [b for b in backends if b in ("tensorboard", "wandb")]
+        self.verl = None
+        if remote:
+            from verl.utils.tracking import Tracking
+
+            os.environ["TENSORBOARD_DIR"] = str(self.run_dir / "tensorboard")
+            self.verl = Tracking(project_name=project, experiment_name=experiment, default_backend=remote, config=config)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep the lines of steps before ``step`` (a resumed run rewrites the rest)."""
+        if not self.jsonl.exists():
+            return
+        kept = [line for line in self.jsonl.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < step]
+        self.jsonl.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if self.verl is not None:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            self.verl.log(numeric, step)
+        if self.console:
+            print(progress_line(step, metrics), flush=True)
+
+    def close(self) -> None:
+        if self.verl is not None:
+            self.verl.finish()
+
+
+def progress_line(step: int, metrics: dict[str, Any]) -> str:
+    total = metrics.get("total_steps")
+    head = f"step {step + 1}/{total}" if total else f"step {step + 1}"
+    parts = [head]
+    for key in CONSOLE_KEYS:
+        v = metrics.get(key)
+        if isinstance(v, int | float):
+            parts.append(f"{key}={v:.4g}")
+    return " | ".join(parts)

@@ -1,0 +1,172 @@
+"""``mode=train``: data, actors, resume, the step loop, checkpoints, tracking, the final summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+
+from atesd_ray.algorithms.distill import distill_step
+from atesd_ray.config import Config
+from atesd_ray.data.loaders import load_data
+from atesd_ray.data.sampler import EpochSampler
+from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
+from atesd_ray.models import load_tokenizer
+from atesd_ray.prompts import render_chat, student_messages, teacher_messages
+from atesd_ray.runtime.actors import Actors, build_actors
+from atesd_ray.runtime.checkpoint import CheckpointManager, read_state
+from atesd_ray.runtime.cluster import connect
+from atesd_ray.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STEP_FUNCTIONS = {"opsd": distill_step, "fixed_exposure": distill_step, "atesd": distill_step}
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Create the run directory and fail now, not after an hour, if it cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"run_dir '{run_dir}' is not writable: {err}") from err
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+@dataclasses.dataclass
+class Prepared:
+    train: list[dict]
+    evals: list[dict]
+    probe: list[dict]
+    too_long: int
+    summary: str
+
+
+def prepare_data(cfg: Config) -> Prepared:
+    """Load the records and drop (and count) problems whose longest prompt exceeds the limit:
+    a prompt is never silently cut."""
+    train, evals, report = load_data(cfg.data, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    limit = cfg.model.max_prompt_tokens
+
+    def fits(r) -> bool:
+        student = render_chat(tokenizer, student_messages(r.problem, cfg.prompts), cfg.model.student_thinking)
+        teacher = render_chat(tokenizer, teacher_messages(r.problem, r.reference, r.answer, 1.0, cfg.prompts), cfg.model.teacher_thinking)
+        return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (student, teacher)) <= limit
+
+    kept = [dataclasses.asdict(r) for r in train if fits(r)]
+    too_long = len(train) - len(kept)
+    if not kept:
+        raise ValueError(f"every training prompt exceeds model.max_prompt_tokens={limit}")
+    held = [dataclasses.asdict(r) for r in evals if fits(r)]
+    summary = report.summary() + (f"; {too_long} train prompts over {limit} tokens skipped" if too_long else "")
+    return Prepared(kept, held, held[: cfg.data.probe_size], too_long, summary)
+
+
+def _evaluate(cfg: Config, actors: Actors, records: list[dict], run_dir: Path, step: int, version: int) -> dict:
+    records = records[: cfg.eval.max_problems] if cfg.eval.max_problems else records
+    rows = generate_and_grade(actors.rollouts, records, cfg.eval, step, version)
+    summary = summarize_rows(rows, cfg.eval.grade_timeout_s)
+    write_rows(run_dir / "eval" / f"step_{step}.jsonl", rows)
+    return summary
+
+
+def _save(cfg: Config, actors: Actors, ckpts: CheckpointManager, step: int, sampler: EpochSampler, metrics: dict) -> Path:
+    tmp = ckpts.begin(step)
+    (tmp / "student").mkdir()
+    refs = actors.students.call("save", str(tmp / "student"))
+    refs += [actors.teachers.actors[0].save.remote(str(tmp))]
+    refs += [actors.controller.save.remote(str(tmp))]
+    ray.get(refs)
+    state = {"step": step, "consumed": sampler.consumed, "weight_version": step, "seed": cfg.seed, "time": time.time(),
+             "last_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+    return ckpts.commit(step, tmp, state)
+
+
+def _restore(actors: Actors, checkpoint: Path, sampler: EpochSampler) -> int:
+    state = read_state(checkpoint)
+    ray.get(actors.students.call("load", str(checkpoint / "student")))
+    ray.get(actors.teachers.call("load", str(checkpoint), state["weight_version"]))
+    ray.get(actors.controller.load.remote(str(checkpoint)))
+    sampler.consumed = state["consumed"]
+    return state["step"]
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Train; returns the summary (also written to ``summary.json``)."""
+    prepare_run_dir(run_dir, cfg)
+    data = prepare_data(cfg)
+    print(data.summary, flush=True)
+    total = cfg.trainer.total_steps
+    sampler = EpochSampler(len(data.train), cfg.trainer.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    ckpts = CheckpointManager(run_dir, cfg.trainer.keep_last)
+    checkpoint = ckpts.resolve(cfg.resume)
+    connect(cfg.cluster, needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus + cfg.rollout.replicas * cfg.cluster.rollout.cpus + cfg.teacher.replicas * cfg.cluster.teacher.cpus)
+    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}")
+    tracker = None
+    try:
+        ray.get(actors.students.call("set_probe", data.probe))
+        start = _restore(actors, checkpoint, sampler) if checkpoint else 0
+        if checkpoint:
+            print(f"resumed from {checkpoint} at step {start}", flush=True)
+        ray.get(actors.weight_sync.sync(version=start))
+        tracker = Tracker(run_dir, cfg.tracking.backends, cfg.tracking.project, cfg.tracking.experiment or run_dir.name,
+                          OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=start)
+        summary: dict = {"run_dir": str(run_dir), "start_step": start, "total_steps": total, "algorithm": cfg.algorithm.name,
+                         "model": cfg.model.name, "data": data.summary}
+        if start >= total:
+            print(f"run already complete at step {start} of {total}: nothing to train "
+                  f"(raise trainer.total_steps, or start over with resume=never or a new run_dir)", flush=True)
+            return summary
+        if cfg.eval.at_start and data.evals and start == 0:
+            summary["eval_before"] = _evaluate(cfg, actors, data.evals, run_dir, 0, start)
+            print(f"held-out before training: {_fmt_eval(summary['eval_before'])}", flush=True)
+        step_fn = STEP_FUNCTIONS[cfg.algorithm.name]
+        records = data.train
+        batch = [records[i] for i in sampler.next_indices()]
+        prefetched, metrics = None, {}
+        for step in range(start, total):
+            next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
+            metrics, prefetched = step_fn(cfg, actors, step, batch, next_batch, prefetched)
+            metrics.update(total_steps=total, epoch=sampler.epoch)
+            done = step + 1
+            if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < total:
+                ev = _evaluate(cfg, actors, data.evals, run_dir, done, done)
+                metrics.update({f"eval/{k}": v for k, v in ev.items()})
+            tracker.log(step, metrics)
+            if done % cfg.trainer.save_every == 0 or done == total:
+                # the batch drawn for the next step is given back, so a resume draws it again
+                sampler.consumed -= len(next_batch) if next_batch else 0
+                _save(cfg, actors, ckpts, done, sampler, metrics)
+                sampler.consumed += len(next_batch) if next_batch else 0
+            batch = next_batch
+        timeline = ray.get(actors.controller.timeline.remote())
+        if cfg.controller.kind != "fixed":
+            with open(run_dir / "controller_timeline.jsonl", "w") as fh:
+                fh.writelines(json.dumps(d) + "\n" for d in timeline)
+        if cfg.eval.at_end and data.evals:
+            summary["eval_after"] = _evaluate(cfg, actors, data.evals, run_dir, total, total)
+        summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                       checkpoint=str(ckpts.latest()))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if tracker is not None:
+            tracker.close()
+        actors.shutdown()
+
+
+def _fmt_eval(summary: dict) -> str:
+    k = summary["k"]
+    return f"avg@{k}={summary[f'avg@{k}']:.3f} over {summary['n_problems']} problems"

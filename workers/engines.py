@@ -1,0 +1,146 @@
+"""Generation engines behind one interface: HF transformers (CPU or GPU) and vLLM (GPU, in vllm_engine.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from atesd_ray.models import eos_token_ids
+from atesd_ray.runtime.weights import load_into
+from atesd_ray.sequences import join, left_pad, right_pad
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    n: int = 1  # samples per prompt, returned prompt-major: [p0s0, p0s1, ..., p1s0, ...]
+    logprobs: bool = True  # return each sampled token's log-prob under softmax(logits / temperature)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    logprobs: list[float] | None = None
+
+
+class GenerationEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]: ...
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
+        """Log-probs of fixed response tokens after each prompt."""
+        ...
+
+    def load_weights(self, named: dict[str, torch.Tensor]) -> None: ...
+
+    def synced_parameters(self) -> dict[str, torch.Tensor]: ...
+
+
+class HFEngine:
+    """Batched sampling with transformers' ``generate`` (KV cache, top-k/top-p, stop strings).
+
+    Sampled-token log-probs are recomputed by one teacher-forced forward pass over the finished
+    sequences instead of keeping every step's [B, V] logits during decoding, which for long
+    responses would need B x R x V floats.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, micro_batch: int = 16, score_micro_batch: int = 4):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.micro_batch = micro_batch
+        self.score_micro_batch = score_micro_batch
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        expanded = [p for p in prompts for _ in range(params.n)]
+        greedy = params.temperature <= 0
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else params.top_k,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            stop_strings=list(params.stop) or None,
+        )
+        completions: list[Completion] = []
+        for start in range(0, len(expanded), self.micro_batch):
+            ids, mask = left_pad(expanded[start : start + self.micro_batch], self.pad_id)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + start)
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    tokenizer=self.tokenizer if params.stop else None,
+                )
+            for row in out[:, ids.shape[1] :].tolist():
+                completions.append(self._finish(row, params))
+        if params.logprobs:
+            scored = self.score(expanded, [c.token_ids for c in completions], params.temperature if not greedy else 1.0)
+            for c, lp in zip(completions, scored, strict=True):
+                c.logprobs = lp
+        return completions
+
+    def _finish(self, row: list[int], params: SamplingParams) -> Completion:
+        """Cut a generated row at its end and say why it ended.
+
+        Finished rows are padded with ``pad_id``, which is often the EOS id too; a row that ends
+        with a stop string therefore counts as stopped there, and the EOS-looking pad after it is
+        not part of the response.
+        """
+        end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+        text_end = len(row) if end is None else end
+        if params.stop and self._has_stop(row[:text_end], params.stop):
+            # the shortest prefix holding a stop string (decoded text grows with the prefix)
+            lo, hi = 1, text_end
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._has_stop(row[:mid], params.stop):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return Completion(row[:lo], "stop")
+        if end is not None:
+            return Completion(row[: end + 1], "stop")
+        return Completion(row, "length")
+
+    def _has_stop(self, ids: list[int], stop: list[str]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return any(s in text for s in stop)
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
+        result: list[list[float]] = []
+        for start in range(0, len(prompts), self.score_micro_batch):
+            p_ids, p_mask = left_pad(prompts[start : start + self.score_micro_batch], self.pad_id)
+            r_rows = responses[start : start + self.score_micro_batch]
+            r_ids, r_mask = right_pad(r_rows, self.pad_id)
+            ids, mask, pos, p_len = join(p_ids, p_mask, r_ids, r_mask)
+            width = r_ids.shape[1]
+            if width == 0:
+                result.extend([] for _ in r_rows)
+                continue
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1).logits
+            logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+            token_lp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
+            result.extend(token_lp[i, : len(r)].tolist() for i, r in enumerate(r_rows))
+        return result
+
+    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
+        load_into(self.model, named)
+
+    def synced_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

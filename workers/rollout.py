@@ -1,0 +1,123 @@
+"""Rollout actor: the student's responses to problem-only prompts, on the latest synced weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from verl import DataProto
+
+from atesd_ray.config import Config
+from atesd_ray.grading import grade_many
+from atesd_ray.models import load_model, load_tokenizer
+from atesd_ray.prompts import render_chat, student_messages
+from atesd_ray.sequences import left_pad, right_pad
+from workers.common import StaleWeightsError, WeightReceiver, setup_actor
+from workers.engines import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def rollout_seed(seed: int, step: int, chunk: int) -> int:
+    """Sampling seed of one chunk of one step: independent of which replica runs it."""
+    return (seed * 1_000_003 + step * 7_919 + chunk) % (2**31 - 1)
+
+
+def sampling_params(cfg: Config) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop=list(r.stop),
+        n=r.n_samples,
+    )
+
+
+class RolloutWorker(WeightReceiver):
+    def __init__(self, cfg: Config, replica: int = 0):
+        self.threads = setup_actor(cfg, f"rollout{replica}")
+        self.cfg = cfg
+        self.replica = replica
+        self.tokenizer = load_tokenizer(cfg.model)
+        if cfg.rollout.engine == "vllm":
+            from workers.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(cfg, self.tokenizer)
+        else:
+            from workers.engines import HFEngine
+
+            model = load_model(cfg.model, vocab_size=len(self.tokenizer))
+            self.engine = HFEngine(model, self.tokenizer, micro_batch=cfg.rollout.micro_batch)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _synced_parameters(self) -> dict[str, torch.Tensor]:
+        return self.engine.synced_parameters()
+
+    def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+        self.engine.load_weights(named)
+
+    # -- generation ------------------------------------------------------------------------------
+    def prompt_ids(self, problems: list[str], thinking: bool | None = None) -> list[list[int]]:
+        thinking = self.cfg.model.student_thinking if thinking is None else thinking
+        texts = [render_chat(self.tokenizer, student_messages(p, self.cfg.prompts), thinking) for p in problems]
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def generate(
+        self,
+        records: list[dict],
+        step: int,
+        chunk: int,
+        min_version: int,
+        params: SamplingParams | None = None,
+        thinking: bool | None = None,
+    ) -> DataProto:
+        """Sample ``params.n`` responses per record; refuse weights older than ``min_version``."""
+        if self.weight_version < min_version:
+            raise StaleWeightsError(
+                f"rollout {self.replica} holds weights v{self.weight_version}, step {step} needs >= v{min_version}"
+            )
+        t0 = time.perf_counter()
+        params = params or sampling_params(self.cfg)
+        prompts = self.prompt_ids([r["problem"] for r in records], thinking)
+        completions = self.engine.generate(prompts, params, rollout_seed(self.cfg.seed, step, chunk))
+        pad = self.tokenizer.pad_token_id
+        expanded = [(r, p, s) for r, p in zip(records, prompts, strict=True) for s in range(params.n)]
+        prompt_ids, prompt_mask = left_pad([p for _, p, _ in expanded], pad)
+        response_ids, response_mask = right_pad([c.token_ids for c in completions], pad)
+        logprobs = torch.zeros(response_ids.shape, dtype=torch.float32)
+        for i, c in enumerate(completions):
+            if c.logprobs:
+                logprobs[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        grades = grade_many(texts, [str(r["answer"]) for r, _, _ in expanded], self.cfg.eval.grade_timeout_s)
+        return DataProto.from_dict(
+            tensors={
+                "prompt_ids": prompt_ids,
+                "prompt_mask": prompt_mask,
+                "response_ids": response_ids,
+                "response_mask": response_mask,
+                "rollout_logprobs": logprobs,
+                "reward": torch.tensor([float(g.correct) for g in grades]),
+            },
+            non_tensors={
+                "uid": np.array([r["id"] for r, _, _ in expanded], dtype=object),
+                "sample": np.array([s for _, _, s in expanded], dtype=object),
+                "problem": np.array([r["problem"] for r, _, _ in expanded], dtype=object),
+                "reference": np.array([r["reference"] for r, _, _ in expanded], dtype=object),
+                "answer": np.array([r["answer"] for r, _, _ in expanded], dtype=object),
+                "difficulty": np.array([r.get("difficulty") for r, _, _ in expanded], dtype=object),
+                "finish_reason": np.array([c.finish_reason for c in completions], dtype=object),
+                "response_text": np.array(texts, dtype=object),
+                "extracted": np.array([g.answer for g in grades], dtype=object),
+            },
+            meta_info={"weight_version": self.weight_version, "step": step, "chunk": chunk,
+                       "time_s": time.perf_counter() - t0},
+        )
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Log-probs of fixed responses under the current weights (used to check weight syncs)."""
+        return self.engine.score(prompts, responses, temperature)

@@ -1,0 +1,398 @@
+"""Student trainer rank: one process of an FSDP2 group (gloo on CPU, NCCL on GPU).
+
+Every rank holds a shard of the student; a step resolves the rollout and teacher object refs
+inside the actor (never in the driver), trains on its contiguous share of rows, accumulates gradients over
+micro-batches to the configured effective batch, clips, and steps AdamW. Losses are sums divided
+by the global number of valid response tokens, so N ranks give the gradient of one process that
+saw the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from verl import DataProto
+
+from atesd_ray.config import Config
+from atesd_ray.losses import DistillStats, TeacherTargets, distill_loss, nll_loss
+from atesd_ray.models import DTYPES, load_model, load_tokenizer
+from atesd_ray.prompts import render_chat, student_messages
+from atesd_ray.runtime.weights import PackedWeights, pack
+from atesd_ray.sequences import join, left_pad, response_slice, right_pad
+from workers.common import send_broadcast, setup_actor
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = ("student.safetensors", "optimizer.pt", "student_state.json")
+
+
+class StudentPolicy(nn.Module):
+    """The FSDP root: decoder forward plus a chunked loss on the response positions.
+
+    The loss runs inside the root's forward so the LM head (often tied to the embedding) stays
+    unsharded while it is applied chunk by chunk, and is unsharded again for the backward pass.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        objective: str,
+        loss_cfg=None,
+        teacher: TeacherTargets | None = None,
+    ):
+        ids, mask, pos, start = join(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        valid = batch["response_mask"].bool()
+        h = response_slice(hidden, start, valid.shape[1])[valid]
+        tokens = batch["response_ids"][valid]
+        head = self.model.get_output_embeddings()
+        if objective == "distill":
+            loss, stats = distill_loss(h, teacher, loss_cfg, tokens=tokens, project=head)
+            return loss, stats.as_tensor()
+        if objective == "nll":
+            return nll_loss(h, tokens, project=head), torch.tensor(float(tokens.numel()))
+        if objective == "logprobs":
+            return torch.log_softmax(head(h).float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        raise ValueError(f"unknown objective '{objective}'")
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.trainer
+
+    def factor(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.total_steps - t.warmup_steps))
+        shape = 1.0 - progress if t.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+def _shard(n: int, rank: int, world: int) -> range:
+    """Contiguous rows of rank ``rank`` out of ``n``."""
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+def _rows(data: DataProto, keys: tuple[str, ...], idx: list[int]) -> dict[str, torch.Tensor]:
+    return {k: data.batch[k][idx] for k in keys}
+
+
+ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+
+
+def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
+    """One batch from per-chunk batches, and their per-chunk meta (which differs, e.g. timings)."""
+    metas = [p.meta_info for p in parts]
+    for p in parts:
+        p.meta_info = {}
+    return DataProto.concat(parts), metas
+
+
+def batch_metrics(step: int, rollout: DataProto, rollout_meta: list[dict], teacher: DataProto, teacher_meta: list[dict]) -> dict:
+    """What the step's batches say about generation and scoring (same on every rank)."""
+    lengths = rollout.batch["response_mask"].sum(-1).float()
+    finish = rollout.non_tensor_batch["finish_reason"]
+    version = min(m["weight_version"] for m in rollout_meta)
+    return {
+        "accuracy": float(rollout.batch["reward"].mean()),
+        "response_len": float(lengths.mean()),
+        "truncated_frac": float((finish == "length").mean()),
+        "grounding": float(teacher.batch["grounding"].mean()),
+        "rollout_version": version,
+        "staleness": step - version,
+        "time_rollout_s": max(m["time_s"] for m in rollout_meta),
+        "time_teacher_s": max(m["time_s"] for m in teacher_meta),
+    }
+
+
+class StudentRank:
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.threads = setup_actor(cfg, f"student{rank}")
+        self.cfg = cfg
+        self.rank = rank
+        self.world = world_size
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.probe: dict[str, torch.Tensor] | None = None
+
+    # -- setup -----------------------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_distributed(self, address: str, port: int) -> dict:
+        backend = self.cfg.trainer.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world)
+        self.model = load_model(self.cfg.model, vocab_size=len(self.tokenizer)).to(self.device)
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.policy = StudentPolicy(self.model)
+        for layer in self.model.get_decoder().layers:
+            fully_shard(layer)
+        fully_shard(self.policy, reshard_after_forward=False)
+        t = self.cfg.trainer
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=t.lr,
+            betas=tuple(t.betas),
+            weight_decay=t.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
+        self.step = 0
+        self.skipped_nonfinite = 0
+        return {"rank": self.rank, "backend": backend, "node": ray.util.get_node_ip_address(), "threads": self.threads}
+
+    def set_probe(self, records: list[dict]) -> int:
+        """The fixed probe set: student prompt + reference solution, for the probe NLL."""
+        prompts = self._prompts([r["problem"] for r in records])
+        refs = [self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"] for r in records]
+        p_ids, p_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        r_ids, r_mask = right_pad(refs, self.tokenizer.pad_token_id)
+        self.probe = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+        return len(records)
+
+    def _prompts(self, problems: list[str]) -> list[list[int]]:
+        texts = [render_chat(self.tokenizer, student_messages(p, self.cfg.prompts), self.cfg.model.student_thinking) for p in problems]
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    # -- collective helpers ----------------------------------------------------------------------
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device, torch.float64)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def _max(self, value: int) -> int:
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _micro_batches(self, n_rows: int) -> list[list[int]]:
+        """This rank's row indices in micro-batches; every rank runs the same number of them
+        (FSDP gathers parameters in each forward), so a short rank repeats rows with weight 0."""
+        mine = list(_shard(n_rows, self.rank, self.world))
+        mb = self.cfg.trainer.micro_batch
+        count = self._max(math.ceil(len(mine) / mb))
+        return [mine[i * mb : (i + 1) * mb] for i in range(count)]
+
+    def _to_device(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in rows.items()}
+
+    # -- training --------------------------------------------------------------------------------
+    def train_step(self, step: int, rollout_refs: list, teacher_refs: list) -> dict:
+        """One optimizer step of distillation on the step's rollouts and teacher targets."""
+        t0 = time.perf_counter()
+        rollout, rollout_meta = concat(ray.get(rollout_refs))
+        teacher, teacher_meta = concat(ray.get(teacher_refs))
+        t_fetch = time.perf_counter() - t0
+        self.policy.train()
+        batches = self._micro_batches(len(rollout))
+        local_tokens = sum(int(rollout.batch["response_mask"][b].sum()) for b in batches if b)
+        global_tokens = float(self._sum(torch.tensor([local_tokens]))[0])
+        scale = self.world / max(global_tokens, 1.0)
+        stats = torch.zeros(5, dtype=torch.float64)
+        loss_cfg = self.cfg.algorithm.loss
+        for i, idx in enumerate(batches):
+            weight = 1.0 if idx else 0.0
+            idx = idx or [0]
+            rows = self._to_device(_rows(rollout, ROLLOUT_KEYS, idx))
+            targets = self._teacher_targets(teacher, idx, rows["response_mask"])
+            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
+            loss, batch_stats = self.policy(rows, "distill", loss_cfg, targets)
+            (loss * scale * weight).backward()
+            stats += batch_stats.detach().cpu().to(torch.float64) * weight
+        metrics = self._finish_step(step, DistillStats.from_tensor(self._sum(stats)), t0, t_fetch)
+        return metrics | batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta)
+
+    def _teacher_targets(self, teacher: DataProto, idx: list[int], response_mask: torch.Tensor) -> TeacherTargets:
+        valid = response_mask.bool().cpu()
+        values = teacher.batch["teacher_logprobs"][idx][valid]
+        ids = teacher.batch["teacher_ids"][idx][valid].long() if "teacher_ids" in teacher.batch.keys() else None
+        sampled = teacher.batch["teacher_sampled_logprob"][idx][valid]
+        return TeacherTargets(values, ids, sampled).to(self.device)
+
+    def _finish_step(self, step: int, stats: DistillStats, t0: float, t_fetch: float) -> dict:
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.policy.parameters() if p.requires_grad], self.cfg.trainer.grad_clip
+        )
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        finite = math.isfinite(grad_norm) and math.isfinite(float(stats.loss))
+        finite = bool(self._sum(torch.tensor([0.0 if finite else 1.0]))[0] == 0)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.skipped_nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped", step)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step = step + 1
+        means = stats.means()
+        return {
+            "loss": means["loss"],
+            "mismatch_kl": means["mismatch_kl"],
+            "top1_disagree": means["top1_disagree"],
+            "confidence": means["confidence"],
+            "tokens": int(stats.tokens),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "update_skipped": 0 if finite else 1,
+            "skipped_nonfinite_total": self.skipped_nonfinite,
+            "time_fetch_s": t_fetch,
+            "time_update_s": time.perf_counter() - t0 - t_fetch,
+        }
+
+    @torch.no_grad()
+    def probe_nll(self) -> float:
+        """Mean per-token NLL of the reference solutions of the probe set (exposure-independent)."""
+        if self.probe is None:
+            return float("nan")
+        self.policy.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for idx in self._micro_batches(self.probe["prompt_ids"].shape[0]):
+            weight = 1.0 if idx else 0.0
+            rows = self._to_device({k: v[idx or [0]] for k, v in self.probe.items()})
+            loss, count = self.policy(rows, "nll")
+            total += torch.stack([loss.detach().cpu().double(), count.double()]) * weight
+        total = self._sum(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+        """Per-token log-probs of fixed responses under the current student (every rank returns all)."""
+        p_ids, p_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        r_ids, r_mask = right_pad(responses, self.tokenizer.pad_token_id)
+        rows = self._to_device({"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask})
+        if temperature != 1.0:
+            raise ValueError("student.score computes temperature-1 log-probs")
+        flat = self.policy(rows, "logprobs").cpu()
+        out, offset = [], 0
+        for r in responses:
+            out.append(flat[offset : offset + len(r)].tolist())
+            offset += len(r)
+        return out
+
+    # -- weights out -----------------------------------------------------------------------------
+    def _full_trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, gathered whole on every rank, in the receivers' dtype."""
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        dtype = DTYPES[self.cfg.model.dtype]
+        return {n: full[n].detach().to("cpu", dtype) for n in self.trainable}
+
+    def export_weights(self, version: int) -> PackedWeights | None:
+        named = self._full_trainable()
+        return pack(named, version) if self.rank == 0 else None
+
+    def broadcast_weights(self, version: int, group: str) -> int:
+        named = self._full_trainable()
+        return send_broadcast(named, group) if self.rank == 0 else 0
+
+    def join_weight_group(self, group: str, world_size: int, rank: int, backend: str) -> bool:
+        import ray.util.collective as col
+
+        col.init_collective_group(world_size, rank, backend=backend, group_name=group)
+        return True
+
+    def leave_weight_group(self, group: str) -> bool:
+        import ray.util.collective as col
+
+        col.destroy_collective_group(group)
+        return True
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, directory: str) -> bool:
+        """Write this group's state into ``directory`` (rank 0 writes; all ranks gather)."""
+        from safetensors.torch import save_file
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=options)
+        optim_sd = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
+        rng = [None] * self.world
+        dist.all_gather_object(rng, torch.get_rng_state())
+        if self.rank == 0:
+            out = Path(directory)
+            out.mkdir(parents=True, exist_ok=True)
+            weights = {n: model_sd[n].contiguous() for n in self.trainable}
+            save_file(weights, str(out / "student.safetensors"), metadata={"model": self.cfg.model.name})
+            torch.save({"optimizer": optim_sd, "rng": rng}, out / "optimizer.pt")
+            state = {
+                "step": self.step,
+                "scheduler": self.scheduler.state_dict(),
+                "skipped_nonfinite": self.skipped_nonfinite,
+                "world_size": self.world,
+                "fingerprint": self._fingerprint(),
+            }
+            (out / "student_state.json").write_text(json.dumps(state))
+        dist.barrier()
+        return True
+
+    def load(self, directory: str) -> int:
+        """Restore from a checkpoint written by :meth:`save`; code in it is never executed."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        state = json.loads((d / "student_state.json").read_text())
+        self._check_fingerprint(state["fingerprint"], d)
+        weights = load_file(str(d / "student.safetensors"))
+        blob = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
+        set_model_state_dict(self.model, weights, options=options)
+        set_optimizer_state_dict(self.policy, self.optimizer, blob["optimizer"], options=options)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.skipped_nonfinite = state["skipped_nonfinite"]
+        rng = blob["rng"]
+        torch.set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        return self.step
+
+    def _fingerprint(self) -> dict:
+        """What a checkpoint must match to be loaded into this model (DTensor shapes are global)."""
+        shapes = {n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"model": self.cfg.model.name, "lora": self.cfg.model.lora.enabled, "shapes": shapes}
+
+    def _check_fingerprint(self, saved: dict, where: Path) -> None:
+        mine = self._fingerprint()
+        if saved != mine:
+            differing = sorted(k for k in set(mine["shapes"]) ^ set(saved.get("shapes", {})))[:3]
+            raise ValueError(
+                f"checkpoint {where} holds a different model (model={saved.get('model')!r}, "
+                f"lora={saved.get('lora')}, {len(saved.get('shapes', {}))} tensors) than this run "
+                f"(model={mine['model']!r}, lora={mine['lora']}, {len(mine['shapes'])} tensors)"
+                + (f"; e.g. tensors only on one side: {differing}" if differing else "")
+            )
+
+    def pid(self) -> int:
+        return os.getpid()
