@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# extra Hydra overrides: make demo ARGS="run_dir=runs/demo trainer.total_steps=12"
+ARGS       ?=
 demo: install
-	$(PY) -m atesd_ray.main experiment=demo
+	$(PY) -m atesd_ray.main experiment=demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -x tests

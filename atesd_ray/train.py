@@ -135,7 +135,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         step_fn = STEP_FUNCTIONS[cfg.algorithm.name]
         records = data.train
         batch = [records[i] for i in sampler.next_indices()]
-        prefetched, metrics = None, {}
+        prefetched, metrics, first_metrics = None, {}, None
         for step in range(start, total):
             next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
             metrics, prefetched = step_fn(cfg, actors, step, batch, next_batch, prefetched)
@@ -145,6 +145,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 ev = _evaluate(cfg, actors, data.evals, run_dir, done, done)
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
             tracker.log(step, metrics)
+            first_metrics = first_metrics or dict(metrics)
             if done % cfg.trainer.save_every == 0 or done == total:
                 # the batch drawn for the next step is given back, so a resume draws it again
                 sampler.consumed -= len(next_batch) if next_batch else 0
@@ -160,6 +161,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
                        checkpoint=str(ckpts.latest()))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(summary_text(summary, first_metrics), flush=True)
         return summary
     finally:
         if tracker is not None:
@@ -170,3 +172,24 @@ def run(cfg: Config, run_dir: Path) -> dict:
 def _fmt_eval(summary: dict) -> str:
     k = summary["k"]
     return f"avg@{k}={summary[f'avg@{k}']:.3f} over {summary['n_problems']} problems"
+
+
+def summary_text(summary: dict, first: dict | None) -> str:
+    """The end-of-run block: what changed, where the run lives, how to continue it."""
+    last = summary.get("final_metrics", {})
+    lines = ["", "=" * 72, f"{summary['algorithm']} on {summary['model']}: steps {summary['start_step']}..{summary['total_steps']}"]
+    if "eval_before" in summary:
+        lines.append(f"held-out accuracy before: {_fmt_eval(summary['eval_before'])}")
+    if "eval_after" in summary:
+        lines.append(f"held-out accuracy after:  {_fmt_eval(summary['eval_after'])}")
+    if first:
+        for key in ("loss", "mismatch_kl", "probe_nll", "accuracy"):
+            if key in first and key in last:
+                lines.append(f"{key:>12}: {first[key]:.4f} (first step) -> {last[key]:.4f} (last step)")
+    run_dir = summary["run_dir"]
+    lines += [
+        f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)",
+        f"continue it:   atesd-ray <same overrides> run_dir={run_dir} trainer.total_steps=<more> (resume=auto is the default)",
+        "=" * 72,
+    ]
+    return "\n".join(lines)

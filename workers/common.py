@@ -9,6 +9,7 @@ import torch
 
 from atesd_ray.config import Config
 from atesd_ray.models import set_torch_threads
+from atesd_ray.runtime.broadcast_group import BroadcastGroup
 from atesd_ray.runtime.weights import PackedWeights, flatten, layout, unflatten, unpack
 
 
@@ -48,27 +49,21 @@ class WeightReceiver:
             self.weight_version = version
         return self.weight_version
 
-    def join_weight_group(self, group: str, world_size: int, rank: int, backend: str) -> bool:
-        import ray.util.collective as col
-
-        col.init_collective_group(world_size, rank, backend=backend, group_name=group)
+    def join_weight_group(self, address: str, port: int, world_size: int, rank: int, backend: str) -> bool:
+        self._weight_group = BroadcastGroup(address, port, rank, world_size, backend)
         return True
 
-    def receive_broadcast(self, version: int, group: str) -> int:
-        import ray.util.collective as col
-
+    def receive_broadcast(self, version: int) -> int:
         specs = layout(self._synced_parameters())
         buffer = torch.empty(sum(s.nbytes for s in specs), dtype=torch.uint8)
-        col.broadcast(buffer, src_rank=0, group_name=group)  # every member joins, even to discard
+        self._weight_group.broadcast(buffer)  # every member joins, even to discard
         if version > self.weight_version:
             self._apply_weights(unflatten(buffer, specs), version)
             self.weight_version = version
         return self.weight_version
 
-    def leave_weight_group(self, group: str) -> bool:
-        import ray.util.collective as col
-
-        col.destroy_collective_group(group)
+    def leave_weight_group(self) -> bool:
+        self._weight_group = None
         return True
 
     def get_weight_version(self) -> int:
@@ -78,10 +73,8 @@ class WeightReceiver:
         return True
 
 
-def send_broadcast(named: dict[str, torch.Tensor], group: str) -> int:
-    """Sender side of ``receive_broadcast``: one flat buffer from collective rank 0."""
-    import ray.util.collective as col
-
+def send_broadcast(named: dict[str, torch.Tensor], group: BroadcastGroup) -> int:
+    """Sender side of ``receive_broadcast``: one flat buffer from group rank 0."""
     buffer = flatten(named)
-    col.broadcast(buffer, src_rank=0, group_name=group)
+    group.broadcast(buffer)
     return int(buffer.numel())

@@ -35,6 +35,7 @@ from atesd_ray.config import Config
 from atesd_ray.losses import DistillStats, TeacherTargets, distill_loss, nll_loss
 from atesd_ray.models import DTYPES, load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages
+from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
 from atesd_ray.runtime.weights import PackedWeights, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
 from workers.common import send_broadcast, setup_actor
@@ -143,12 +144,8 @@ class StudentRank:
 
     # -- setup -----------------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        """This node's address and a free port, for a process group rooted here."""
+        return ray.util.get_node_ip_address(), free_port()
 
     def init_distributed(self, address: str, port: int) -> dict:
         backend = self.cfg.trainer.backend
@@ -316,20 +313,16 @@ class StudentRank:
         named = self._full_trainable()
         return pack(named, version) if self.rank == 0 else None
 
-    def broadcast_weights(self, version: int, group: str) -> int:
+    def broadcast_weights(self, version: int) -> int:
         named = self._full_trainable()
-        return send_broadcast(named, group) if self.rank == 0 else 0
+        return send_broadcast(named, self._weight_group) if self.rank == 0 else 0
 
-    def join_weight_group(self, group: str, world_size: int, rank: int, backend: str) -> bool:
-        import ray.util.collective as col
-
-        col.init_collective_group(world_size, rank, backend=backend, group_name=group)
+    def join_weight_group(self, address: str, port: int, world_size: int, rank: int, backend: str) -> bool:
+        self._weight_group = BroadcastGroup(address, port, rank, world_size, backend)
         return True
 
-    def leave_weight_group(self, group: str) -> bool:
-        import ray.util.collective as col
-
-        col.destroy_collective_group(group)
+    def leave_weight_group(self) -> bool:
+        self._weight_group = None
         return True
 
     # -- checkpoints -----------------------------------------------------------------------------

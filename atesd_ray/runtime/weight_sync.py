@@ -8,13 +8,12 @@ FSDP shards is collective; rank 0 sends). Receivers are rollout actors and, when
 Transports:
 - ``object_store``: rank 0 packs the weights into one numpy buffer that Ray's object store hands
   to every receiver zero-copy on the same node. The default on CPU.
-- ``collective``: a ``ray.util.collective`` broadcast from rank 0 (gloo on CPU, NCCL on GPU).
+- ``collective``: a broadcast from rank 0 over a standalone process group (gloo on CPU, NCCL on
+  GPU); see ``broadcast_group.py`` for why it is not ``ray.util.collective``.
 vLLM receivers (GPU) implement the same receiver methods; see ``workers/vllm_engine.py``.
 """
 
 from __future__ import annotations
-
-import uuid
 
 import ray
 from ray.actor import ActorHandle
@@ -49,21 +48,20 @@ class CollectiveSync(WeightSync):
     def __init__(self, students: ActorGroup, receivers: list[ActorHandle], backend: str):
         super().__init__(students, receivers)
         self.backend = backend
-        self.group = f"weights-{uuid.uuid4().hex[:8]}"
 
     def setup(self) -> None:
+        sender = self.students.actors[0]
+        address, port = ray.get(sender.master_address.remote())
         world = 1 + len(self.receivers)
-        refs = [self.students.actors[0].join_weight_group.remote(self.group, world, 0, self.backend)]
-        refs += [r.join_weight_group.remote(self.group, world, i + 1, self.backend) for i, r in enumerate(self.receivers)]
-        ray.get(refs)
+        members = [sender, *self.receivers]
+        ray.get([m.join_weight_group.remote(address, port, world, rank, self.backend) for rank, m in enumerate(members)])
 
     def sync(self, version: int) -> list[ray.ObjectRef]:
-        sent = self.students.call("broadcast_weights", version, self.group)
-        return sent + [r.receive_broadcast.remote(version, self.group) for r in self.receivers]
+        sent = self.students.call("broadcast_weights", version)
+        return sent + [r.receive_broadcast.remote(version) for r in self.receivers]
 
     def teardown(self) -> None:
-        actors = [self.students.actors[0], *self.receivers]
-        ray.get([a.leave_weight_group.remote(self.group) for a in actors])
+        ray.get([m.leave_weight_group.remote() for m in [self.students.actors[0], *self.receivers]])
 
 
 def make_weight_sync(transport: str, students: ActorGroup, receivers: list[ActorHandle], backend: str) -> WeightSync:

@@ -1,0 +1,47 @@
+"""Shared test fixtures: composed configs and one real local Ray cluster per test module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from atesd_ray.config import Config, register_schemas, to_config
+
+register_schemas()
+
+# A tiny-model run small enough for unit tests (seconds per step on two cores).
+TINY = [
+    "model=tiny",
+    "trainer.total_steps=2",
+    "trainer.prompts_per_step=4",
+    "trainer.micro_batch=2",
+    "rollout.max_new_tokens=12",
+    "rollout.micro_batch=8",
+    "teacher.micro_batch=4",
+    "data.synthetic.n_train=32",
+    "data.synthetic.n_eval=8",
+    "data.probe_size=2",
+    "tracking.backends=[jsonl]",
+    "dashboard.enabled=false",
+]
+
+
+def make_config(*overrides: str) -> Config:
+    """The config `atesd-ray <overrides>` would run with, validated."""
+    with initialize_config_module("conf", version_base=None):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray instance (not local_mode), shut down after the module."""
+    import ray
+
+    from atesd_ray.runtime.cluster import _runtime_env_for_checkout
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+    yield ray
+    ray.shutdown()
