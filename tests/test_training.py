@@ -80,3 +80,15 @@ def test_an_unwritable_run_dir_fails_at_start(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(RunDirError, match="not writable"):
         prepare_run_dir(blocker / "run", make_config(*TINY))
+
+
+@pytest.mark.ray
+def test_lora_run_trains_and_checkpoints_only_the_adapter(ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    summary = run(make_config(*TINY, "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
+                              "trainer.lr=1e-3", f"run_dir={out}"), out)
+    assert summary["final_metrics"]["grad_norm"] > 0
+    saved = load_file(str(out / "checkpoints" / "step_2" / "student" / "student.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
