@@ -264,6 +264,7 @@ class ControllerConfig:
     entropy_coef: float = 0.01
     entropy_target: float = -1.0  # nats; only entropy above this is penalized
     feature_ema: float = 0.9
+    feature_clip: float = 5.0  # standardized features are clipped to +-this
     reward: str = "full"
     progress_signal: str = "probe_nll"
     granularity: str = "batch"
@@ -289,9 +290,12 @@ class ControllerConfig:
         _positive(self.lr, f"{key}.lr")
         _positive(self.entropy_coef, f"{key}.entropy_coef", strict=False)
         _in_range(self.feature_ema, f"{key}.feature_ema", 0.0, 1.0)
+        _positive(self.feature_clip, f"{key}.feature_clip")
         _one_of(self.reward, f"{key}.reward", REWARD_KINDS)
         _one_of(self.progress_signal, f"{key}.progress_signal", PROGRESS_SIGNALS)
         _one_of(self.granularity, f"{key}.granularity", GRANULARITIES)
+        if self.granularity == "example":
+            _one_of(self.kind, f"{key}.kind (with {key}.granularity=example)", ("atesd", "random"))
         _in_range(self.linear_start, f"{key}.linear_start", 0.0, 1.0)
         _in_range(self.linear_end, f"{key}.linear_end", 0.0, 1.0)
 
@@ -527,6 +531,13 @@ class Config:
             f"{self.trainer.prompts_per_step} prompts x {self.rollout.n_samples} samples cannot feed "
             f"{self.trainer.ranks} student ranks",
         )
+        if self.controller.kind != "fixed" and self.controller.progress_signal == "probe_nll":
+            _check(
+                self.data.probe_size > 0,
+                "data.probe_size",
+                f"controller.kind={self.controller.kind} measures progress on the probe set, which is empty; "
+                "set data.probe_size > 0 or controller.progress_signal=loss",
+            )
         if self.algorithm.name == "grpo":
             _check(
                 self.rollout.n_samples == self.algorithm.grpo.n_samples,

@@ -113,7 +113,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ckpts = CheckpointManager(run_dir, cfg.trainer.keep_last)
     checkpoint = ckpts.resolve(cfg.resume)
     connect(cfg.cluster, needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus + cfg.rollout.replicas * cfg.cluster.rollout.cpus + cfg.teacher.replicas * cfg.cluster.teacher.cpus)
-    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}")
+    timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
+    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline)
     tracker = None
     try:
         ray.get(actors.students.call("set_probe", data.probe))
@@ -121,6 +122,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         if checkpoint:
             print(f"resumed from {checkpoint} at step {start}", flush=True)
         ray.get(actors.weight_sync.sync(version=start))
+        if start == 0:
+            ray.get(actors.controller.baseline.remote(0, actors.students.call("probe_nll")[0]))
         tracker = Tracker(run_dir, cfg.tracking.backends, cfg.tracking.project, cfg.tracking.experiment or run_dir.name,
                           OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=start)
         summary: dict = {"run_dir": str(run_dir), "start_step": start, "total_steps": total, "algorithm": cfg.algorithm.name,
@@ -152,10 +155,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 _save(cfg, actors, ckpts, done, sampler, metrics)
                 sampler.consumed += len(next_batch) if next_batch else 0
             batch = next_batch
-        timeline = ray.get(actors.controller.timeline.remote())
-        if cfg.controller.kind != "fixed":
-            with open(run_dir / "controller_timeline.jsonl", "w") as fh:
-                fh.writelines(json.dumps(d) + "\n" for d in timeline)
         if cfg.eval.at_end and data.evals:
             summary["eval_after"] = _evaluate(cfg, actors, data.evals, run_dir, total, total)
         summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},

@@ -1,76 +1,88 @@
-"""The exposure controller actor: one per run, named, reachable with ``ray.get_actor``.
+"""The exposure controller actor: one per run, named ``{run}-controller``, reachable with
+``ray.get_actor``. It wraps :class:`controller.core.Controller` (policy, decision buffer, features)
+with what touches files: checkpoints and the live ``controller_timeline.jsonl``.
 
-It answers "which reveal ratio α for step t?" and observes every step's statistics. This module
-holds the actor and the schedule-style strategies; the learned ATESD policy plugs in through the
-same ``Strategy`` interface.
+The timeline file is rewritten (write to a temporary file, then rename) whenever a decision is
+taken, scored or used by an update, so a dashboard tailing it always reads a whole file with the
+latest rewards and advantages. It lives in the run directory, which, like the checkpoints written
+by other actors, must be on storage shared by the nodes.
+
+Checkpoints load without executing code: ``controller.json`` (features, decisions, RNG state) and
+``controller_policy.pt`` (policy and Adam tensors, read with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import torch
+
 from atesd_ray.config import Config
+from controller.core import Controller
 
-
-class Strategy:
-    """Decides α; ``observe`` sees each finished step's statistics."""
-
-    def exposure(self, step: int) -> float:
-        raise NotImplementedError
-
-    def observe(self, step: int, stats: dict) -> None:
-        return None
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-
-class FixedExposure(Strategy):
-    def __init__(self, alpha: float):
-        self.alpha = alpha
-
-    def exposure(self, step: int) -> float:
-        return self.alpha
-
-
-def make_strategy(cfg: Config, total_steps: int) -> Strategy:
-    kind = cfg.controller.kind
-    if kind == "fixed":
-        return FixedExposure(cfg.algorithm.alpha)
-    raise ValueError(f"controller.kind={kind} is not available in this build")
+STATE_FILE = "controller.json"
+TENSOR_FILE = "controller_policy.pt"
 
 
 class ExposureController:
-    def __init__(self, cfg: Config, total_steps: int):
-        self.cfg = cfg
-        self.strategy = make_strategy(cfg, total_steps)
-        self.decisions: list[dict] = []
+    def __init__(self, cfg: Config, total_steps: int, timeline_path: str | None = None):
+        self.controller = Controller(cfg, total_steps)
+        self.timeline_path = Path(timeline_path) if timeline_path else None
 
-    def exposure(self, step: int) -> float:
-        alpha = self.strategy.exposure(step)
-        if not self.decisions or self.decisions[-1]["alpha"] != alpha:
-            self.decisions.append({"step": step, "alpha": alpha})
+    def exposure(self, step: int, uids: list[str] | None = None) -> float | dict[str, float]:
+        """α for ``step``: a float (granularity=batch) or ``{uid: α}`` for ``uids`` (example)."""
+        before = len(self.controller.decisions)
+        alpha = self.controller.exposure(step, uids)
+        if len(self.controller.decisions) != before:
+            self._write_timeline()
         return alpha
 
-    def observe(self, step: int, stats: dict, probe_nll: float) -> None:
-        self.strategy.observe(step, {**stats, "probe_nll": probe_nll})
+    def baseline(self, step: int, probe_nll: float) -> bool:
+        """The probe NLL before the run's first update (ℓ_{t0} of the first decision)."""
+        self.controller.baseline(step, probe_nll)
+        return True
+
+    def observe(self, step: int, stats: dict, probe_nll: float) -> dict[str, float]:
+        """Step ``step``'s statistics; returns the controller's metrics for tracking."""
+        metrics = self.controller.observe(step, stats, probe_nll)
+        self._write_timeline()
+        return metrics
 
     def timeline(self) -> list[dict]:
-        return list(self.decisions)
+        return self.controller.timeline()
+
+    def _write_timeline(self) -> None:
+        if self.timeline_path is None:
+            return
+        tmp = self.timeline_path.with_name(self.timeline_path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(entry) + "\n" for entry in self.controller.timeline())
+        os.replace(tmp, self.timeline_path)
 
     def save(self, directory: str) -> bool:
-        state = {"strategy": self.strategy.state_dict(), "decisions": self.decisions}
-        (Path(directory) / "controller.json").write_text(json.dumps(state))
+        out = Path(directory)
+        (out / STATE_FILE).write_text(json.dumps(self.controller.state_dict()))
+        tensors = self.controller.strategy.tensors()
+        if tensors:
+            torch.save(tensors, out / TENSOR_FILE)
         return True
 
     def load(self, directory: str) -> bool:
-        path = Path(directory) / "controller.json"
-        if path.is_file():
-            state = json.loads(path.read_text())
-            self.strategy.load_state_dict(state["strategy"])
-            self.decisions = state["decisions"]
+        """Restore from a checkpoint written by :meth:`save` (one without controller files is
+        left as is: a run may resume from a checkpoint of a fixed-exposure run)."""
+        d = Path(directory)
+        if not (d / STATE_FILE).is_file():
+            return False
+        self.controller.load_state_dict(json.loads((d / STATE_FILE).read_text()))
+        if self.controller.strategy.learns:
+            if not (d / TENSOR_FILE).is_file():
+                raise FileNotFoundError(
+                    f"checkpoint {d} has {STATE_FILE} but no {TENSOR_FILE} for the controller policy"
+                )
+            self.controller.strategy.load_tensors(
+                torch.load(d / TENSOR_FILE, map_location="cpu", weights_only=True)
+            )
+        self._write_timeline()
         return True

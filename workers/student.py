@@ -133,6 +133,25 @@ def batch_metrics(step: int, rollout: DataProto, rollout_meta: list[dict], teach
     }
 
 
+def example_stats(rollout: DataProto, teacher: DataProto) -> dict[str, dict[str, float]]:
+    """Per problem (record id), for a per-example exposure controller: the pass rate, the grounding
+    g, and the sampled-token mismatch: the token mean of log p_S(y) - log p_T(y) over the student's
+    own samples, an estimate of KL(p_S || p_T) that needs no extra forward pass (exact in
+    expectation when the rollout and loss temperatures agree)."""
+    mask = rollout.batch["response_mask"].float()
+    gap = ((rollout.batch["rollout_logprobs"] - teacher.batch["teacher_sampled_logprob"]) * mask).sum(-1)
+    uids = rollout.non_tensor_batch["uid"]
+    out = {}
+    for uid in dict.fromkeys(uids):
+        rows = torch.from_numpy(uids == uid)
+        out[str(uid)] = {
+            "reward": float(rollout.batch["reward"][rows].mean()),
+            "mismatch": float(gap[rows].sum() / mask[rows].sum().clamp(min=1.0)),
+            "grounding": float(teacher.batch["grounding"][rows].mean()),
+        }
+    return out
+
+
 class StudentRank:
     def __init__(self, cfg: Config, rank: int, world_size: int):
         self.threads = setup_actor(cfg, f"student{rank}")
@@ -230,6 +249,8 @@ class StudentRank:
             (loss * scale * weight).backward()
             stats += batch_stats.detach().cpu().to(torch.float64) * weight
         metrics = self._finish_step(step, DistillStats.from_tensor(self._sum(stats)), t0, t_fetch)
+        if self.cfg.controller.granularity == "example":
+            metrics["per_example"] = example_stats(rollout, teacher)
         return metrics | batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta)
 
     def _teacher_targets(self, teacher: DataProto, idx: list[int], response_mask: torch.Tensor) -> TeacherTargets:

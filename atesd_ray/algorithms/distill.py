@@ -43,7 +43,7 @@ def distill_step(
     ``next_batch``, launched before this step's weight sync so they overlap with the update."""
     t0 = time.perf_counter()
     rollouts = prefetched or launch_rollouts(actors, batch, step, min_version=step)
-    alpha = actors.controller.exposure.remote(step)
+    alpha = actors.controller.exposure.remote(step, [r["id"] for r in batch])
     teachers = actors.teachers.actors
     scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rollouts)]
     stats = actors.students.call("train_step", step, rollouts, scored)[0]
@@ -53,11 +53,13 @@ def distill_step(
     synced = actors.weight_sync.sync(version=step + 1)
     probe = actors.students.call("probe_nll")[0]
     observed = actors.controller.observe.remote(step, stats, probe)
-    ray.get(synced + [observed])
+    *_, controller_metrics = ray.get(synced + [observed])
     t_sync = time.perf_counter()
     metrics = ray.get(stats)
+    metrics.pop("per_example", None)  # the per-problem statistics are for the controller only
     alpha_value = ray.get(alpha)
     metrics.update(
+        controller_metrics,
         alpha=alpha_value if isinstance(alpha_value, float) else sum(alpha_value.values()) / len(alpha_value),
         probe_nll=ray.get(probe),
         weight_version=step + 1,
