@@ -1,5 +1,9 @@
 """The Beta exposure policy and its REINFORCE update (DESIGN §4).
 
+DESIGN's MLP is 6→64→64→2; ours takes 7 inputs because the mismatch feature is two numbers
+(token-mean KL and top-1 disagreement), and 10 with ``granularity=example`` (plus the problem's
+seen flag, pass rate and mismatch; see ``controller/features.py``). The width is ``controller.hidden``.
+
 (a, b) = 1 + softplus(MLP(s)) keeps both shape parameters above 1, so the density is unimodal
 and finite on [0, 1]. REINFORCE uses the log-density of the raw Beta sample x; clipping x to
 [α_min, α_max] is part of the environment. The entropy penalty is one-sided: only entropy above
