@@ -156,9 +156,10 @@ class Controller:
         self.state.observe(step, {**stats, "probe_nll": probe_nll, "alpha": _mean([a.alpha for a in used])})
         if self.per_example:
             self._observe_examples(step, stats, used)
-        self.signal[step + 1 if self.c.progress_signal == "probe_nll" else step] = (
-            float(probe_nll) if self.c.progress_signal == "probe_nll" else float(stats["loss"])
-        )
+        if self.c.progress_signal == "probe_nll":
+            self.signal[step + 1] = float(probe_nll)  # measured after the update
+        else:
+            self.signal[step] = float(stats["loss"])  # computed on the weights before it
         self.grounding[step + 1] = float(stats["grounding"])
         self._score(done=step + 1)
         self._learn()
