@@ -42,6 +42,7 @@ def _positive(value: float, key: str, strict: bool = True) -> None:
 
 MODES = ("train", "eval", "sweep_exposure", "motab_synthesize", "report")
 ALGORITHMS = ("opsd", "fixed_exposure", "atesd", "sft", "grpo", "motab", "skd")
+STEPWISE_ALGORITHMS = ("motab", "skd")  # step-wise monitored rollouts (DESIGN §5)
 TEACHER_WEIGHTS = ("frozen", "live", "ema")
 LOSS_KINDS = ("jsd", "topk", "sampled_token")
 TOPK_TAILS = ("renormalize", "bucket")
@@ -212,6 +213,22 @@ class GRPOConfig:
         _positive(self.kl_coef, f"{key}.kl_coef", strict=False)
 
 
+def model_presets() -> tuple[str, ...]:
+    """The model presets of the config tree (``conf/model/<name>.yaml``)."""
+    from importlib.resources import files
+
+    presets = files("conf").joinpath("model").iterdir()
+    return tuple(sorted(p.name[: -len(".yaml")] for p in presets if p.name.endswith(".yaml")))
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` of preset ``name`` (e.g. MOTAB's teacher model)."""
+    from importlib.resources import files
+
+    node = OmegaConf.create(files("conf").joinpath("model", f"{name}.yaml").read_text())
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node.model))  # type: ignore[return-value]
+
+
 @dataclass
 class MotabConfig:
     eps0: float = 0.2
@@ -219,8 +236,12 @@ class MotabConfig:
     entropy_topk: int = 20
     step_delimiter: str = ".\n\n"
     max_steps: int = 16
+    max_step_tokens: int = 512  # a step not ended by the delimiter within this many tokens is cut there
     teacher_temperature: float = 0.6
-    n_trajectories: int = 5
+    # a model preset (conf/model/<name>.yaml) as the teacher, prompted like the student; null: the
+    # privileged self-teacher at the controller's exposure
+    teacher_model: str | None = None
+    n_trajectories: int = 5  # per problem, in synthesis and on-policy (rollout.n_samples is not used)
     prefix_weight: float = 1.0  # distillation loss on the accepted student prefix
     suffix_weight: float = 1.0  # teacher-forced NLL on the teacher's suffix
     skd_gamma: float = 0.9
@@ -228,8 +249,16 @@ class MotabConfig:
     def validate(self, key: str) -> None:
         _positive(self.eps0, f"{key}.eps0")
         _positive(self.theta, f"{key}.theta", strict=False)
+        _positive(self.entropy_topk, f"{key}.entropy_topk")
+        _check(bool(self.step_delimiter), f"{key}.step_delimiter", "must not be empty")
         _positive(self.max_steps, f"{key}.max_steps")
+        _positive(self.max_step_tokens, f"{key}.max_step_tokens")
+        _positive(self.teacher_temperature, f"{key}.teacher_temperature")
+        if self.teacher_model is not None:
+            _one_of(self.teacher_model, f"{key}.teacher_model", model_presets())
         _positive(self.n_trajectories, f"{key}.n_trajectories")
+        _positive(self.prefix_weight, f"{key}.prefix_weight", strict=False)
+        _positive(self.suffix_weight, f"{key}.suffix_weight", strict=False)
         _in_range(self.skd_gamma, f"{key}.skd_gamma", 0.0, 10.0)
 
 
@@ -538,6 +567,21 @@ class Config:
                 f"controller.kind={self.controller.kind} measures progress on the probe set, which is empty; "
                 "set data.probe_size > 0 or controller.progress_signal=loss",
             )
+        if self.mode == "motab_synthesize":
+            _one_of(self.algorithm.name, "algorithm", STEPWISE_ALGORITHMS)
+        teacher_model = self.algorithm.motab.teacher_model
+        if teacher_model is not None and self.algorithm.name in STEPWISE_ALGORITHMS:
+            _check(
+                teacher_model != self.model.name,
+                "algorithm.motab.teacher_model",
+                f"{teacher_model} is the student; leave it null for the privileged self-teacher",
+            )
+            _check(
+                self.teacher.weights == "frozen",
+                "teacher.weights",
+                f"a separate teacher model (algorithm.motab.teacher_model={teacher_model}) takes no student "
+                f"weights; teacher.weights must be frozen, got {self.teacher.weights}",
+            )
         if self.algorithm.name == "grpo":
             _check(
                 self.rollout.n_samples == self.algorithm.grpo.n_samples,
@@ -545,6 +589,12 @@ class Config:
                 f"GRPO draws algorithm.grpo.n_samples={self.algorithm.grpo.n_samples} responses per prompt; "
                 f"rollout.n_samples is {self.rollout.n_samples}",
             )
+
+
+def teacher_model_config(cfg: Config) -> ModelConfig | None:
+    """The separate teacher model of MOTAB / SKD, or None for the privileged self-teacher."""
+    name = cfg.algorithm.motab.teacher_model
+    return model_preset(name) if name is not None and cfg.algorithm.name in STEPWISE_ALGORITHMS else None
 
 
 def _schema_keys(node: type, prefix: str = "") -> tuple[list[str], list[str]]:

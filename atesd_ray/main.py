@@ -20,6 +20,10 @@ def run_mode(cfg: Config, run_dir: Path) -> dict:
         from atesd_ray.train import run
 
         return run(cfg, run_dir)
+    if cfg.mode == "motab_synthesize":
+        from atesd_ray.motab_synthesize import run
+
+        return run(cfg, run_dir)
     raise ConfigError(f"config error at 'mode': mode={cfg.mode} is not available in this build")
 
 

@@ -12,6 +12,7 @@ import ray
 from omegaconf import OmegaConf
 
 from atesd_ray.algorithms.distill import distill_step
+from atesd_ray.algorithms.motab_step import motab_step
 from atesd_ray.config import Config
 from atesd_ray.data.loaders import load_data
 from atesd_ray.data.sampler import EpochSampler
@@ -25,7 +26,7 @@ from atesd_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STEP_FUNCTIONS = {"opsd": distill_step, "fixed_exposure": distill_step, "atesd": distill_step}
+STEP_FUNCTIONS = {"opsd": distill_step, "fixed_exposure": distill_step, "atesd": distill_step, "motab": motab_step, "skd": motab_step}
 
 
 class RunDirError(RuntimeError):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from verl import DataProto
 
+from atesd_ray.algorithms.motab import step_end, step_value
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.models import load_model, load_tokenizer
@@ -121,3 +122,25 @@ class RolloutWorker(WeightReceiver):
     def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         """Log-probs of fixed responses under the current weights (used to check weight syncs)."""
         return self.engine.score(prompts, responses, temperature)
+
+    def next_steps(self, states: list[dict], min_version: int, seed: int) -> list[dict]:
+        """MOTAB / SKD: one reasoning step after each state ``{"problem", "response_ids"}`` (the
+        student prompt, then the trajectory so far). A step ends at ``motab.step_delimiter``, at EOS
+        or after ``motab.max_step_tokens``; returns per state the step's ``ids`` (an EOS that ended it
+        left out, so a step may be empty), ``text``, how it ``ended`` and ``value``, the student's own
+        geometric-mean probability of it at temperature 1."""
+        if self.weight_version < min_version:
+            raise StaleWeightsError(f"rollout {self.replica} holds weights v{self.weight_version}, needs >= v{min_version}")
+        r, m = self.cfg.rollout, self.cfg.algorithm.motab
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_new_tokens=m.max_step_tokens, stop=[m.step_delimiter], logprobs=False)
+        prompts = [p + s["response_ids"] for p, s in zip(self.prompt_ids([s["problem"] for s in states]), states, strict=True)]
+        completions = self.engine.generate(prompts, params, seed)
+        logprobs = self.engine.score(prompts, [c.token_ids for c in completions], 1.0)
+        out = []
+        for c, lp in zip(completions, logprobs, strict=True):
+            ended = step_end(c.finish_reason, c.token_ids, self.engine.eos_ids)
+            ids = c.token_ids[:-1] if ended == "eos" else c.token_ids
+            out.append({"ids": ids, "text": self.tokenizer.decode(ids, skip_special_tokens=True), "ended": ended,
+                        "value": step_value(lp[: len(ids)]) if ids else 0.0})
+        return out

@@ -74,6 +74,15 @@ class StudentPolicy(nn.Module):
             return loss, stats.as_tensor()
         if objective == "nll":
             return nll_loss(h, tokens, project=head), torch.tensor(float(tokens.numel()))
+        if objective == "distill_nll":
+            # MOTAB / SKD: the two sums apart, so the caller weighs them; the teacher targets are those
+            # of the distill positions; stats: DistillStats of those, then the NLL sum and token count
+            on_distill = batch["distill_mask"].bool()[valid]
+            on_nll = batch["nll_mask"].bool()[valid]
+            distill, stats = distill_loss(h[on_distill], teacher, loss_cfg, tokens=tokens[on_distill], project=head)
+            nll = nll_loss(h[on_nll], tokens[on_nll], project=head)
+            extra = torch.stack([nll.detach().double(), on_nll.sum().double()]).to(stats.loss.device)
+            return distill, nll, torch.cat([stats.as_tensor(), extra])
         if objective == "logprobs":
             return torch.log_softmax(head(h).float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         raise ValueError(f"unknown objective '{objective}'")
@@ -252,6 +261,44 @@ class StudentRank:
         if self.cfg.controller.granularity == "example":
             metrics["per_example"] = example_stats(rollout, teacher)
         return metrics | batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta)
+
+    def distill_nll_step(self, step: int, rollout_refs: list, teacher_refs: list, prefix_weight: float, suffix_weight: float) -> dict:
+        """One optimizer step of MOTAB / SKD on monitored trajectories: ``prefix_weight`` x the
+        distillation loss at the rows' ``distill_mask`` positions (the student's accepted steps) plus
+        ``suffix_weight`` x the teacher-forced NLL at their ``nll_mask`` positions (teacher-written
+        tokens), both summed and divided by the number of those tokens over the whole batch."""
+        t0 = time.perf_counter()
+        rollout, rollout_meta = concat(ray.get(rollout_refs))
+        teacher, teacher_meta = concat(ray.get(teacher_refs))
+        t_fetch = time.perf_counter() - t0
+        self.policy.train()
+        batches = self._micro_batches(len(rollout))
+        trained = rollout.batch["distill_mask"] + rollout.batch["nll_mask"]
+        global_tokens = float(self._sum(torch.tensor([sum(int(trained[b].sum()) for b in batches if b)]))[0])
+        scale = self.world / max(global_tokens, 1.0)
+        stats = torch.zeros(7, dtype=torch.float64)
+        for i, idx in enumerate(batches):
+            weight = 1.0 if idx else 0.0
+            idx = idx or [0]
+            rows = self._to_device(_rows(rollout, ROLLOUT_KEYS + ("distill_mask", "nll_mask"), idx))
+            targets = self._teacher_targets(teacher, idx, rows["distill_mask"])
+            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
+            distill, nll, batch_stats = self.policy(rows, "distill_nll", self.cfg.algorithm.loss, targets)
+            ((prefix_weight * distill + suffix_weight * nll) * scale * weight).backward()
+            stats += batch_stats.detach().cpu() * weight
+        stats = self._sum(stats)
+        prefix = DistillStats.from_tensor(stats[:5])
+        nll_sum, nll_tokens = float(stats[5]), float(stats[6])
+        metrics = self._finish_step(step, prefix, t0, t_fetch)
+        metrics.update(
+            loss=(prefix_weight * float(prefix.loss) + suffix_weight * nll_sum) / max(global_tokens, 1.0),
+            distill_loss=metrics["loss"],
+            teacher_nll=nll_sum / max(nll_tokens, 1.0),
+            distill_tokens=int(prefix.tokens),
+            nll_tokens=int(nll_tokens),
+            tokens=int(global_tokens),
+        )
+        return batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta) | metrics
 
     def _teacher_targets(self, teacher: DataProto, idx: list[int], response_mask: torch.Tensor) -> TeacherTargets:
         valid = response_mask.bool().cpu()

@@ -8,6 +8,12 @@ log-prob the exposure-α teacher gives the reference's answer line when that lin
 Teacher weights (``teacher.weights``): ``frozen`` keeps the step-0 model (with LoRA: the same
 network with the adapter switched off); ``live`` takes every student sync; ``ema`` keeps an
 exponential moving average of the synced weights.
+
+MOTAB and SKD (DESIGN §5) also ask the teacher for the value and entropy of candidate steps
+(:meth:`TeacherWorker.step_values`) and to write on from a state (:meth:`TeacherWorker.continue_from`).
+Their teacher is the privileged self-teacher, or a separate model (``algorithm.motab.teacher_model``)
+that sees the student's problem-only prompt, as in MOTAB's release. States and steps travel in the
+student's tokens; a separate teacher with another vocabulary works on their text instead.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from atesd_ray.config import Config
+from atesd_ray.algorithms.motab import step_end, topk_entropy
+from atesd_ray.config import Config, teacher_model_config
 from atesd_ray.models import base_weights, load_model, load_tokenizer
-from atesd_ray.prompts import grounding_messages, render_chat, teacher_messages
+from atesd_ray.prompts import grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weights import load_into
 from atesd_ray.sequences import join, left_pad, right_pad
 from workers.common import WeightReceiver, setup_actor
+from workers.engines import HFEngine, SamplingParams
 
 
 class TeacherWorker(WeightReceiver):
@@ -34,8 +42,13 @@ class TeacherWorker(WeightReceiver):
         self.threads = setup_actor(cfg, f"teacher{replica}")
         self.cfg = cfg
         self.replica = replica
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.model = load_model(cfg.model, vocab_size=len(self.tokenizer)).eval()
+        separate = teacher_model_config(cfg)
+        self.privileged = separate is None
+        self.model_cfg = separate or cfg.model
+        self.tokenizer = load_tokenizer(self.model_cfg)
+        self.model = load_model(self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged).eval()
+        self.student_tokenizer = self.tokenizer if self.privileged else load_tokenizer(cfg.model)
+        self.shared_vocab = self.privileged or self.student_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.mode = cfg.teacher.weights
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         k = cfg.teacher.topk
@@ -78,8 +91,22 @@ class TeacherWorker(WeightReceiver):
 
     # -- prompts ---------------------------------------------------------------------------------
     def _encode(self, messages: list[dict]) -> list[int]:
-        text = render_chat(self.tokenizer, messages, self.cfg.model.teacher_thinking)
+        text = render_chat(self.tokenizer, messages, self.model_cfg.teacher_thinking)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _messages(self, problem: str, reference: str, answer: str, alpha: float) -> list[dict]:
+        """The privileged prompt at exposure ``alpha``; a separate teacher model sees the student's prompt."""
+        if self.privileged:
+            return teacher_messages(problem, reference, answer, alpha, self.cfg.prompts)
+        return student_messages(problem, self.cfg.prompts)
+
+    def _row_alphas(self, uids, alpha: float | Mapping[str, float]) -> list[float]:
+        """One exposure per row: ``alpha`` itself, or its entry for the row's record id."""
+        return [float(alpha[uid]) for uid in uids] if isinstance(alpha, Mapping) else [float(alpha)] * len(uids)
+
+    def _tokens(self, ids: list[int], text: str) -> list[int]:
+        """Student tokens in this teacher's vocabulary (the same ids, or the text re-encoded)."""
+        return ids if self.shared_vocab else self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_text(self, problem: str, reference: str, answer: str, alpha: float) -> str:
         messages = teacher_messages(problem, reference, answer, alpha, self.cfg.prompts)
@@ -90,17 +117,16 @@ class TeacherWorker(WeightReceiver):
     def score(self, rollout: DataProto, alpha: float | Mapping[str, float], grounding: bool = True) -> DataProto:
         """Teacher targets for every response token of ``rollout`` at exposure ``alpha``: one value
         for the batch, or a per-problem mapping from record id to exposure."""
+        if not self.shared_vocab:
+            raise ValueError(
+                f"teacher model {self.model_cfg.name} has another vocabulary than the student {self.cfg.model.name}: "
+                "it cannot give per-token targets (use it for mode=motab_synthesize, or a teacher of the same family)"
+            )
         t0 = time.perf_counter()
         nt = rollout.non_tensor_batch
         rows = len(rollout)
-        if isinstance(alpha, Mapping):
-            alphas = [float(alpha[uid]) for uid in nt["uid"]]
-        else:
-            alphas = [float(alpha)] * rows
-        prompts = [
-            self._encode(teacher_messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], alphas[i], self.cfg.prompts))
-            for i in range(rows)
-        ]
+        alphas = self._row_alphas(nt["uid"], alpha)
+        prompts = [self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], alphas[i])) for i in range(rows)]
         response_ids = rollout.batch["response_ids"]
         response_mask = rollout.batch["response_mask"]
         temperature = self.cfg.algorithm.loss.temperature
@@ -152,3 +178,53 @@ class TeacherWorker(WeightReceiver):
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
             g[s : s + mb] = (lp * a_mask).sum(-1) / a_mask.sum(-1).clamp(min=1)
         return g
+
+    # -- MOTAB / SKD -----------------------------------------------------------------------------
+    def _state_prompts(self, items: list[dict], alpha: float | Mapping[str, float]) -> list[list[int]]:
+        """Per item: this teacher's prompt, then the trajectory so far (``prefix_ids`` / ``prefix_text``)."""
+        alphas = self._row_alphas([it["uid"] for it in items], alpha)
+        return [
+            self._encode(self._messages(it["problem"], it["reference"], it["answer"], a)) + self._tokens(it["prefix_ids"], it["prefix_text"])
+            for it, a in zip(items, alphas, strict=True)
+        ]
+
+    @torch.no_grad()
+    def step_values(self, items: list[dict], alpha: float | Mapping[str, float]) -> list[dict]:
+        """Per candidate step (``step_ids`` / ``step_text`` after the state of :meth:`_state_prompts`):
+        ``value``, the geometric-mean probability of its tokens, and ``entropy``, the renormalized
+        top-``motab.entropy_topk`` entropy of the next token at the state; both at temperature 1."""
+        states = self._state_prompts(items, alpha)
+        steps = [self._tokens(it["step_ids"], it["step_text"]) for it in items]
+        k = self.cfg.algorithm.motab.entropy_topk
+        out: list[dict] = []
+        mb = self.cfg.teacher.micro_batch
+        with self._weights() as model:
+            for s in range(0, len(items), mb):
+                p_ids, p_mask = left_pad(states[s : s + mb], self.tokenizer.pad_token_id)
+                r_ids, r_mask = right_pad(steps[s : s + mb], self.tokenizer.pad_token_id)
+                ids, mask, pos, _ = join(p_ids, p_mask, r_ids, r_mask)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts step token j
+                token_lp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1) * r_mask
+                values = (token_lp.sum(-1) / r_mask.sum(-1).clamp(min=1)).exp()
+                entropies = topk_entropy(logp[:, 0], k)
+                out += [{"value": float(v), "entropy": float(h)} for v, h in zip(values, entropies, strict=True)]
+        return out
+
+    @torch.no_grad()
+    def continue_from(self, items: list[dict], alpha: float | Mapping[str, float], params: SamplingParams, seed: int) -> list[dict]:
+        """The teacher writes on from each state (MOTAB's takeover after a rewind; SKD's rewritten step).
+        Returns per item the piece's ``ids`` in the student's tokens (an EOS that ended it left out),
+        its ``text`` and how it ``ended``."""
+        states = self._state_prompts(items, alpha)
+        with self._weights() as model:
+            engine = HFEngine(model, self.tokenizer, micro_batch=self.cfg.teacher.micro_batch)
+            completions = engine.generate(states, params, seed)
+        out = []
+        for c in completions:
+            ended = step_end(c.finish_reason, c.token_ids, engine.eos_ids)
+            ids = c.token_ids[:-1] if ended == "eos" else c.token_ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            ids = ids if self.shared_vocab else self.student_tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append({"ids": ids, "text": text, "ended": ended})
+        return out

@@ -1,0 +1,148 @@
+"""Step-wise monitored rollouts (MOTAB, SKD) over the rollout and teacher actors.
+
+All live trajectories advance one step per round, and every round is batched over the replicas:
+
+1. the rollout actors write the next step of each live trajectory (``RolloutWorker.next_steps``);
+2. the teacher actors value those steps (``TeacherWorker.step_values``);
+3. the algorithm's rule (:mod:`atesd_ray.algorithms.motab`) accepts or rejects each step;
+4. the teacher writes where needed (``TeacherWorker.continue_from``): after a MOTAB breach, the
+   rest of the solution from the state before the root cause t* (one takeover per trajectory, up
+   to ``rollout.max_new_tokens`` tokens); for a step SKD rejects, that one step.
+
+The teacher samples at ``motab.teacher_temperature`` with the rollout's top-p / top-k. The driver
+keeps the trajectories (token ids and a few numbers per step); the batches stay on the actors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import ray
+
+from atesd_ray.algorithms.distill import split_evenly
+from atesd_ray.algorithms.motab import (
+    TEACHER,
+    Step,
+    Trajectory,
+    observe_motab_step,
+    safety_boundary,
+    skd_accept,
+)
+from atesd_ray.config import Config
+from workers.engines import SamplingParams
+from workers.rollout import rollout_seed
+
+
+def _spread(actors: list, method: str, items: list, *args, seed: int | None = None) -> list:
+    """``method(chunk, *args)`` on actor i for chunk i of ``items``, in parallel, with ``seed=seed + i``
+    when a seed is given; results in item order."""
+    chunks = split_evenly(items, len(actors))
+    refs = [
+        getattr(actors[i], method).remote(chunk, *args, **({} if seed is None else {"seed": seed + i}))
+        for i, chunk in enumerate(chunks)
+    ]
+    return [out for part in ray.get(refs) for out in part]
+
+
+def _seed(cfg: Config, step: int, rnd: int, writer: int) -> int:
+    """Base sampling seed of one round; ``writer`` 0 is the student, 1 the teacher."""
+    return rollout_seed(cfg.seed, step, (2 * rnd + writer) * 1_009)
+
+
+def _state(t: Trajectory, ids: list[int], text: str) -> dict:
+    r = t.record
+    return {
+        "uid": r["id"],
+        "problem": r["problem"],
+        "reference": r["reference"],
+        "answer": r["answer"],
+        "prefix_ids": ids,
+        "prefix_text": text,
+    }
+
+
+def monitored_rollouts(
+    cfg: Config,
+    rollouts: list,
+    teachers: list,
+    records: list[dict],
+    alpha: float | Mapping[str, float],
+    step: int,
+    min_version: int,
+) -> list[Trajectory]:
+    """``motab.n_trajectories`` monitored trajectories per record under ``cfg.algorithm.name``'s rule
+    (motab or skd), the self-teacher at exposure ``alpha``; ``step`` seeds the sampling."""
+    m, r = cfg.algorithm.motab, cfg.rollout
+    skd = cfg.algorithm.name == "skd"
+    trajectories = [Trajectory(rec, s) for rec in records for s in range(m.n_trajectories)]
+    teacher_params = SamplingParams(
+        temperature=m.teacher_temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=m.max_step_tokens if skd else r.max_new_tokens,
+        stop=[m.step_delimiter] if skd else [],
+        logprobs=False,
+    )
+    for rnd in range(m.max_steps):
+        live = [t for t in trajectories if t.live]
+        if not live:
+            break
+
+        states = [{"problem": t.record["problem"], "response_ids": t.response_ids} for t in live]
+        candidates = _spread(rollouts, "next_steps", states, min_version, seed=_seed(cfg, step, rnd, 0))
+        for t, c in zip(live, candidates, strict=True):
+            if not c["ids"]:
+                t.close("eos")  # the student ended without writing another step
+        written = [(t, c) for t, c in zip(live, candidates, strict=True) if t.live]
+        items = [
+            _state(t, t.response_ids, "".join(s.text for s in t.steps))
+            | {"step_ids": c["ids"], "step_text": c["text"]}
+            for t, c in written
+        ]
+        values = _spread(teachers, "step_values", items, alpha)
+        pending: list[tuple[Trajectory, Step]] = []
+        for (t, c), v in zip(written, values, strict=True):
+            candidate = Step(
+                c["ids"],
+                c["text"],
+                v["value"],
+                v["entropy"],
+                safety_boundary(v["entropy"], m.eps0, m.theta),
+                c["value"],
+            )
+            if skd:
+                if skd_accept(candidate.value, candidate.student_value, m.skd_gamma):
+                    t.add_step(candidate, c["ended"], m.max_steps, r.max_new_tokens)
+                else:
+                    pending.append((t, candidate))
+            elif observe_motab_step(t, candidate, c["ended"], m.max_steps, r.max_new_tokens):
+                pending.append((t, candidate))
+        if not pending:
+            continue
+        if skd:
+            items = [_state(t, t.response_ids, "".join(s.text for s in t.steps)) for t, _ in pending]
+        else:
+            items = [
+                _state(t, t.resume_ids(), "".join(s.text for s in t.steps[: t.t_star])) for t, _ in pending
+            ]
+        pieces = _spread(
+            teachers, "continue_from", items, alpha, teacher_params, seed=_seed(cfg, step, rnd, 1)
+        )
+        for (t, candidate), p in zip(pending, pieces, strict=True):
+            if not skd:
+                t.take_over(p["ids"], p["text"], p["ended"])
+            elif not p["ids"]:
+                t.close("eos")
+            else:
+                rewritten = Step(
+                    p["ids"],
+                    p["text"],
+                    candidate.value,
+                    candidate.entropy,
+                    candidate.boundary,
+                    candidate.student_value,
+                    author=TEACHER,
+                    rejected=candidate.text,
+                )
+                t.add_step(rewritten, p["ended"], m.max_steps, r.max_new_tokens)
+    return trajectories
