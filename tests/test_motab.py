@@ -27,9 +27,10 @@ from atesd_ray.config import ConfigError
 from atesd_ray.data.synthetic import generate
 from atesd_ray.losses import TeacherTargets, distill_loss
 from atesd_ray.models import load_model, load_tokenizer
-from atesd_ray.prompts import render_chat, teacher_messages
+from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.sequences import join, response_slice
 from tests.conftest import make_config
+from workers.engines import SamplingParams
 
 REVISE = "\n\nHowever,\n\n"
 
@@ -53,17 +54,26 @@ def test_boundary_is_eps0_times_exp_of_minus_theta_entropy():
     assert safety_boundary(2.5, 0.2, 1.0) < safety_boundary(0.5, 0.2, 1.0)
 
 
-@pytest.fixture(scope="module")
-def smollm2_teacher():
+TEACHERS = {
+    # the privileged self-teacher at exposure 0.5
+    "self": ("algorithm=motab",),
+    # a separate model as the teacher of the tiny student: it sees the student's prompt
+    "separate": ("algorithm=motab", "model=tiny", "algorithm.motab.teacher_model=smollm2_135m"),
+}
+
+
+@pytest.mark.parametrize("kind", TEACHERS)
+def test_teacher_step_values_are_the_geometric_mean_probability_and_topk_entropy(kind):
+    """Batched, padded step_values against a direct SmolLM2 forward of each state alone."""
     from workers.teacher import TeacherWorker
 
-    cfg = make_config("algorithm=motab", "cluster.torch_threads=1")
-    return cfg, TeacherWorker(cfg)
-
-
-def test_teacher_step_values_are_the_geometric_mean_probability_and_topk_entropy(smollm2_teacher):
-    """Batched, padded step_values against a direct forward of each state alone on SmolLM2."""
-    cfg, teacher = smollm2_teacher
+    cfg = make_config(*TEACHERS[kind], "cluster.torch_threads=1")
+    teacher = TeacherWorker(cfg)
+    assert (
+        teacher.model.config.model_type == "llama"
+        and teacher.privileged == (kind == "self")
+        and teacher.shared_vocab
+    )
     tok = teacher.tokenizer
     records = [dataclasses.asdict(r) for r in generate(2, seed=7, levels=[1])]
     pieces = [
@@ -90,10 +100,15 @@ def test_teacher_step_values_are_the_geometric_mean_probability_and_topk_entropy
         )
     got = teacher.step_values(items, 0.5)
     for it, out in zip(items, got, strict=True):
-        prompt = render_chat(
-            tok, teacher_messages(it["problem"], it["reference"], it["answer"], 0.5, cfg.prompts), False
+        if kind == "self":
+            messages = teacher_messages(it["problem"], it["reference"], it["answer"], 0.5, cfg.prompts)
+        else:
+            messages = student_messages(it["problem"], cfg.prompts)
+        ids = (
+            tok(render_chat(tok, messages, False), add_special_tokens=False)["input_ids"]
+            + it["prefix_ids"]
+            + it["step_ids"]
         )
-        ids = tok(prompt, add_special_tokens=False)["input_ids"] + it["prefix_ids"] + it["step_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
         start = len(ids) - len(it["step_ids"])  # first step token
@@ -105,6 +120,11 @@ def test_teacher_step_values_are_the_geometric_mean_probability_and_topk_entropy
         assert out["value"] == pytest.approx(value, rel=1e-3)
         assert out["entropy"] == pytest.approx(entropy, rel=1e-3, abs=1e-4)
         assert 0.0 < out["value"] < 1.0 and 0.0 < out["entropy"] <= math.log(20) + 1e-6
+    if kind == "separate":  # the teacher writes on from a state, in the student's tokens
+        written = teacher.continue_from(
+            items[:1], 0.5, SamplingParams(temperature=0.6, max_new_tokens=4, logprobs=False), 0
+        )[0]
+        assert written["ended"] in ("eos", "length", "step") and tok.decode(written["ids"]) == written["text"]
 
 
 def test_root_cause_is_the_steepest_drop_after_a_safe_step():

@@ -5,7 +5,7 @@ student update (distillation on the accepted student steps, teacher-forced NLL o
 tokens) -> weight sync -> controller. The self-teacher's exposure comes from the controller actor,
 so ``controller.kind=atesd`` drives MOTAB's teacher as it drives OPSD's.
 
-The driver builds the rows from the trajectories it holds (token ids), puts one batch per teacher
+The driver builds the rows from the trajectories it holds (token ids), puts one chunk per teacher
 replica in the object store, and passes refs on from there.
 """
 
@@ -113,11 +113,10 @@ def motab_step(
         )
     ]
     meta = {"weight_version": step, "step": step, "time_s": t_rollout}
-    chunks = split_evenly(list(range(len(trajectories))), max(len(actors.teachers), len(actors.students)))
-    rows = [
-        ray.put(training_rows(cfg, [trajectories[i] for i in c], tokenizer, [correct[i] for i in c], meta))
-        for c in chunks
-    ]
+    # one batch, one width, cut into one chunk per teacher replica (the student concatenates them again)
+    full = training_rows(cfg, trajectories, tokenizer, correct, meta)
+    chunks = split_evenly(list(range(len(full))), max(len(actors.teachers), len(actors.students)))
+    rows = [ray.put(full[chunk]) for chunk in chunks]
     teachers = actors.teachers.actors
     scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rows)]
     stats = actors.students.call("distill_nll_step", step, rows, scored, m.prefix_weight, m.suffix_weight)[0]
