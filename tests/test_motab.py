@@ -184,7 +184,7 @@ def test_one_intervention_per_trajectory():
     assert t.live and t.breach is None
     assert observe_motab_step(t, _step(0.02), "step", max_steps=8, max_tokens=512) is True
     assert (t.end, t.breach, t.t_star) == ("takeover", 1, 1)
-    assert t.resume_ids() == [1, 2]  # the state before t*: the first step
+    assert t.resume_steps == t.steps[:1]  # the state before t*: the first step
     with pytest.raises(TrajectoryError, match="already had its intervention"):
         t.intervene(0)
     with pytest.raises(TrajectoryError, match="has ended"):

@@ -16,6 +16,7 @@ keeps the trajectories (token ids and a few numbers per step); the batches stay 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import ray
 
@@ -49,16 +50,29 @@ def _seed(cfg: Config, step: int, rnd: int, writer: int) -> int:
     return rollout_seed(cfg.seed, step, (2 * rnd + writer) * 1_009)
 
 
-def _state(t: Trajectory, ids: list[int], text: str) -> dict:
-    r = t.record
+def _state(t: Trajectory) -> dict:
+    """What a teacher needs to read the trajectory's current state (its record and resumed steps)."""
+    r, steps = t.record, t.resume_steps
     return {
         "uid": r["id"],
         "problem": r["problem"],
         "reference": r["reference"],
         "answer": r["answer"],
-        "prefix_ids": ids,
-        "prefix_text": text,
+        "prefix_ids": [i for s in steps for i in s.ids],
+        "prefix_text": "".join(s.text for s in steps),
     }
+
+
+def _needs_teacher(cfg: Config, t: Trajectory, candidate: Step, ended: str) -> bool:
+    """Apply the algorithm's rule to the student's candidate step; True when the teacher must write
+    (SKD: the step was rejected; MOTAB: it breached the gate and the trajectory was rewound)."""
+    m, limits = cfg.algorithm.motab, (cfg.algorithm.motab.max_steps, cfg.rollout.max_new_tokens)
+    if cfg.algorithm.name == "skd":
+        if not skd_accept(candidate.value, candidate.student_value, m.skd_gamma):
+            return True
+        t.add_step(candidate, ended, *limits)
+        return False
+    return observe_motab_step(t, candidate, ended, *limits)
 
 
 def monitored_rollouts(
@@ -87,44 +101,23 @@ def monitored_rollouts(
         live = [t for t in trajectories if t.live]
         if not live:
             break
-
         states = [{"problem": t.record["problem"], "response_ids": t.response_ids} for t in live]
         candidates = _spread(rollouts, "next_steps", states, min_version, seed=_seed(cfg, step, rnd, 0))
         for t, c in zip(live, candidates, strict=True):
             if not c["ids"]:
                 t.close("eos")  # the student ended without writing another step
         written = [(t, c) for t, c in zip(live, candidates, strict=True) if t.live]
-        items = [
-            _state(t, t.response_ids, "".join(s.text for s in t.steps))
-            | {"step_ids": c["ids"], "step_text": c["text"]}
-            for t, c in written
-        ]
+        items = [_state(t) | {"step_ids": c["ids"], "step_text": c["text"]} for t, c in written]
         values = _spread(teachers, "step_values", items, alpha)
         pending: list[tuple[Trajectory, Step]] = []
         for (t, c), v in zip(written, values, strict=True):
-            candidate = Step(
-                c["ids"],
-                c["text"],
-                v["value"],
-                v["entropy"],
-                safety_boundary(v["entropy"], m.eps0, m.theta),
-                c["value"],
-            )
-            if skd:
-                if skd_accept(candidate.value, candidate.student_value, m.skd_gamma):
-                    t.add_step(candidate, c["ended"], m.max_steps, r.max_new_tokens)
-                else:
-                    pending.append((t, candidate))
-            elif observe_motab_step(t, candidate, c["ended"], m.max_steps, r.max_new_tokens):
+            boundary = safety_boundary(v["entropy"], m.eps0, m.theta)
+            candidate = Step(c["ids"], c["text"], v["value"], v["entropy"], boundary, c["value"])
+            if _needs_teacher(cfg, t, candidate, c["ended"]):
                 pending.append((t, candidate))
         if not pending:
             continue
-        if skd:
-            items = [_state(t, t.response_ids, "".join(s.text for s in t.steps)) for t, _ in pending]
-        else:
-            items = [
-                _state(t, t.resume_ids(), "".join(s.text for s in t.steps[: t.t_star])) for t, _ in pending
-            ]
+        items = [_state(t) for t, _ in pending]
         pieces = _spread(
             teachers, "continue_from", items, alpha, teacher_params, seed=_seed(cfg, step, rnd, 1)
         )
@@ -134,15 +127,8 @@ def monitored_rollouts(
             elif not p["ids"]:
                 t.close("eos")
             else:
-                rewritten = Step(
-                    p["ids"],
-                    p["text"],
-                    candidate.value,
-                    candidate.entropy,
-                    candidate.boundary,
-                    candidate.student_value,
-                    author=TEACHER,
-                    rejected=candidate.text,
+                rewritten = replace(
+                    candidate, ids=p["ids"], text=p["text"], author=TEACHER, rejected=candidate.text
                 )
                 t.add_step(rewritten, p["ended"], m.max_steps, r.max_new_tokens)
     return trajectories

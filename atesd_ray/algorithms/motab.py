@@ -197,11 +197,11 @@ class Trajectory:
             raise ValueError(f"t* = {t_star} is not a step of a {len(self.steps)}-step trajectory")
         self.breach, self.t_star, self.end = len(self.steps) - 1, t_star, "takeover"
 
-    def resume_ids(self) -> list[int]:
-        """The response the teacher resumes from after the intervention: the steps before t*."""
-        if self.t_star is None:
-            raise TrajectoryError("no intervention: nothing to resume from")
-        return [t for s in self.steps[: self.t_star] for t in s.ids]
+    @property
+    def resume_steps(self) -> list[Step]:
+        """The steps the next writer continues: after an intervention those before t* (the rewind),
+        otherwise all of them."""
+        return self.steps if self.t_star is None else self.steps[: self.t_star]
 
     def take_over(self, ids: list[int], text: str, ended: str) -> None:
         """Attach the teacher's suffix, written from the state before t*."""
