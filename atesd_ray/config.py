@@ -569,6 +569,12 @@ class Config:
             )
         if self.mode == "motab_synthesize":
             _one_of(self.algorithm.name, "algorithm", STEPWISE_ALGORITHMS)
+        if self.algorithm.name in STEPWISE_ALGORITHMS:
+            _check(
+                self.controller.granularity == "batch",
+                "controller.granularity",
+                f"algorithm={self.algorithm.name} takes one exposure per batch; got {self.controller.granularity}",
+            )
         teacher_model = self.algorithm.motab.teacher_model
         if teacher_model is not None and self.algorithm.name in STEPWISE_ALGORITHMS:
             _check(

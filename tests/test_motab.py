@@ -242,6 +242,8 @@ def test_config_checks_the_teacher_model_and_the_synthesis_algorithm():
         )
     with pytest.raises(ConfigError, match="'algorithm'.*motab, skd"):
         make_config("mode=motab_synthesize", "algorithm=opsd")
+    with pytest.raises(ConfigError, match="controller.granularity"):
+        make_config("algorithm=motab", "controller.kind=atesd", "controller.granularity=example")
 
 
 def test_student_objective_mixes_distillation_and_nll_by_token_masks():

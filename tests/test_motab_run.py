@@ -102,19 +102,32 @@ def test_skd_synthesis_keeps_student_steps_the_teacher_likes_and_rewrites_the_ot
         assert row["reference"] == "".join(s["text"] for s in row["trajectory"]["steps"])
 
 
-def test_motab_on_policy_trains_three_steps(ray_cluster, tmp_path):
+def test_motab_on_policy_trains_three_steps_with_the_atesd_controller_choosing_the_exposure(
+    ray_cluster, tmp_path
+):
     # The random tiny Qwen3 teaches its student with V ~ 3.5e-5..3.9e-5 per step and H ~ 2.98 nats;
     # eps0 = 7.3e-4 puts the gate (~3.7e-5) among those values, so some steps pass (distillation) and
     # some breach (the teacher's suffix, NLL); the paper's eps0 = 0.2 would breach every first step.
-    cfg = make_config(
-        *TINY,
-        "algorithm=motab",
+    # The self-teacher's exposure comes from the ATESD controller actor, one decision per step.
+    atesd = [
+        "controller.kind=atesd",
+        "controller.hold=1",
+        "controller.lookahead=1",
+        "controller.batch_decisions=2",
+    ]
+    motab = [
         "algorithm.motab.eps0=7.3e-4",
-        "trainer.total_steps=3",
-        "trainer.prompts_per_step=2",
         "algorithm.motab.n_trajectories=2",
         "algorithm.motab.max_steps=2",
         "algorithm.motab.max_step_tokens=6",
+    ]
+    cfg = make_config(
+        *TINY,
+        "algorithm=motab",
+        *motab,
+        *atesd,
+        "trainer.total_steps=3",
+        "trainer.prompts_per_step=2",
         "rollout.max_new_tokens=12",
         "cluster.torch_threads=1",
         f"run_dir={tmp_path}",
@@ -133,3 +146,10 @@ def test_motab_on_policy_trains_three_steps(ray_cluster, tmp_path):
     assert sum(m["distill_tokens"] for m in metrics) > 0 and sum(m["nll_tokens"] for m in metrics) > 0
     assert 8.0 < max(m["teacher_nll"] for m in metrics) < 13.0  # ~ log(vocab) for a random model
     assert (tmp_path / "checkpoints" / "step_3" / "COMPLETE").is_file()
+    timeline = [
+        json.loads(line) for line in (tmp_path / "controller_timeline.jsonl").read_text().splitlines()
+    ]
+    assert [d["first_step"] for d in timeline] == [0, 1, 2]
+    for d, m in zip(timeline, metrics, strict=True):
+        assert 0.1 <= d["alpha"] <= 1.0 and m["alpha"] == pytest.approx(d["alpha"])
+    assert any(d["reward"] is not None for d in timeline) and metrics[-1]["controller/updates"] >= 1

@@ -123,11 +123,12 @@ def motab_step(
     synced = actors.weight_sync.sync(version=step + 1)
     probe = actors.students.call("probe_nll")[0]
     observed = actors.controller.observe.remote(step, stats, probe)
-    ray.get(synced + [observed])
+    *_, controller_metrics = ray.get(synced + [observed])
     metrics = ray.get(stats)
+    metrics.update({k: v for k, v in summarize(trajectories).items() if k != "trajectories"})
     metrics.update(
-        {k: v for k, v in summarize(trajectories).items() if k != "trajectories"},
-        alpha=alpha if isinstance(alpha, float) else sum(alpha.values()) / len(alpha),
+        controller_metrics,
+        alpha=float(alpha),
         probe_nll=ray.get(probe),
         weight_version=step + 1,
         step_time_s=time.perf_counter() - t0,
