@@ -58,6 +58,8 @@ ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRACKING_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
 WEIGHT_TRANSPORTS = ("object_store", "collective")
+PG_LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+PAPER_MODELS = ("qwen3_1_7b", "qwen3_4b", "qwen3_8b")
 
 
 @dataclass
@@ -204,13 +206,26 @@ class LossConfig:
 class GRPOConfig:
     n_samples: int = 8
     clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    scale_rewards: bool = True
+    kl_coef: float = 0.0  # k3 KL to the frozen step-0 model (the teacher actor); 0 skips the reference pass
+    scale_rewards: bool = True  # divide by the group's std (TRL scale_rewards="group")
+    # token_mean: sum over all tokens / tokens (DAPO, TRL "dapo"); seq_mean_token_mean: token mean per
+    # response, then the mean over responses (TRL loss_type="grpo", the OPSD repository's baseline)
+    loss_agg: str = "token_mean"
 
     def validate(self, key: str) -> None:
         _check(self.n_samples >= 2, f"{key}.n_samples", f"got {self.n_samples}; GRPO needs groups of >= 2")
         _positive(self.clip_eps, f"{key}.clip_eps")
         _positive(self.kl_coef, f"{key}.kl_coef", strict=False)
+        _one_of(self.loss_agg, f"{key}.loss_agg", PG_LOSS_AGGREGATIONS)
+
+
+@dataclass
+class SFTConfig:
+    # reference tokens trained on per example; longer references are cut (counted as truncated_frac)
+    max_response_tokens: int = 4096
+
+    def validate(self, key: str) -> None:
+        _positive(self.max_response_tokens, f"{key}.max_response_tokens")
 
 
 def model_presets() -> tuple[str, ...]:
@@ -268,6 +283,7 @@ class AlgorithmConfig:
     alpha: float = 1.0  # the fixed reveal ratio of opsd (1.0) and fixed_exposure
     loss: LossConfig = field(default_factory=LossConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     motab: MotabConfig = field(default_factory=MotabConfig)
 
     def validate(self, key: str) -> None:
@@ -275,6 +291,7 @@ class AlgorithmConfig:
         _in_range(self.alpha, f"{key}.alpha", 0.0, 1.0)
         self.loss.validate(f"{key}.loss")
         self.grpo.validate(f"{key}.grpo")
+        self.sft.validate(f"{key}.sft")
         self.motab.validate(f"{key}.motab")
 
 
@@ -514,6 +531,7 @@ class SweepConfig:
     problems: int = 16
 
     def validate(self, key: str) -> None:
+        _check(len(self.alphas) > 0, f"{key}.alphas", "needs at least one exposure")
         for a in self.alphas:
             _in_range(a, f"{key}.alphas", 0.0, 1.0)
         _positive(self.problems, f"{key}.problems")
@@ -523,8 +541,15 @@ class SweepConfig:
 class ReportConfig:
     """``mode=report``: run directories to gather into one table."""
 
+    # run directories holding eval/summary.json, each optionally labelled: "OPSD=runs/opsd-eval"
     runs: list[str] = field(default_factory=list)
-    output: str | None = None
+    output: str | None = None  # directory for report.md / report.json; None: the run directory
+    # add the paper's main-table rows (DESIGN §4) for these models
+    paper_rows: list[str] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        for m in self.paper_rows:
+            _one_of(m, f"{key}.paper_rows", PAPER_MODELS)
 
 
 @dataclass
@@ -594,6 +619,18 @@ class Config:
                 "rollout.n_samples",
                 f"GRPO draws algorithm.grpo.n_samples={self.algorithm.grpo.n_samples} responses per prompt; "
                 f"rollout.n_samples is {self.rollout.n_samples}",
+            )
+            _check(
+                self.algorithm.grpo.kl_coef == 0 or self.teacher.weights == "frozen",
+                "teacher.weights",
+                f"GRPO's KL reference is the frozen step-0 model; algorithm.grpo.kl_coef="
+                f"{self.algorithm.grpo.kl_coef} needs teacher.weights=frozen, got {self.teacher.weights}",
+            )
+        if self.mode == "report":
+            _check(
+                bool(self.report.runs) or bool(self.report.paper_rows),
+                "report.runs",
+                "mode=report needs run directories (report.runs) or paper rows (report.paper_rows)",
             )
 
 

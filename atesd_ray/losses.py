@@ -277,17 +277,42 @@ def _distill_chunk(
         ).sum()
 
     with torch.no_grad():
-        log_s, log_s_k = log_s.detach(), log_s_k.detach()
-        if t_indices is None:
-            kl = _kl_terms(log_t, log_s).sum()
-            teacher_top1 = log_t.argmax(-1)
-        else:
-            kl = _kl_terms(_with_tail(log_t), _with_tail(log_s_k)).sum()
-            teacher_top1 = t_indices.gather(-1, log_t.argmax(-1, keepdim=True)).squeeze(-1)
-        top_s, student_top1 = log_s.max(-1)
-        disagree = (teacher_top1 != student_top1).sum().to(log_s.dtype)
-        confidence = top_s.exp().sum()
+        kl, disagree, confidence = _mismatch_terms(log_s.detach(), log_t, t_indices).sum(0).unbind()
     return loss, kl, disagree, confidence
+
+
+def _mismatch_terms(log_s: Tensor, log_t: Tensor, t_indices: Tensor | None) -> Tensor:
+    """[N, 3] per token: KL(p_T||p_S) (see the module doc), top-1 disagreement (0/1), student max-prob."""
+    if t_indices is None:
+        kl = _kl_terms(log_t, log_s).sum(-1)
+        teacher_top1 = log_t.argmax(-1)
+    else:
+        kl = _kl_terms(_with_tail(log_t), _with_tail(log_s.gather(-1, t_indices))).sum(-1)
+        teacher_top1 = t_indices.gather(-1, log_t.argmax(-1, keepdim=True)).squeeze(-1)
+    top_s, student_top1 = log_s.max(-1)
+    return torch.stack([kl, (teacher_top1 != student_top1).to(log_s.dtype), top_s.exp()], dim=-1)
+
+
+@torch.no_grad()
+def mismatch_per_token(
+    student: Tensor,
+    teacher: TeacherTargets,
+    temperature: float,
+    *,
+    project: Project | None = None,
+    chunk_size: int = 256,
+) -> Tensor:
+    """[N, 3] per-token statistics of :class:`DistillStats` (KL(p_T||p_S), top-1 disagreement,
+    confidence) without a loss or a graph: what the fixed-exposure sweep needs for tails (p95, max)
+    and per-example breakdowns. ``student``/``project`` as in :func:`distill_loss`."""
+    parts = []
+    for start in range(0, student.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        logits = student[part] if project is None else project(student[part])
+        indices = None if teacher.indices is None else teacher.indices[part]
+        log_s = student_logprobs(logits, temperature)
+        parts.append(_mismatch_terms(log_s, teacher.logprobs[part].to(log_s.dtype), indices))
+    return torch.cat(parts) if parts else torch.zeros(0, 3)
 
 
 def distill_loss(
@@ -355,6 +380,20 @@ def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> 
     return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
+def advantages_by_group(group_ids: Sequence[str], rewards: Tensor, scale: bool = True) -> Tensor:
+    """[B] group-normalized advantages of responses listed in any order; ``group_ids[i]`` names the
+    prompt of response ``i`` (its uid), and every group is normalized on its own."""
+    groups: dict[str, list[int]] = {}
+    for i, gid in enumerate(group_ids):
+        groups.setdefault(gid, []).append(i)
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    for idx in groups.values():
+        if len(idx) < 2:
+            raise ValueError(f"group '{group_ids[idx[0]]}' has one response; group advantages need >= 2")
+        out[idx] = group_advantages(rewards[idx].float()[None], scale)[0]
+    return out
+
+
 def policy_gradient_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -377,3 +416,66 @@ def policy_gradient_loss(
         log_ratio = ref_logprobs.detach() - logprobs
         loss = loss + kl_coef * (log_ratio.exp() - log_ratio - 1.0)
     return loss
+
+
+def _pg_chunk(
+    logits: Tensor,
+    tokens: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    ref_logprobs: Tensor | None,
+    *,
+    clip_eps: float,
+    kl_coef: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(weighted loss, loss, k3 KL to the reference, clipped tokens), summed over the chunk."""
+    logprobs = student_logprobs(logits, temperature).gather(-1, tokens[:, None]).squeeze(-1)
+    per_token = policy_gradient_loss(logprobs, old_logprobs, advantages, clip_eps, ref_logprobs, kl_coef)
+    with torch.no_grad():
+        lp = logprobs.detach()
+        ratio = (lp - old_logprobs).exp()
+        clipped = ((advantages > 0) & (ratio > 1 + clip_eps)) | ((advantages < 0) & (ratio < 1 - clip_eps))
+        if ref_logprobs is None:
+            kl = lp.new_zeros(())
+        else:
+            log_ratio = ref_logprobs - lp
+            kl = (log_ratio.exp() - log_ratio - 1.0).sum()
+    return (per_token * weights).sum(), per_token.detach().sum(), kl, clipped.sum().to(lp.dtype)
+
+
+def policy_gradient_sum(
+    student: Tensor,
+    tokens: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    *,
+    clip_eps: float,
+    temperature: float,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    project: Project | None = None,
+    chunk_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Σ weights · :func:`policy_gradient_loss` over tokens, and [4] statistics sums (that loss
+    unweighted, k3 KL to the reference, clipped tokens, tokens).
+
+    All token inputs are [N] over valid response positions. ``weights`` sets the aggregation
+    (1 / global tokens: token mean; 1 / (length · sequences): mean over sequences of the token
+    mean). The student's log-probs are taken at ``temperature``, the rollout's sampling temperature,
+    so the ratio compares like with like (the rollout log-probs are at that temperature too).
+    ``student``/``project`` as in :func:`distill_loss`: chunked under activation checkpointing.
+    """
+    fn = partial(_pg_chunk, clip_eps=clip_eps, kl_coef=kl_coef, temperature=temperature)
+    rows = (
+        tokens,
+        old_logprobs.detach(),
+        advantages.detach(),
+        weights.detach(),
+        None if ref_logprobs is None else ref_logprobs.detach(),
+    )
+    loss, plain, kl, clipped = _over_chunks(fn, student, rows, project, chunk_size)
+    count = torch.tensor(float(student.shape[0]), device=loss.device, dtype=torch.float64)
+    return loss, torch.stack([plain.detach().double(), kl.double(), clipped.double(), count])

@@ -24,6 +24,18 @@ def run_mode(cfg: Config, run_dir: Path) -> dict:
         from atesd_ray.motab_synthesize import run
 
         return run(cfg, run_dir)
+    if cfg.mode == "eval":
+        from atesd_ray.evaluate import run
+
+        return run(cfg, run_dir)
+    if cfg.mode == "sweep_exposure":
+        from atesd_ray.sweep_exposure import run
+
+        return run(cfg, run_dir)
+    if cfg.mode == "report":
+        from atesd_ray.report import run
+
+        return run(cfg, run_dir)
     raise ConfigError(f"config error at 'mode': mode={cfg.mode} is not available in this build")
 
 

@@ -12,7 +12,9 @@ import ray
 from omegaconf import OmegaConf
 
 from atesd_ray.algorithms.distill import distill_step
+from atesd_ray.algorithms.grpo import grpo_step
 from atesd_ray.algorithms.motab_step import motab_step
+from atesd_ray.algorithms.sft import sft_step
 from atesd_ray.config import Config
 from atesd_ray.data.loaders import load_data
 from atesd_ray.data.sampler import EpochSampler
@@ -26,7 +28,15 @@ from atesd_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-STEP_FUNCTIONS = {"opsd": distill_step, "fixed_exposure": distill_step, "atesd": distill_step, "motab": motab_step, "skd": motab_step}
+STEP_FUNCTIONS = {
+    "opsd": distill_step,
+    "fixed_exposure": distill_step,
+    "atesd": distill_step,
+    "motab": motab_step,
+    "skd": motab_step,
+    "sft": sft_step,
+    "grpo": grpo_step,
+}
 
 
 class RunDirError(RuntimeError):
@@ -145,9 +155,13 @@ def run(cfg: Config, run_dir: Path) -> dict:
             metrics, prefetched = step_fn(cfg, actors, step, batch, next_batch, prefetched)
             metrics.update(total_steps=total, epoch=sampler.epoch)
             done = step + 1
-            if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < total:
+            periodic = cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0
+            if data.evals and (periodic or (done == total and cfg.eval.at_end)):
                 ev = _evaluate(cfg, actors, data.evals, run_dir, done, done)
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                print(f"held-out after step {done}: {_fmt_eval(ev)}", flush=True)
+                if done == total:
+                    summary["eval_after"] = ev
             tracker.log(step, metrics)
             first_metrics = first_metrics or dict(metrics)
             if done % cfg.trainer.save_every == 0 or done == total:
@@ -156,8 +170,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 _save(cfg, actors, ckpts, done, sampler, metrics)
                 sampler.consumed += len(next_batch) if next_batch else 0
             batch = next_batch
-        if cfg.eval.at_end and data.evals:
-            summary["eval_after"] = _evaluate(cfg, actors, data.evals, run_dir, total, total)
         summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
                        checkpoint=str(ckpts.latest()))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.models import load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages
+from atesd_ray.runtime.checkpoint import fingerprint, read_state, read_student_weights
 from atesd_ray.sequences import left_pad, right_pad
 from workers.common import StaleWeightsError, WeightReceiver, setup_actor
 from workers.engines import SamplingParams
@@ -60,6 +62,15 @@ class RolloutWorker(WeightReceiver):
 
     def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
         self.engine.load_weights(named)
+
+    def load_checkpoint(self, checkpoint: str) -> int:
+        """Serve a trained student: the student tensors of ``checkpoint`` (checkpoints/step_<N>) over
+        the configured model; a checkpoint written for another model is refused. Returns N."""
+        path = Path(checkpoint)
+        mine = fingerprint(self.cfg.model.name, self.cfg.model.lora.enabled, self._synced_parameters())
+        self.engine.load_weights(read_student_weights(path, mine))
+        self.weight_version = read_state(path)["step"]
+        return self.weight_version
 
     # -- generation ------------------------------------------------------------------------------
     def prompt_ids(self, problems: list[str], thinking: bool | None = None) -> list[list[int]]:

@@ -32,10 +32,19 @@ from torch.distributed.tensor import DTensor
 from verl import DataProto
 
 from atesd_ray.config import Config
-from atesd_ray.losses import DistillStats, TeacherTargets, distill_loss, nll_loss
+from atesd_ray.losses import (
+    DistillStats,
+    TeacherTargets,
+    advantages_by_group,
+    distill_loss,
+    mismatch_per_token,
+    nll_loss,
+    policy_gradient_sum,
+)
 from atesd_ray.models import DTYPES, load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages
 from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
+from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint
 from atesd_ray.runtime.weights import PackedWeights, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
 from workers.common import send_broadcast, setup_actor
@@ -47,6 +56,10 @@ CHECKPOINT_FILES = ("student.safetensors", "optimizer.pt", "student_state.json")
 
 class StudentPolicy(nn.Module):
     """The FSDP root: decoder forward plus a chunked loss on the response positions.
+
+    Objectives: "distill" (teacher targets), "nll" (SFT, probe), "pg" (GRPO: clipped policy
+    gradient on the rollout's tokens, ``loss_cfg`` a GRPOConfig, log-probs at ``temperature``),
+    "logprobs" and "mismatch" (per-token statistics against teacher targets, no graph).
 
     The loss runs inside the root's forward so the LM head (often tied to the embedding) stays
     unsharded while it is applied chunk by chunk, and is unsharded again for the backward pass.
@@ -62,6 +75,7 @@ class StudentPolicy(nn.Module):
         objective: str,
         loss_cfg=None,
         teacher: TeacherTargets | None = None,
+        temperature: float = 1.0,
     ):
         ids, mask, pos, start = join(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
         hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
@@ -83,6 +97,16 @@ class StudentPolicy(nn.Module):
             nll = nll_loss(h[on_nll], tokens[on_nll], project=head)
             extra = torch.stack([nll.detach().double(), on_nll.sum().double()]).to(stats.loss.device)
             return distill, nll, torch.cat([stats.as_tensor(), extra])
+        if objective == "pg":
+            advantages = batch["advantages"][:, None].expand(valid.shape)[valid]
+            ref = batch["ref_logprobs"][valid] if "ref_logprobs" in batch else None
+            return policy_gradient_sum(
+                h, tokens, batch["rollout_logprobs"][valid], advantages, batch["token_weights"][valid],
+                clip_eps=loss_cfg.clip_eps, kl_coef=loss_cfg.kl_coef, temperature=temperature, ref_logprobs=ref,
+                project=head,
+            )
+        if objective == "mismatch":
+            return mismatch_per_token(h, teacher, loss_cfg.temperature, project=head, chunk_size=loss_cfg.chunk_size)
         if objective == "logprobs":
             return torch.log_softmax(head(h).float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         raise ValueError(f"unknown objective '{objective}'")
@@ -125,8 +149,8 @@ def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
     return DataProto.concat(parts), metas
 
 
-def batch_metrics(step: int, rollout: DataProto, rollout_meta: list[dict], teacher: DataProto, teacher_meta: list[dict]) -> dict:
-    """What the step's batches say about generation and scoring (same on every rank)."""
+def rollout_metrics(step: int, rollout: DataProto, rollout_meta: list[dict]) -> dict:
+    """What the step's rollouts say about generation (same on every rank)."""
     lengths = rollout.batch["response_mask"].sum(-1).float()
     finish = rollout.non_tensor_batch["finish_reason"]
     version = min(m["weight_version"] for m in rollout_meta)
@@ -134,10 +158,16 @@ def batch_metrics(step: int, rollout: DataProto, rollout_meta: list[dict], teach
         "accuracy": float(rollout.batch["reward"].mean()),
         "response_len": float(lengths.mean()),
         "truncated_frac": float((finish == "length").mean()),
-        "grounding": float(teacher.batch["grounding"].mean()),
         "rollout_version": version,
         "staleness": step - version,
         "time_rollout_s": max(m["time_s"] for m in rollout_meta),
+    }
+
+
+def batch_metrics(step: int, rollout: DataProto, rollout_meta: list[dict], teacher: DataProto, teacher_meta: list[dict]) -> dict:
+    """What the step's batches say about generation and scoring (same on every rank)."""
+    return rollout_metrics(step, rollout, rollout_meta) | {
+        "grounding": float(teacher.batch["grounding"].mean()),
         "time_teacher_s": max(m["time_s"] for m in teacher_meta),
     }
 
@@ -308,13 +338,28 @@ class StudentRank:
         return TeacherTargets(values, ids, sampled).to(self.device)
 
     def _finish_step(self, step: int, stats: DistillStats, t0: float, t_fetch: float) -> dict:
+        update = self._apply_update(step, float(stats.loss))
+        means = stats.means()
+        return {
+            "loss": means["loss"],
+            "mismatch_kl": means["mismatch_kl"],
+            "top1_disagree": means["top1_disagree"],
+            "confidence": means["confidence"],
+            "tokens": int(stats.tokens),
+            **update,
+            "time_fetch_s": t_fetch,
+            "time_update_s": time.perf_counter() - t0 - t_fetch,
+        }
+
+    def _apply_update(self, step: int, loss: float) -> dict:
+        """Clip, step (unless the loss or gradient is non-finite on any rank), schedule the LR."""
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.policy.parameters() if p.requires_grad], self.cfg.trainer.grad_clip
         )
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
-        finite = math.isfinite(grad_norm) and math.isfinite(float(stats.loss))
+        finite = math.isfinite(grad_norm) and math.isfinite(loss)
         finite = bool(self._sum(torch.tensor([0.0 if finite else 1.0]))[0] == 0)
         if finite:
             self.optimizer.step()
@@ -325,20 +370,123 @@ class StudentRank:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step = step + 1
-        means = stats.means()
         return {
-            "loss": means["loss"],
-            "mismatch_kl": means["mismatch_kl"],
-            "top1_disagree": means["top1_disagree"],
-            "confidence": means["confidence"],
-            "tokens": int(stats.tokens),
             "grad_norm": grad_norm,
             "lr": lr,
             "update_skipped": 0 if finite else 1,
             "skipped_nonfinite_total": self.skipped_nonfinite,
+        }
+
+    def sft_step(self, step: int, records: list[dict]) -> dict:
+        """One optimizer step of SFT: the NLL of each reference solution, ended by EOS, after the
+        problem-only student prompt (references over ``algorithm.sft.max_response_tokens`` are cut)."""
+        t0 = time.perf_counter()
+        limit = self.cfg.algorithm.sft.max_response_tokens
+        eos = self.tokenizer.eos_token_id
+        refs = [self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
+        truncated = sum(len(r) > limit for r in refs)
+        p_ids, p_mask = left_pad(self._prompts([r["problem"] for r in records]), self.tokenizer.pad_token_id)
+        r_ids, r_mask = right_pad([r[:limit] for r in refs], self.tokenizer.pad_token_id)
+        data = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+        self.policy.train()
+        batches = self._micro_batches(len(records))
+        global_tokens = float(r_mask.sum())
+        scale = self.world / max(global_tokens, 1.0)
+        total = torch.zeros(1, dtype=torch.float64)
+        for i, idx in enumerate(batches):
+            weight = 1.0 if idx else 0.0
+            rows = self._to_device({k: v[idx or [0]] for k, v in data.items()})
+            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
+            loss, _ = self.policy(rows, "nll")
+            (loss * scale * weight).backward()
+            total += loss.detach().cpu().double() * weight
+        loss_sum = float(self._sum(total)[0])
+        return {
+            "loss": loss_sum / max(global_tokens, 1.0),
+            "tokens": int(global_tokens),
+            "response_len": global_tokens / len(records),
+            "truncated_frac": truncated / len(records),
+            **self._apply_update(step, loss_sum),
+            "time_update_s": time.perf_counter() - t0,
+        }
+
+    def grpo_step(self, step: int, rollout_refs: list, reference_refs: list | None) -> dict:
+        """One optimizer step of GRPO on graded rollouts (n per prompt): group-normalized rewards,
+        clipped policy gradient against the rollout log-probs, optional k3 KL to the reference
+        log-probs (``reference_refs``, from the frozen teacher actor)."""
+        t0 = time.perf_counter()
+        rollout, rollout_meta = concat(ray.get(rollout_refs))
+        reference = concat(ray.get(reference_refs))[0] if reference_refs else None
+        t_fetch = time.perf_counter() - t0
+        g = self.cfg.algorithm.grpo
+        uids = [str(u) for u in rollout.non_tensor_batch["uid"]]
+        advantages = advantages_by_group(uids, rollout.batch["reward"], g.scale_rewards)
+        mask = rollout.batch["response_mask"].float()
+        lengths = mask.sum(-1)
+        if g.loss_agg == "token_mean":
+            weights = mask * self.world / lengths.sum().clamp(min=1.0)
+        else:
+            weights = mask / lengths.clamp(min=1.0)[:, None] * self.world / len(rollout)
+        self.policy.train()
+        batches = self._micro_batches(len(rollout))
+        stats = torch.zeros(4, dtype=torch.float64)
+        objective = torch.zeros(1, dtype=torch.float64)
+        for i, idx in enumerate(batches):
+            weight = 1.0 if idx else 0.0
+            idx = idx or [0]
+            rows = _rows(rollout, ROLLOUT_KEYS + ("rollout_logprobs",), idx)
+            rows.update(advantages=advantages[idx], token_weights=weights[idx] * weight)
+            if reference is not None:
+                rows["ref_logprobs"] = reference.batch["ref_logprobs"][idx]
+            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
+            loss, batch_stats = self.policy(self._to_device(rows), "pg", g, temperature=self.cfg.rollout.temperature)
+            loss.backward()
+            stats += batch_stats.detach().cpu() * weight
+            objective += loss.detach().cpu().double() / self.world
+        stats, objective = self._sum(stats), float(self._sum(objective)[0])
+        tokens = max(float(stats[3]), 1.0)
+        rewards = rollout.batch["reward"].float()
+        groups: dict[str, list[int]] = {}
+        for i, uid in enumerate(uids):
+            groups.setdefault(uid, []).append(i)
+        return {
+            "loss": objective,
+            "pg_loss": float(stats[0]) / tokens,
+            "kl_ref": float(stats[1]) / tokens,
+            "clip_frac": float(stats[2]) / tokens,
+            "tokens": int(stats[3]),
+            "reward_std": float(torch.stack([rewards[idx].std() for idx in groups.values()]).mean()),
+            "zero_adv_frac": sum(bool((rewards[idx] == rewards[idx[0]]).all()) for idx in groups.values()) / len(groups),
+            **self._apply_update(step, objective),
             "time_fetch_s": t_fetch,
             "time_update_s": time.perf_counter() - t0 - t_fetch,
-        }
+        } | rollout_metrics(step, rollout, rollout_meta)
+
+    @torch.no_grad()
+    def mismatch(self, rollout_refs: list, teacher_refs: list) -> list[dict]:
+        """Per-token KL(p_T||p_S), top-1 disagreement and student confidence of every rollout row
+        under the current student, no update: the fixed-exposure sweep's measurement. The numbers
+        come from the same code as the training step's statistics (``losses._mismatch_terms``)."""
+        rollout, _ = concat(ray.get(rollout_refs))
+        teacher, _ = concat(ray.get(teacher_refs))
+        self.policy.eval()
+        mine = []
+        for idx in self._micro_batches(len(rollout)):
+            rows = self._to_device(_rows(rollout, ROLLOUT_KEYS, idx or [0]))
+            targets = self._teacher_targets(teacher, idx or [0], rows["response_mask"])
+            per_token = self.policy(rows, "mismatch", self.cfg.algorithm.loss, targets).cpu()
+            lengths = rows["response_mask"].sum(-1).tolist()
+            for row, part in zip(idx, per_token.split(lengths), strict=False):
+                mine.append({"row": row, "kl": part[:, 0].tolist(), "disagree": part[:, 1].tolist(),
+                             "confidence": part[:, 2].tolist()})
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        nt = rollout.non_tensor_batch
+        out = sorted((r for part in gathered for r in part), key=lambda r: r["row"])
+        for r in out:
+            i = r.pop("row")
+            r.update(uid=str(nt["uid"][i]), difficulty=nt["difficulty"][i], grounding=float(teacher.batch["grounding"][i]))
+        return out
 
     @torch.no_grad()
     def probe_nll(self) -> float:
@@ -440,20 +588,11 @@ class StudentRank:
         return self.step
 
     def _fingerprint(self) -> dict:
-        """What a checkpoint must match to be loaded into this model (DTensor shapes are global)."""
-        shapes = {n: list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"model": self.cfg.model.name, "lora": self.cfg.model.lora.enabled, "shapes": shapes}
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return fingerprint(self.cfg.model.name, self.cfg.model.lora.enabled, trainable)
 
     def _check_fingerprint(self, saved: dict, where: Path) -> None:
-        mine = self._fingerprint()
-        if saved != mine:
-            differing = sorted(k for k in set(mine["shapes"]) ^ set(saved.get("shapes", {})))[:3]
-            raise ValueError(
-                f"checkpoint {where} holds a different model (model={saved.get('model')!r}, "
-                f"lora={saved.get('lora')}, {len(saved.get('shapes', {}))} tensors) than this run "
-                f"(model={mine['model']!r}, lora={mine['lora']}, {len(mine['shapes'])} tensors)"
-                + (f"; e.g. tensors only on one side: {differing}" if differing else "")
-            )
+        check_fingerprint(saved, self._fingerprint(), where)
 
     def pid(self) -> int:
         return os.getpid()

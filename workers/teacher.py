@@ -161,6 +161,28 @@ class TeacherWorker(WeightReceiver):
             meta_info={"teacher_version": self.weight_version, "topk": self.topk or 0, "time_s": time.perf_counter() - t0},
         )
 
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: DataProto, temperature: float) -> DataProto:
+        """GRPO's KL reference: the log-prob of each response token after the rollout's own
+        problem-only prompt under the frozen step-0 model, at ``temperature`` (the rollout's, so it
+        compares with the student's log-probs of the same tokens)."""
+        if self.mode != "frozen":
+            raise ValueError(f"reference log-probs need the frozen step-0 model; teacher.weights is {self.mode}")
+        t0 = time.perf_counter()
+        b = rollout.batch
+        out = torch.zeros(b["response_ids"].shape, dtype=torch.float32)
+        mb = self.cfg.teacher.micro_batch
+        with self._weights() as model:
+            for s in range(0, len(rollout), mb):
+                part = slice(s, s + mb)
+                ids, mask, pos, _ = join(b["prompt_ids"][part], b["prompt_mask"][part], b["response_ids"][part], b["response_mask"][part])
+                width = b["response_ids"].shape[1]
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1).logits
+                logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+                out[part] = logp.gather(-1, b["response_ids"][part].unsqueeze(-1)).squeeze(-1)
+        out = out.masked_fill(~b["response_mask"].bool(), 0.0)
+        return DataProto.from_dict(tensors={"ref_logprobs": out}, meta_info={"time_s": time.perf_counter() - t0})
+
     def _grounding(self, model, nt: dict, alphas: list[float]) -> torch.Tensor:
         """g per row: mean log-prob (temperature 1) of the withheld answer line."""
         prompts, answers = [], []

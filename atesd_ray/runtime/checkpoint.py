@@ -16,6 +16,9 @@ from pathlib import Path
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
+STUDENT_DIR = "student"  # inside checkpoints/step_<N>/: the student's part
+STUDENT_WEIGHTS = "student.safetensors"  # the trainable tensors, with the model's parameter names
+STUDENT_STATE = "student_state.json"  # step, scheduler, and the fingerprint of the model it fits
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -56,7 +59,7 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if not ((path / MARKER).is_file() and (path / STATE).is_file()):
+        if not is_checkpoint(path):
             raise CheckpointError(f"resume={resume}: not a complete checkpoint (no {MARKER} or {STATE})")
         return path
 
@@ -90,3 +93,45 @@ class CheckpointManager:
 
 def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE).read_text())
+
+
+def fingerprint(model_name: str, lora: bool, trainable: dict) -> dict:
+    """What a checkpoint must match to be loaded into a model: the names and (global, for FSDP's
+    DTensors) shapes of its trainable tensors."""
+    return {"model": model_name, "lora": lora, "shapes": {n: list(t.shape) for n, t in trainable.items()}}
+
+
+def check_fingerprint(saved: dict, mine: dict, where: Path) -> None:
+    """Raise ValueError, naming both sides, when a checkpoint was written for another model."""
+    if saved != mine:
+        theirs = saved.get("shapes", {})
+        one_side = sorted(set(mine["shapes"]) ^ set(theirs))[:3]
+        reshaped = [
+            f"{n}: checkpoint {theirs[n]}, model {s}"
+            for n, s in mine["shapes"].items()
+            if n in theirs and theirs[n] != s
+        ][:3]
+        raise ValueError(
+            f"checkpoint {where} holds a different model (model={saved.get('model')!r}, "
+            f"lora={saved.get('lora')}, {len(theirs)} tensors) than this run "
+            f"(model={mine['model']!r}, lora={mine['lora']}, {len(mine['shapes'])} tensors)"
+            + (f"; e.g. tensors only on one side: {one_side}" if one_side else "")
+            + (f"; e.g. shapes that differ: {reshaped}" if reshaped else "")
+        )
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / MARKER).is_file() and (path / STATE).is_file()
+
+
+def read_student_weights(checkpoint: Path, mine: dict) -> dict:
+    """The student tensors of a complete checkpoint, after checking they fit the model ``mine``
+    describes (see :func:`fingerprint`)."""
+    from safetensors.torch import load_file
+
+    if not is_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint (no {MARKER} or {STATE})")
+    student = checkpoint / STUDENT_DIR
+    state = json.loads((student / STUDENT_STATE).read_text())
+    check_fingerprint(state["fingerprint"], mine, student)
+    return load_file(str(student / STUDENT_WEIGHTS))

@@ -1,0 +1,147 @@
+"""``mode=report``: the eval summaries of several runs in one table shaped like the paper's main table.
+
+Rows are methods (Base, +SFT, +GRPO, OPSD, fixed α, ATESD, in that order, then any other), columns
+the benchmarks' Average@k in percent and their mean. Each entry of ``report.runs`` is a directory
+written by ``mode=eval`` (it holds ``eval/summary.json``), optionally labelled ``LABEL=DIR``; an
+unlabelled row is named after how its checkpoint was trained (``trained_by`` in the summary), or
+"Base" for an untrained model. ``report.paper_rows`` adds the published rows of DESIGN §4
+(ATESD paper, arXiv 2605.11458, Average@12) for comparison. Writes ``report.md`` and
+``report.json`` into ``report.output`` (default: the run directory) and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from atesd_ray.config import Config
+from atesd_ray.tables import markdown_table
+from atesd_ray.train import prepare_run_dir
+
+PAPER = "ATESD paper (arXiv 2605.11458)"
+PAPER_SETS = ("aime24", "aime25", "hmmt25")
+# DESIGN §4 main table: Average@12 on AIME24 / AIME25 / HMMT25 (the Base, +SFT and +GRPO rows are
+# not in the brief, so they are not reproduced here)
+PAPER_MAIN_TABLE = {
+    "qwen3_1_7b": {"OPSD": (57.2, 43.9, 29.2), "ATESD": (59.17, 44.72, 29.17)},
+    "qwen3_4b": {"OPSD": (76.4, 68.3, 46.1), "ATESD": (78.06, 71.39, 47.50)},
+    "qwen3_8b": {"OPSD": (77.8, 70.8, 45.8), "ATESD": (80.56, 72.50, 48.33)},
+}
+SET_TITLES = {
+    "aime24": "AIME24",
+    "aime25": "AIME25",
+    "hmmt25": "HMMT25",
+    "math500": "MATH-500",
+    "synthetic": "Synthetic",
+}
+METHOD_ORDER = ("Base", "+SFT", "+GRPO", "OPSD", "Fixed", "ATESD")
+
+
+class ReportError(ValueError):
+    pass
+
+
+def method_label(trained_by: dict | None) -> str:
+    """The paper's row name for a run: Base, +SFT, +GRPO, OPSD, Fixed α=…, ATESD."""
+    if not trained_by:
+        return "Base"
+    algorithm = trained_by.get("algorithm")
+    if algorithm == "fixed_exposure":
+        return f"Fixed α={trained_by['alpha']:g}"
+    return {"opsd": "OPSD", "atesd": "ATESD", "sft": "+SFT", "grpo": "+GRPO"}.get(
+        algorithm, str(algorithm).upper()
+    )
+
+
+def parse_run(entry: str) -> tuple[str | None, Path]:
+    """``LABEL=DIR`` or ``DIR``."""
+    label, sep, path = entry.partition("=")
+    if sep and label and "/" not in label:
+        return label, Path(path)
+    return None, Path(entry)
+
+
+def run_row(entry: str) -> dict:
+    label, path = parse_run(entry)
+    summary_file = path / "eval" / "summary.json"
+    if not summary_file.is_file():
+        raise ReportError(
+            f"report.runs: '{path}' has no eval/summary.json; evaluate it first, e.g. "
+            f"`atesd-ray mode=eval eval.model=<run>/checkpoints/step_<N> run_dir={path}`"
+        )
+    summary = json.loads(summary_file.read_text())
+    k = summary["protocol"]["samples"]
+    trained = summary.get("trained_by")
+    return {
+        "method": label or method_label(trained),
+        "model": summary["model"],
+        "source": str(path),
+        "k": k,
+        "step": trained.get("step") if trained else None,
+        "values": {name: 100 * s[f"avg@{k}"] for name, s in summary["sets"].items()},
+    }
+
+
+def paper_rows(models: list[str]) -> list[dict]:
+    return [
+        {
+            "method": method,
+            "model": model,
+            "source": PAPER,
+            "k": 12,
+            "step": None,
+            "values": dict(zip(PAPER_SETS, values, strict=True)),
+        }
+        for model in models
+        for method, values in PAPER_MAIN_TABLE[model].items()
+    ]
+
+
+def _order(row: dict) -> tuple:
+    rank = next((i for i, m in enumerate(METHOD_ORDER) if row["method"].startswith(m)), len(METHOD_ORDER))
+    return row["model"], row["source"] == PAPER, rank
+
+
+def build_report(runs: list[str], paper_models: list[str]) -> dict:
+    """Rows (sorted by model, then paper rows after measured ones, then method order) and columns."""
+    rows = [run_row(entry) for entry in runs] + paper_rows(paper_models)
+    seen = [name for row in rows for name in row["values"]]
+    columns = [s for s in PAPER_SETS if s in seen] + [s for s in dict.fromkeys(seen) if s not in PAPER_SETS]
+    for row in rows:
+        have = [row["values"][c] for c in columns if c in row["values"]]
+        row["avg"] = sum(have) / len(have) if len(have) == len(columns) else None
+    return {"columns": columns, "rows": sorted(rows, key=_order)}
+
+
+def report_markdown(report: dict) -> str:
+    columns = report["columns"]
+    ks = sorted({row["k"] for row in report["rows"]})
+    headers = ["model", "method", *(SET_TITLES.get(c, c) for c in columns), "avg", "k", "source"]
+    body = [
+        [
+            row["model"],
+            row["method"],
+            *(row["values"].get(c) for c in columns),
+            row["avg"],
+            row["k"],
+            row["source"],
+        ]
+        for row in report["rows"]
+    ]
+    note = (
+        f"Average@k in percent (k = {', '.join(map(str, ks))}); avg is the mean over the columns, "
+        f"shown only for rows that have all of them.\n\n"
+    )
+    return note + markdown_table(headers, body)
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    prepare_run_dir(run_dir, cfg)
+    report = build_report(list(cfg.report.runs), list(cfg.report.paper_rows))
+    out = Path(cfg.report.output) if cfg.report.output else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    text = report_markdown(report)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(text, flush=True)
+    return report
