@@ -103,10 +103,12 @@ def _order(row: dict) -> tuple:
 
 
 def build_report(runs: list[str], paper_models: list[str]) -> dict:
-    """Rows (sorted by model, then paper rows after measured ones, then method order) and columns."""
+    """Rows (sorted by model, then paper rows after measured ones, then method order) and columns
+    (the paper's benchmarks, MATH-500, then other sets as first seen)."""
     rows = [run_row(entry) for entry in runs] + paper_rows(paper_models)
     seen = [name for row in rows for name in row["values"]]
-    columns = [s for s in PAPER_SETS if s in seen] + [s for s in dict.fromkeys(seen) if s not in PAPER_SETS]
+    known = [*PAPER_SETS, "math500"]
+    columns = [s for s in known if s in seen] + [s for s in dict.fromkeys(seen) if s not in known]
     for row in rows:
         have = [row["values"][c] for c in columns if c in row["values"]]
         row["avg"] = sum(have) / len(have) if len(have) == len(columns) else None
