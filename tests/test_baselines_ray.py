@@ -8,47 +8,32 @@ import json
 import pytest
 import ray
 import torch
-from hydra import compose, initialize_config_module
 
 from atesd_ray.algorithms.grpo import grpo_step
-from atesd_ray.config import Config, register_schemas, to_config
 from atesd_ray.data.synthetic import generate
 from atesd_ray.main import run_mode
 from atesd_ray.models import load_model, load_tokenizer
 from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.checkpoint import fingerprint, read_student_weights
-from atesd_ray.runtime.cluster import connect
 from atesd_ray.sequences import rows_to_lists
+from tests.conftest import make_config
 
 pytestmark = pytest.mark.ray
 
-SMALL = [
+SMALL = (
     "model=tiny",
     "data.synthetic.n_train=4",
     "data.synthetic.n_eval=4",
     "data.probe_size=2",
     "tracking.backends=[jsonl]",
-]
+    "dashboard.enabled=false",
+)
 
 
-def make_config(overrides: list[str]) -> Config:
-    register_schemas()
-    with initialize_config_module("conf", version_base=None):
-        return to_config(compose("config", SMALL + overrides))
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    cfg = make_config([])
-    connect(dataclasses.replace(cfg.cluster, num_cpus=4))
-    yield
-    ray.shutdown()
-
-
-def test_eval_writes_samples_and_summary(cluster, tmp_path):
+def test_eval_writes_samples_and_summary(ray_cluster, tmp_path):
     cfg = make_config(
-        ["mode=eval", "eval.samples=3", "eval.temperature=1.0", "eval.max_new_tokens=6", "eval.max_problems=3",
-         "rollout.replicas=2", f"run_dir={tmp_path}"]
+        *SMALL, "mode=eval", "eval.samples=3", "eval.temperature=1.0", "eval.max_new_tokens=6",
+        "eval.max_problems=3", "rollout.replicas=2", f"run_dir={tmp_path}",
     )  # fmt: skip
     summary = run_mode(cfg, tmp_path)
 
@@ -70,14 +55,14 @@ def test_eval_writes_samples_and_summary(cluster, tmp_path):
     assert "avg@3" in (tmp_path / "eval" / "summary.md").read_text()
 
 
-def test_sft_lowers_the_nll_and_its_checkpoint_serves_eval(cluster, tmp_path):
+def test_sft_lowers_the_nll_and_its_checkpoint_serves_eval(ray_cluster, tmp_path):
     from workers.rollout import RolloutWorker
 
     run_dir = tmp_path / "sft"
     cfg = make_config(
-        ["algorithm=sft", "trainer.total_steps=4", "trainer.prompts_per_step=4", "trainer.micro_batch=2",
-         "trainer.lr=3e-3", "trainer.grad_clip=1.0", "eval.every_n_steps=2", "eval.max_new_tokens=4",
-         "eval.max_problems=2", f"run_dir={run_dir}"]
+        *SMALL, "algorithm=sft", "trainer.total_steps=4", "trainer.prompts_per_step=4", "trainer.micro_batch=2",
+        "trainer.lr=3e-3", "trainer.grad_clip=1.0", "eval.every_n_steps=2", "eval.max_new_tokens=4",
+        "eval.max_problems=2", f"run_dir={run_dir}",
     )  # fmt: skip
     run_mode(cfg, run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -109,8 +94,15 @@ def test_sft_lowers_the_nll_and_its_checkpoint_serves_eval(cluster, tmp_path):
         read_student_weights(run_dir / "checkpoints" / "step_4", fingerprint("tiny", False, trainable))
 
     eval_dir = tmp_path / "sft-eval"
-    summary = run_mode(make_config(["mode=eval", f"eval.model={run_dir}", "eval.max_new_tokens=4",
-                                    "eval.max_problems=2", f"run_dir={eval_dir}"]), eval_dir)  # fmt: skip
+    eval_cfg = make_config(
+        *SMALL,
+        "mode=eval",
+        f"eval.model={run_dir}",
+        "eval.max_new_tokens=4",
+        "eval.max_problems=2",
+        f"run_dir={eval_dir}",
+    )
+    summary = run_mode(eval_cfg, eval_dir)
     assert summary["checkpoint"] == str(run_dir / "checkpoints" / "step_4")
     assert summary["weight_version"] == 4
     assert summary["trained_by"] | {"run_dir": None} == {
@@ -122,11 +114,11 @@ def _mean(rows: list[list[float]]) -> float:
     return sum(map(sum, rows)) / sum(map(len, rows))
 
 
-def test_grpo_moves_probability_to_the_rewarded_response(cluster, tmp_path):
+def test_grpo_moves_probability_to_the_rewarded_response(ray_cluster, tmp_path):
     cfg = make_config(
-        ["algorithm=grpo", "algorithm.grpo.n_samples=4", "algorithm.grpo.kl_coef=0.1", "rollout.max_new_tokens=6",
-         "rollout.temperature=1.0", "trainer.prompts_per_step=1", "trainer.micro_batch=2", "trainer.lr=1e-2",
-         "trainer.grad_clip=100", f"run_dir={tmp_path}"]
+        *SMALL, "algorithm=grpo", "algorithm.grpo.n_samples=4", "algorithm.grpo.kl_coef=0.1",
+        "rollout.max_new_tokens=6", "rollout.temperature=1.0", "trainer.prompts_per_step=1", "trainer.micro_batch=2",
+        "trainer.lr=1e-2", "trainer.grad_clip=100", f"run_dir={tmp_path}",
     )  # fmt: skip
     records = [dataclasses.asdict(r) for r in generate(2, 7, [1])]
     actors = build_actors(cfg, 2, name="test-grpo")

@@ -7,18 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from atesd_ray.config import Config, register_schemas, to_config
 from atesd_ray.evaluate import eval_markdown, resolve_model, set_summary
 from atesd_ray.evaluation import summarize_rows
 from atesd_ray.grading import shutdown_helpers
-
-
-def make_config(overrides: list[str]) -> Config:
-    register_schemas()
-    with initialize_config_module("conf", version_base=None):
-        return to_config(compose("config", overrides))
+from tests.conftest import make_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,20 +98,20 @@ def _checkpoint(run: Path, step: int) -> Path:
 
 
 def test_resolve_model(tmp_path):
-    base = make_config(["model=tiny"])
+    base = make_config("model=tiny")
     assert resolve_model(base) == (base.model, None)
 
     run = tmp_path / "run"
     _checkpoint(run, 2)
     latest = _checkpoint(run, 4)
     (run / "checkpoints" / ".tmp-step_6").mkdir()  # an unfinished save is not a checkpoint
-    assert resolve_model(make_config(["model=tiny", f"eval.model={run}"])) == (base.model, latest)
-    assert resolve_model(make_config(["model=tiny", f"eval.model={latest}"]))[1] == latest
+    assert resolve_model(make_config("model=tiny", f"eval.model={run}")) == (base.model, latest)
+    assert resolve_model(make_config("model=tiny", f"eval.model={latest}"))[1] == latest
 
     local = tmp_path / "my-model"
     local.mkdir()
     (local / "config.json").write_text("{}")
-    model, ckpt = resolve_model(make_config(["model=qwen3_1_7b", f"eval.model={local}"]))
+    model, ckpt = resolve_model(make_config("model=qwen3_1_7b", f"eval.model={local}"))
     assert (model.source, model.path, model.name, model.lora.enabled, ckpt) == (
         "path",
         str(local),
@@ -128,12 +121,12 @@ def test_resolve_model(tmp_path):
     )
     assert model.dtype == "bfloat16" and model.teacher_thinking  # the configured model's other settings stay
 
-    model, _ = resolve_model(make_config(["model=qwen3_1_7b", "eval.model=Qwen/Qwen3-4B"]))
+    model, _ = resolve_model(make_config("model=qwen3_1_7b", "eval.model=Qwen/Qwen3-4B"))
     assert (model.source, model.path, model.gguf_file) == ("hub", "Qwen/Qwen3-4B", None)
 
     empty_run = tmp_path / "empty"
     (empty_run / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        resolve_model(make_config([f"eval.model={empty_run}"]))
+        resolve_model(make_config(f"eval.model={empty_run}"))
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
-        resolve_model(make_config([f"eval.model={tmp_path / 'missing'}"]))
+        resolve_model(make_config(f"eval.model={tmp_path / 'missing'}"))

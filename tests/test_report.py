@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from atesd_ray.config import ConfigError, register_schemas, to_config
+from atesd_ray.config import ConfigError
 from atesd_ray.main import run_mode
 from atesd_ray.report import ReportError, build_report, method_label
+from tests.conftest import make_config
 
 
 def write_eval(run: Path, model: str, avgs: dict[str, float], trained_by: dict | None, k: int = 4) -> Path:
@@ -71,11 +71,7 @@ def test_report_mode_writes_and_prints(tmp_path, capsys):
     run = write_eval(
         tmp_path / "grpo", "tiny", {"synthetic": 0.25, "math500": 0.5}, {"algorithm": "grpo", "step": 2}
     )
-    register_schemas()
-    with initialize_config_module("conf", version_base=None):
-        cfg = to_config(
-            compose("config", ["mode=report", f"report.runs=[{run}]", f"run_dir={tmp_path / 'report'}"])
-        )
+    cfg = make_config("mode=report", f"report.runs=[{run}]", f"run_dir={tmp_path / 'report'}")
     report = run_mode(cfg, tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == report
@@ -104,9 +100,7 @@ def test_report_mode_writes_and_prints(tmp_path, capsys):
 def test_report_errors_name_the_run(tmp_path):
     with pytest.raises(ReportError, match=f"'{tmp_path}' has no eval/summary.json"):
         build_report([str(tmp_path)], [])
-    register_schemas()
-    with initialize_config_module("conf", version_base=None):
-        with pytest.raises(ConfigError, match="report.paper_rows"):
-            to_config(compose("config", ["mode=report", "report.paper_rows=[qwen3_2b]"]))
-        with pytest.raises(ConfigError, match="report.runs"):
-            to_config(compose("config", ["mode=report"]))
+    with pytest.raises(ConfigError, match="report.paper_rows"):
+        make_config("mode=report", "report.paper_rows=[qwen3_2b]")
+    with pytest.raises(ConfigError, match="report.runs"):
+        make_config("mode=report")
