@@ -612,7 +612,7 @@ class Config:
                 f"a separate teacher model (algorithm.motab.teacher_model={teacher_model}) takes no student "
                 f"weights; teacher.weights must be frozen, got {self.teacher.weights}",
             )
-        self._check_placement()
+        self._check_runtime()
         if self.algorithm.name == "grpo":
             _check(
                 self.rollout.n_samples == self.algorithm.grpo.n_samples,
@@ -621,7 +621,8 @@ class Config:
                 f"rollout.n_samples is {self.rollout.n_samples}",
             )
 
-    def _check_placement(self) -> None:
+    def _check_runtime(self) -> None:
+        """Placement, weight transport and engine choices that depend on one another."""
         if self.cluster.colocate_rollout:
             _check(
                 self.rollout.replicas == self.trainer.ranks,
@@ -641,6 +642,13 @@ class Config:
                 "trainer.weight_transport",
                 f"cuda_ipc reaches only the colocated rollouts; teacher.weights={self.teacher.weights} "
                 "needs the weights too: use collective or object_store",
+            )
+        if self.teacher.engine == "vllm":
+            _check(
+                self.algorithm.name not in STEPWISE_ALGORITHMS,
+                "teacher.engine",
+                f"algorithm={self.algorithm.name} asks the teacher for step values and continuations, which "
+                "the vLLM scorer does not give; use teacher.engine=hf",
             )
 
 

@@ -34,7 +34,9 @@ def _lora_part(name: str) -> tuple[str, str] | None:
     if name.endswith(".base_layer.weight"):
         return name.removesuffix(".base_layer.weight"), "W"
     if "lora_" in name:
-        raise ValueError(f"weight sync cannot merge LoRA tensor '{name}' (only lora_A/lora_B on linear layers)")
+        raise ValueError(
+            f"weight sync cannot merge LoRA tensor '{name}' (only lora_A/lora_B on linear layers)"
+        )
     return None
 
 

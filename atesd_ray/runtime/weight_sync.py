@@ -64,7 +64,9 @@ class ObjectStoreSync(WeightSync):
 
 
 class CollectiveSync(WeightSync):
-    def __init__(self, students: ActorGroup, receivers: list[ActorHandle], backend: str, bucket_bytes: int = 512 << 20):
+    def __init__(
+        self, students: ActorGroup, receivers: list[ActorHandle], backend: str, bucket_bytes: int = 512 << 20
+    ):
         super().__init__(students, receivers, bucket_bytes)
         self.backend = backend
 
@@ -74,7 +76,12 @@ class CollectiveSync(WeightSync):
         address, port = ray.get(sender.master_address.remote())
         world = 1 + len(self.receivers)
         members = [sender, *self.receivers]
-        ray.get([m.join_weight_group.remote(address, port, world, rank, self.backend) for rank, m in enumerate(members)])
+        ray.get(
+            [
+                m.join_weight_group.remote(address, port, world, rank, self.backend)
+                for rank, m in enumerate(members)
+            ]
+        )
         self.buckets = ray.put(self._buckets())  # the layout travels once, by reference
 
     def sync(self, version: int) -> list[ray.ObjectRef]:
@@ -101,12 +108,21 @@ class CudaIpcSync(WeightSync):
         last = len(self.buckets) - 1
         for k, bucket in enumerate(self.buckets):
             handles = self.students.call("ipc_share_bucket", bucket)
-            ray.get([r.receive_ipc.remote(h, bucket, version, k == last) for r, h in zip(self.receivers, handles, strict=True)])
+            ray.get(
+                [
+                    r.receive_ipc.remote(h, bucket, version, k == last)
+                    for r, h in zip(self.receivers, handles, strict=True)
+                ]
+            )
         return self.students.call("ipc_end")
 
 
 def make_weight_sync(
-    transport: str, students: ActorGroup, receivers: list[ActorHandle], backend: str, bucket_bytes: int = 512 << 20
+    transport: str,
+    students: ActorGroup,
+    receivers: list[ActorHandle],
+    backend: str,
+    bucket_bytes: int = 512 << 20,
 ) -> WeightSync:
     if transport == "object_store":
         return ObjectStoreSync(students, receivers, bucket_bytes)
