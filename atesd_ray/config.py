@@ -713,8 +713,23 @@ def to_config(cfg: DictConfig | Config) -> Config:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+MAX_DIRNAME = 150
+
+
+def bounded_dirname(overrides: str) -> str:
+    """A multirun job's directory name from its overrides, cut to stay well under the file-system
+    limit of 255 bytes per name; a hash of the whole keeps cut names distinct."""
+    if len(overrides) <= MAX_DIRNAME:
+        return overrides
+    import hashlib
+
+    return f"{overrides[: MAX_DIRNAME - 9]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
 def register_schemas() -> None:
-    """Register the schema with Hydra's ConfigStore (``defaults: [schema, ...]`` in conf/config.yaml)."""
+    """Register the schema with Hydra's ConfigStore (``defaults: [schema, ...]`` in conf/config.yaml)
+    and the ``bounded_dirname`` resolver that conf/config.yaml names multirun job directories with."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)
