@@ -15,7 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("atesd_ray", "workers", "controller", "conf")
-MODULES = (*PACKAGES, "atesd_ray.main", "workers.vllm_engine", "controller.actor")  # vllm_engine: no vLLM needed
+MODULES = (
+    *PACKAGES,
+    "atesd_ray.main",
+    "workers.vllm_engine",
+    "controller.actor",
+)  # vllm_engine: no vLLM needed
 
 RESOLVE = f"""
 import importlib, json
@@ -40,10 +45,18 @@ def wheel_target(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(
-        ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "outputs", "build", "*.egg-info", "__pycache__")
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "runs", "outputs", "build", "*.egg-info", "__pycache__"
+        ),
     )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist")], cwd=src, check=True)
+    subprocess.run(
+        [*pip, "wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist")],
+        cwd=src,
+        check=True,
+    )
     (wheel,) = (tmp / "dist").glob("atesd_ray-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp / "target"), str(wheel)], check=True)
     return tmp / "target"
@@ -68,4 +81,6 @@ def test_entry_point_finds_pkg_conf(layout: str, wheel_target: Path, tmp_path: P
         cmd = [str(wheel_target / "bin" / "atesd-ray")]
     out = _run([*cmd, "experiment=paper_opsd", "model=qwen3_8b", "--cfg", "job"], root, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "name: qwen3_8b" in out.stdout and "clip: 1.0e-07" in out.stdout and "total_steps: 50" in out.stdout
+    assert (
+        "name: qwen3_8b" in out.stdout and "clip: 1.0e-07" in out.stdout and "total_steps: 50" in out.stdout
+    )

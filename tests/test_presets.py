@@ -34,20 +34,43 @@ def _check_profile(cfg: Config, experiment: str, model: str) -> None:
     assert cfg.model.student_thinking is False and cfg.model.teacher_thinking is teacher_thinking
     lora = cfg.model.lora
     assert (lora.enabled, lora.r, lora.alpha, lora.dropout) == (True, 64, 128, 0.05)
-    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert cfg.trainer.lr == 5e-6 and cfg.trainer.grad_clip == 0.1 and cfg.seed == 42
     assert cfg.trainer.prompts_per_step * cfg.rollout.n_samples == 32  # effective batch
     r = cfg.rollout
     assert (r.temperature, r.top_p, r.top_k, r.max_new_tokens) == (1.1, 0.95, 20, 1024)
     assert cfg.algorithm.loss.temperature == 1.1 and cfg.algorithm.loss.beta == 0.0
     e = cfg.eval
-    assert (e.samples, e.temperature, e.top_p, e.top_k, e.max_new_tokens, e.thinking) == (12, 1.0, 1.0, 0, 38912, True)
+    assert (e.samples, e.temperature, e.top_p, e.top_k, e.max_new_tokens, e.thinking) == (
+        12,
+        1.0,
+        1.0,
+        0,
+        38912,
+        True,
+    )
     assert [s.name for s in e.sets] == ["aime24", "aime25", "hmmt25"]
     assert cfg.data.path == "siyanzhao/Openthoughts_math_30k_opsd"
     assert cfg.cluster.name == "multinode" and cfg.rollout.engine == "vllm"
     if experiment == "paper_atesd":
         c = cfg.controller
-        assert (c.kind, c.alpha_min, c.alpha_max, c.hold, c.lookahead, c.gamma, c.lambda_gt) == ("atesd", 0.1, 1.0, 4, 8, 0.9, 0.2)
+        assert (c.kind, c.alpha_min, c.alpha_max, c.hold, c.lookahead, c.gamma, c.lambda_gt) == (
+            "atesd",
+            0.1,
+            1.0,
+            4,
+            8,
+            0.9,
+            0.2,
+        )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
