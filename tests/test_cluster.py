@@ -145,7 +145,9 @@ def test_placement_orders_ranks_by_node_and_spreads(cluster):
     again = Placement("t-spread-again", 2, {"CPU": 1}, "STRICT_SPREAD")
     assert [n["node_id"] for n in again.nodes] == spread_nodes  # same rank order on a new placement
     again.remove()
-    states = {pg["name"]: pg["state"] for pg in list_placement_groups(address=cluster.dashboard_url, limit=1000)}
+    states = {
+        pg["name"]: pg["state"] for pg in list_placement_groups(address=cluster.dashboard_url, limit=1000)
+    }
     assert all(states[name] == "REMOVED" for name in ("t-spread", "t-pack", "t-spread-again"))
 
 
@@ -227,5 +229,9 @@ def test_multirun_on_two_nodes_leaves_nothing_behind(cluster, tmp_path):
     ours = [a for a in actors if a["class_name"] in RUN_CLASSES]
     assert len(ours) >= 2 * 5  # per job: 2 student ranks, rollout, teacher, controller
     assert [a for a in ours if a["state"] != "DEAD"] == []
-    groups = [g for g in list_placement_groups(address=cluster.dashboard_url, limit=10000) if g["name"].startswith("atesd-")]
+    groups = [
+        g
+        for g in list_placement_groups(address=cluster.dashboard_url, limit=10000)
+        if g["name"].startswith("atesd-")
+    ]
     assert len(groups) >= 2 * 3 and [g for g in groups if g["state"] != "REMOVED"] == []
