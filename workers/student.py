@@ -120,10 +120,24 @@ ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 
 
 def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
-    """One batch from per-chunk batches, and their per-chunk meta (which differs, e.g. timings)."""
+    """One batch from per-chunk batches, and their per-chunk meta (which differs, e.g. timings).
+
+    Each chunk is padded to its own widths (another replica, other prompts), so per-position
+    tensors are first padded to the widest chunk: prompts on the left, responses and per-token
+    targets on the right, with masks 0 over the padding.
+    """
     metas = [p.meta_info for p in parts]
     for p in parts:
         p.meta_info = {}
+    for key in parts[0].batch.keys():
+        if parts[0].batch[key].dim() < 2:
+            continue
+        width = max(p.batch[key].shape[1] for p in parts)
+        for p in parts:
+            gap = width - p.batch[key].shape[1]
+            if gap:
+                side = [gap, 0] if key.startswith("prompt_") else [0, gap]
+                p.batch[key] = torch.nn.functional.pad(p.batch[key], [0, 0] * (p.batch[key].dim() - 2) + side)
     return DataProto.concat(parts), metas
 
 
