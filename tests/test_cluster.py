@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -62,11 +61,11 @@ def cluster():
 
 
 def _submit(cluster: LocalCluster, *entrypoint: str, timeout_s: float = 540) -> subprocess.CompletedProcess:
-    """`ray job submit` of this checkout, the way the README shows it."""
+    """`ray job submit` of this checkout, the way the README shows it (Ray shell-quotes the entrypoint)."""
     cmd = [
         str(Path(sys.executable).with_name("ray")), "job", "submit",
         f"--address={cluster.dashboard_url}", "--working-dir=.", "--runtime-env=runtime_env.yaml",
-        "--", *map(shlex.quote, entrypoint),
+        "--", *entrypoint,
     ]  # fmt: skip
     return cluster.run(*cmd, cwd=ROOT, timeout_s=timeout_s)
 
@@ -174,7 +173,7 @@ UPLOAD_CHECK = """
 import importlib, json, ray
 from hydra import compose, initialize_config_module
 from atesd_ray.config import register_schemas, to_config
-MODULES = ("atesd_ray", "workers", "controller", "conf", "controller.actor", "workers.vllm_engine")
+MODULES = ("atesd_ray", "workers", "controller", "conf", "controller.actor", "atesd_ray.main")
 files = lambda: {m: importlib.import_module(m).__file__ for m in MODULES}
 register_schemas()
 with initialize_config_module("conf", version_base=None):
