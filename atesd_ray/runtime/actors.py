@@ -75,17 +75,42 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
             bundle = merge_bundles(role_bundle(c.student), role_bundle(c.rollout))
             shared = Placement(f"{name}-student-rollout", ranks, bundle, c.student_strategy, timeout)
             created.append(shared)
-        students = ActorGroup(StudentRank, ranks, c.student, c.student_strategy, f"{name}-student",
-                              lambda i: ((cfg, i, ranks), {}), placement=shared, timeout_s=timeout)
+        students = ActorGroup(
+            StudentRank,
+            ranks,
+            c.student,
+            c.student_strategy,
+            f"{name}-student",
+            lambda i: ((cfg, i, ranks), {}),
+            placement=shared,
+            timeout_s=timeout,
+        )
         created.append(students)
-        rollouts = ActorGroup(RolloutWorker, cfg.rollout.replicas, c.rollout, c.rollout_strategy, f"{name}-rollout",
-                              lambda i: ((cfg, i), {}), placement=shared, timeout_s=timeout)
+        rollouts = ActorGroup(
+            RolloutWorker,
+            cfg.rollout.replicas,
+            c.rollout,
+            c.rollout_strategy,
+            f"{name}-rollout",
+            lambda i: ((cfg, i), {}),
+            placement=shared,
+            timeout_s=timeout,
+        )
         created.append(rollouts)
-        teachers = ActorGroup(TeacherWorker, cfg.teacher.replicas, c.teacher, c.teacher_strategy, f"{name}-teacher",
-                              lambda i: ((cfg, i), {}), timeout_s=timeout)
+        teachers = ActorGroup(
+            TeacherWorker,
+            cfg.teacher.replicas,
+            c.teacher,
+            c.teacher_strategy,
+            f"{name}-teacher",
+            lambda i: ((cfg, i), {}),
+            timeout_s=timeout,
+        )
         created.append(teachers)
-        controller = ray.remote(ExposureController).options(name=f"{name}-controller", num_cpus=0).remote(
-            cfg, total_steps, timeline_path
+        controller = (
+            ray.remote(ExposureController)
+            .options(name=f"{name}-controller", num_cpus=0)
+            .remote(cfg, total_steps, timeline_path)
         )
         created.append(controller)
         address, port = ray.get(students.actors[0].master_address.remote())
@@ -93,8 +118,13 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
         ray.get(rollouts.call("ping") + teachers.call("ping"))
         receivers = rollouts.actors + (teachers.actors if cfg.teacher.weights != "frozen" else [])
         backend = topology[0]["backend"]
-        weight_sync = make_weight_sync(cfg.trainer.weight_transport, students, receivers, backend,
-                                       bucket_bytes=cfg.trainer.weight_bucket_mb << 20)
+        weight_sync = make_weight_sync(
+            cfg.trainer.weight_transport,
+            students,
+            receivers,
+            backend,
+            bucket_bytes=cfg.trainer.weight_bucket_mb << 20,
+        )
         weight_sync.setup()
     except BaseException:
         for thing in reversed(created):

@@ -128,7 +128,9 @@ class Placement:
     created the bundles in.
     """
 
-    def __init__(self, name: str, count: int, bundle: dict[str, float], strategy: str, timeout_s: float = 300.0):
+    def __init__(
+        self, name: str, count: int, bundle: dict[str, float], strategy: str, timeout_s: float = 300.0
+    ):
         self.name = name
         self.bundle = bundle
         self.pg = placement_group([bundle] * count, strategy=strategy, name=name)
@@ -143,7 +145,9 @@ class Placement:
         table = placement_group_table(self.pg)["bundles_to_node_id"]
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         self.order = sorted(range(count), key=lambda b: (_node_key(ips.get(table[b], ""), table[b]), b))
-        self.nodes = [{"node_id": table[b], "node_ip": ips.get(table[b], ""), "bundle": b} for b in self.order]
+        self.nodes = [
+            {"node_id": table[b], "node_ip": ips.get(table[b], ""), "bundle": b} for b in self.order
+        ]
         self.removed = False
 
     def __len__(self) -> int:
@@ -181,7 +185,9 @@ class ActorGroup:
         self.owns_placement = placement is None
         self.placement = placement or Placement(name, count, role_bundle(res), strategy, timeout_s)
         if count > len(self.placement):
-            raise ClusterError(f"actor group '{name}' needs {count} bundles; its placement has {len(self.placement)}")
+            raise ClusterError(
+                f"actor group '{name}' needs {count} bundles; its placement has {len(self.placement)}"
+            )
         remote_cls = ray.remote(cls)
         self.actors = []
         for i in range(count):
