@@ -26,6 +26,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q -x tests
 
+# docker images (CUDA + vLLM + flash-attn + verl; CPU); docker/Dockerfile.<kind>
+IMAGE      ?= atesd-ray
+IMAGES     ?= cpu gpu
+docker:
+	for kind in $(IMAGES); do docker build -f docker/Dockerfile.$$kind -t $(IMAGE):$$kind . || exit 1; done
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -57,7 +57,8 @@ BAD_ROW_POLICIES = ("skip", "fail")
 ENGINES = ("hf", "vllm")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRACKING_BACKENDS = ("console", "jsonl", "tensorboard", "wandb")
-WEIGHT_TRANSPORTS = ("object_store", "collective")
+WEIGHT_TRANSPORTS = ("object_store", "collective", "cuda_ipc")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 PG_LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 PAPER_MODELS = ("qwen3_1_7b", "qwen3_4b", "qwen3_8b")
 
@@ -101,6 +102,7 @@ class ModelConfig:
     # where the tokenizer comes from when it differs from `path` (the tiny model borrows the bundled one)
     tokenizer: str | None = None
     dtype: str = "float32"
+    # auto: flash_attention_2 on a GPU when the flash-attn package is installed, else sdpa
     attn_implementation: str = "sdpa"
     student_thinking: bool = False
     teacher_thinking: bool = False
@@ -112,6 +114,7 @@ class ModelConfig:
     def validate(self, key: str) -> None:
         _one_of(self.source, f"{key}.source", MODEL_SOURCES)
         _one_of(self.dtype, f"{key}.dtype", DTYPES)
+        _one_of(self.attn_implementation, f"{key}.attn_implementation", ATTN_IMPLEMENTATIONS)
         _positive(self.max_prompt_tokens, f"{key}.max_prompt_tokens")
         self.lora.validate(f"{key}.lora")
 
@@ -374,6 +377,9 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
+    # hf: transformers forward pass (any top-k, full vocabulary, any temperature); vllm (GPU): prompt
+    # logprobs of a vLLM engine, top-k only, see workers/vllm_engine.py
+    engine: str = "hf"
     replicas: int = 1
     topk: int = 0  # logprobs sent per position; 0 (or >= vocab) sends the full distribution
     weights: str = "frozen"
@@ -381,9 +387,13 @@ class TeacherConfig:
     micro_batch: int = 8
 
     def validate(self, key: str) -> None:
+        _one_of(self.engine, f"{key}.engine", ENGINES)
         _positive(self.replicas, f"{key}.replicas")
         _positive(self.topk, f"{key}.topk", strict=False)
         _one_of(self.weights, f"{key}.weights", TEACHER_WEIGHTS)
+        if self.engine == "vllm":
+            _check(self.topk > 0, f"{key}.topk", "teacher.engine=vllm returns top-k prompt logprobs; set teacher.topk > 0")
+            _check(self.weights != "ema", f"{key}.weights", "teacher.engine=vllm cannot keep an EMA; use frozen or live")
         _in_range(self.ema_decay, f"{key}.ema_decay", 0.0, 1.0)
         _positive(self.micro_batch, f"{key}.micro_batch")
 
@@ -403,7 +413,8 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     save_every: int = 10
     keep_last: int = 3
-    weight_transport: str = "object_store"
+    weight_transport: str = "object_store"  # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
+    weight_bucket_mb: int = 512  # collective / cuda_ipc: weights move in buckets of at most this size
     backend: str = "auto"  # torch.distributed backend: auto (gloo on CPU, nccl on GPU), gloo, nccl
 
     def validate(self, key: str) -> None:
@@ -421,6 +432,7 @@ class TrainerConfig:
         _positive(self.save_every, f"{key}.save_every")
         _positive(self.keep_last, f"{key}.keep_last")
         _one_of(self.weight_transport, f"{key}.weight_transport", WEIGHT_TRANSPORTS)
+        _positive(self.weight_bucket_mb, f"{key}.weight_bucket_mb")
         _one_of(self.backend, f"{key}.backend", ("auto", "gloo", "nccl"))
 
 
@@ -488,6 +500,10 @@ class ClusterConfig:
     student_strategy: str = "PACK"
     rollout_strategy: str = "SPREAD"
     teacher_strategy: str = "SPREAD"
+    # rollout replica i shares student rank i's placement bundle (its node and, on GPU, its device);
+    # needs rollout.replicas == trainer.ranks
+    colocate_rollout: bool = False
+    placement_timeout_s: float = 300.0
 
     def validate(self, key: str) -> None:
         for role in ("student", "rollout", "teacher"):
@@ -500,6 +516,14 @@ class ClusterConfig:
                 ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
             )
         _positive(self.connect_timeout_s, f"{key}.connect_timeout_s")
+        _positive(self.placement_timeout_s, f"{key}.placement_timeout_s")
+        if self.colocate_rollout and self.student.gpus:
+            _check(
+                0 < self.rollout.gpus and self.student.gpus + self.rollout.gpus <= 1,
+                f"{key}.rollout.gpus",
+                f"colocated roles share one GPU: student.gpus ({self.student.gpus}) + rollout.gpus "
+                f"({self.rollout.gpus}) must be <= 1, each > 0 (e.g. 0.5 and 0.5)",
+            )
 
 
 @dataclass
@@ -613,6 +637,7 @@ class Config:
                 f"a separate teacher model (algorithm.motab.teacher_model={teacher_model}) takes no student "
                 f"weights; teacher.weights must be frozen, got {self.teacher.weights}",
             )
+        self._check_runtime()
         if self.algorithm.name == "grpo":
             _check(
                 self.rollout.n_samples == self.algorithm.grpo.n_samples,
@@ -631,6 +656,41 @@ class Config:
                 bool(self.report.runs) or bool(self.report.paper_rows),
                 "report.runs",
                 "mode=report needs run directories (report.runs) or paper rows (report.paper_rows)",
+            )
+
+    def _check_runtime(self) -> None:
+        """Placement, weight transport and engine choices that depend on one another."""
+        if self.cluster.colocate_rollout:
+            _check(
+                self.rollout.replicas == self.trainer.ranks,
+                "rollout.replicas",
+                f"cluster.colocate_rollout pairs rollout replica i with student rank i: rollout.replicas "
+                f"({self.rollout.replicas}) must equal trainer.ranks ({self.trainer.ranks})",
+            )
+        if self.trainer.weight_transport == "cuda_ipc":
+            _check(
+                self.cluster.colocate_rollout and self.cluster.student.gpus > 0,
+                "trainer.weight_transport",
+                "cuda_ipc hands GPU memory to a process on the same device: it needs "
+                "cluster.colocate_rollout=true and GPUs for the student (cluster.student.gpus > 0)",
+            )
+            _check(
+                self.teacher.weights == "frozen",
+                "trainer.weight_transport",
+                f"cuda_ipc reaches only the colocated rollouts; teacher.weights={self.teacher.weights} "
+                "needs the weights too: use collective or object_store",
+            )
+        if self.teacher.engine == "vllm":
+            _check(
+                self.algorithm.name not in STEPWISE_ALGORITHMS,
+                "teacher.engine",
+                f"algorithm={self.algorithm.name} asks the teacher for step values and continuations, which "
+                "the vLLM scorer does not give; use teacher.engine=hf",
+            )
+            _check(
+                self.algorithm.name != "grpo",
+                "teacher.engine",
+                "GRPO's KL reference log-probs are computed by forward passes; use teacher.engine=hf",
             )
 
 
@@ -695,8 +755,23 @@ def to_config(cfg: DictConfig | Config) -> Config:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+MAX_DIRNAME = 150
+
+
+def bounded_dirname(overrides: str) -> str:
+    """A multirun job's directory name from its overrides, cut to stay well under the file-system
+    limit of 255 bytes per name; a hash of the whole keeps cut names distinct."""
+    if len(overrides) <= MAX_DIRNAME:
+        return overrides
+    import hashlib
+
+    return f"{overrides[: MAX_DIRNAME - 9]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
 def register_schemas() -> None:
-    """Register the schema with Hydra's ConfigStore (``defaults: [schema, ...]`` in conf/config.yaml)."""
+    """Register the schema with Hydra's ConfigStore (``defaults: [schema, ...]`` in conf/config.yaml)
+    and the ``bounded_dirname`` resolver that conf/config.yaml names multirun job directories with."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("bounded_dirname", bounded_dirname, replace=True)

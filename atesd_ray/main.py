@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from atesd_ray.config import Config, ConfigError, check_override_keys, register_schemas, to_config
@@ -39,11 +40,31 @@ def run_mode(cfg: Config, run_dir: Path) -> dict:
     raise ConfigError(f"config error at 'mode': mode={cfg.mode} is not available in this build")
 
 
+def place_job(config: Config) -> Path:
+    """The job's run directory (absolute: actors on other nodes write checkpoints there too).
+
+    ``run_dir`` unset: Hydra's output directory. In a multirun (``-m``) every job gets its own
+    subdirectory (``hydra.sweep.subdir``) of ``run_dir`` and its own tracking run name, so the jobs
+    of a sweep never share, or resume, one another's run.
+    """
+    hc = HydraConfig.get()
+    if config.run_dir is None:
+        run_dir = Path(hc.runtime.output_dir)
+    elif hc.mode == RunMode.MULTIRUN:
+        run_dir = Path(config.run_dir) / hc.sweep.subdir
+        if config.tracking.experiment:
+            config.tracking.experiment = f"{config.tracking.experiment}/{hc.sweep.subdir}"
+    else:
+        run_dir = Path(config.run_dir)
+    run_dir = run_dir.resolve()
+    config.run_dir = str(run_dir)
+    return run_dir
+
+
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     config = to_config(cfg)
-    run_dir = Path(config.run_dir or HydraConfig.get().runtime.output_dir)
-    run_mode(config, run_dir)
+    run_mode(config, place_job(config))
 
 
 def main() -> int:

@@ -117,6 +117,15 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def attn_implementation(name: str) -> str:
+    """``auto``: flash-attn 2 where a GPU and the flash-attn package are present, else PyTorch SDPA."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def build_tiny(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """A random tiny Qwen3 for tests; its initialization depends only on ``cfg.tiny.init_seed``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -132,7 +141,7 @@ def build_tiny(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         head_dim=t.head_dim,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attn_implementation(cfg.attn_implementation),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.init_seed)
@@ -153,7 +162,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, lora: bool = Tru
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            pretrained_path(cfg), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
+            pretrained_path(cfg), dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg.attn_implementation)
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -117,17 +117,19 @@ def _restore(actors: Actors, checkpoint: Path, sampler: EpochSampler) -> int:
 def run(cfg: Config, run_dir: Path) -> dict:
     """Train; returns the summary (also written to ``summary.json``)."""
     prepare_run_dir(run_dir, cfg)
+    # join (or start) the cluster first: a wrong address fails in seconds, before data loading
+    connect(cfg.cluster, needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus + cfg.rollout.replicas * cfg.cluster.rollout.cpus + cfg.teacher.replicas * cfg.cluster.teacher.cpus)
     data = prepare_data(cfg)
     print(data.summary, flush=True)
     total = cfg.trainer.total_steps
     sampler = EpochSampler(len(data.train), cfg.trainer.prompts_per_step, cfg.seed, cfg.data.shuffle)
     ckpts = CheckpointManager(run_dir, cfg.trainer.keep_last)
     checkpoint = ckpts.resolve(cfg.resume)
-    connect(cfg.cluster, needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus + cfg.rollout.replicas * cfg.cluster.rollout.cpus + cfg.teacher.replicas * cfg.cluster.teacher.cpus)
     timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
     actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline)
     tracker = None
     try:
+        (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
         ray.get(actors.students.call("set_probe", data.probe))
         start = _restore(actors, checkpoint, sampler) if checkpoint else 0
         if checkpoint:

@@ -32,6 +32,8 @@ class Completion:
 
 
 class GenerationEngine(Protocol):
+    weight_format: str  # what a weight sync must carry: "trainable" or "merged" (atesd_ray/runtime/weight_formats.py)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]: ...
 
     def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
@@ -50,6 +52,8 @@ class HFEngine:
     sequences instead of keeping every step's [B, V] logits during decoding, which for long
     responses would need B x R x V floats.
     """
+
+    weight_format = "trainable"
 
     def __init__(self, model: nn.Module, tokenizer, micro_batch: int = 16, score_micro_batch: int = 4):
         self.model = model.eval()

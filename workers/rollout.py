@@ -55,6 +55,7 @@ class RolloutWorker(WeightReceiver):
 
             model = load_model(cfg.model, vocab_size=len(self.tokenizer))
             self.engine = HFEngine(model, self.tokenizer, micro_batch=cfg.rollout.micro_batch)
+        self.payload_format = self.engine.weight_format
 
     # -- weights ---------------------------------------------------------------------------------
     def _synced_parameters(self) -> dict[str, torch.Tensor]:

@@ -45,9 +45,11 @@ from atesd_ray.models import DTYPES, load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages
 from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
 from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint
-from atesd_ray.runtime.weights import PackedWeights, pack
+from atesd_ray.runtime.cuda_ipc import share
+from atesd_ray.runtime.weight_formats import stream_weights
+from atesd_ray.runtime.weights import PackedWeights, TensorSpec, bucket_bytes, flatten, layout, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
-from workers.common import send_broadcast, setup_actor
+from workers.common import send_buckets, setup_actor, take_bucket
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +144,24 @@ ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 
 
 def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
-    """One batch from per-chunk batches, and their per-chunk meta (which differs, e.g. timings)."""
+    """One batch from per-chunk batches, and their per-chunk meta (which differs, e.g. timings).
+
+    Each chunk is padded to its own widths (another replica, other prompts), so per-position
+    tensors are first padded to the widest chunk: prompts on the left, responses and per-token
+    targets on the right, with masks 0 over the padding.
+    """
     metas = [p.meta_info for p in parts]
     for p in parts:
         p.meta_info = {}
+    for key in parts[0].batch.keys():
+        if parts[0].batch[key].dim() < 2:
+            continue
+        width = max(p.batch[key].shape[1] for p in parts)
+        for p in parts:
+            gap = width - p.batch[key].shape[1]
+            if gap:
+                side = [gap, 0] if key.startswith("prompt_") else [0, gap]
+                p.batch[key] = torch.nn.functional.pad(p.batch[key], [0, 0] * (p.batch[key].dim() - 2) + side)
     return DataProto.concat(parts), metas
 
 
@@ -227,7 +243,8 @@ class StudentRank:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
         self.step = 0
         self.skipped_nonfinite = 0
-        return {"rank": self.rank, "backend": backend, "node": ray.util.get_node_ip_address(), "threads": self.threads}
+        return {"rank": self.rank, "backend": backend, "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "threads": self.threads}
 
     def set_probe(self, records: list[dict]) -> int:
         """The fixed probe set: student prompt + reference solution, for the probe NLL."""
@@ -519,19 +536,40 @@ class StudentRank:
         return out
 
     # -- weights out -----------------------------------------------------------------------------
-    def _full_trainable(self) -> dict[str, torch.Tensor]:
-        """The trainable weights, gathered whole on every rank, in the receivers' dtype."""
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        dtype = DTYPES[self.cfg.model.dtype]
-        return {n: full[n].detach().to("cpu", dtype) for n in self.trainable}
+    def _stream(self, fmt: str, device: torch.device, meta: bool = False):
+        """The weights a sync in format ``fmt`` carries, gathered one parameter at a time."""
+        lora = self.cfg.model.lora
+        return stream_weights(self.model, fmt, DTYPES[self.cfg.model.dtype], device, lora.alpha / lora.r, meta)
 
-    def export_weights(self, version: int) -> PackedWeights | None:
-        named = self._full_trainable()
+    def weight_layout(self, fmt: str) -> list[TensorSpec]:
+        """Names, shapes and dtypes of a sync in format ``fmt`` (from metadata; no gathering)."""
+        return layout(dict(self._stream(fmt, torch.device("meta"), meta=True)))
+
+    def export_weights(self, version: int, fmt: str = "trainable") -> PackedWeights | None:
+        named = dict(self._stream(fmt, torch.device("cpu")))
         return pack(named, version) if self.rank == 0 else None
 
-    def broadcast_weights(self, version: int) -> int:
-        named = self._full_trainable()
-        return send_broadcast(named, self._weight_group) if self.rank == 0 else 0
+    def broadcast_weights(self, version: int, fmt: str, buckets: list[list[TensorSpec]]) -> int:
+        """Bucketed broadcast from rank 0 to the weight group; every rank gathers."""
+        group = self._weight_group if self.rank == 0 else None
+        device = group.device if group is not None else self.device
+        return send_buckets(self._stream(fmt, device), buckets, group)
+
+    def ipc_begin(self, fmt: str, buckets: list[list[TensorSpec]]) -> bool:
+        """Start a CUDA IPC sync: one reusable GPU buffer as large as the largest bucket."""
+        self._ipc_stream = self._stream(fmt, self.device)
+        self._ipc_buffer = torch.empty(max(map(bucket_bytes, buckets)), dtype=torch.uint8, device=self.device)
+        return True
+
+    def ipc_share_bucket(self, bucket: list[TensorSpec]) -> tuple:
+        """Fill the buffer with the next bucket; a handle for the rollout on this rank's GPU."""
+        flatten(take_bucket(self._ipc_stream, bucket), self._ipc_buffer)
+        return share(self._ipc_buffer)
+
+    def ipc_end(self) -> bool:
+        self._ipc_stream = self._ipc_buffer = None
+        torch.cuda.empty_cache()
+        return True
 
     def join_weight_group(self, address: str, port: int, world_size: int, rank: int, backend: str) -> bool:
         self._weight_group = BroadcastGroup(address, port, rank, world_size, backend)

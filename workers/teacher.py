@@ -32,7 +32,7 @@ from atesd_ray.config import Config, teacher_model_config
 from atesd_ray.models import base_weights, load_model, load_tokenizer
 from atesd_ray.prompts import grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weights import load_into
-from atesd_ray.sequences import join, left_pad, right_pad
+from atesd_ray.sequences import join, left_pad, right_pad, rows_to_lists
 from workers.common import WeightReceiver, setup_actor
 from workers.engines import HFEngine, SamplingParams
 
@@ -46,11 +46,19 @@ class TeacherWorker(WeightReceiver):
         self.privileged = separate is None
         self.model_cfg = separate or cfg.model
         self.tokenizer = load_tokenizer(self.model_cfg)
-        self.model = load_model(self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged).eval()
         self.student_tokenizer = self.tokenizer if self.privileged else load_tokenizer(cfg.model)
         self.shared_vocab = self.privileged or self.student_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.mode = cfg.teacher.weights
-        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.vllm = None
+        if cfg.teacher.engine == "vllm":  # the privileged self-teacher, scoring only (checked in the config)
+            from workers.vllm_engine import VLLMTeacherScorer
+
+            self.vllm = VLLMTeacherScorer(cfg, self.tokenizer)
+            self.payload_format = self.vllm.engine.weight_format
+            self.vocab = len(self.tokenizer)
+        else:
+            self.model = load_model(self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged).eval()
+            self.vocab = self.model.get_output_embeddings().weight.shape[0]
         k = cfg.teacher.topk
         self.topk = None if k == 0 or k >= self.vocab else k
 
@@ -59,6 +67,9 @@ class TeacherWorker(WeightReceiver):
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+        if self.vllm is not None:  # a live teacher (the config allows no EMA in vLLM)
+            self.vllm.load_weights(named)
+            return
         own = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named.items():
@@ -129,6 +140,26 @@ class TeacherWorker(WeightReceiver):
         prompts = [self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], alphas[i])) for i in range(rows)]
         response_ids = rollout.batch["response_ids"]
         response_mask = rollout.batch["response_mask"]
+        if self.vllm is not None:
+            responses = rows_to_lists(response_ids, response_mask)
+            values, indices, sampled = self.vllm.targets(prompts, responses, response_ids.shape[1])
+            g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if grounding else torch.zeros(rows)
+        else:
+            values, indices, sampled, g = self._hf_targets(prompts, response_ids, response_mask, nt, alphas, grounding)
+        mask = response_mask.bool()
+        sampled = sampled.masked_fill(~mask, 0.0)
+        tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled, "grounding": g}
+        if indices is not None:
+            tensors["teacher_ids"] = indices
+        return DataProto.from_dict(
+            tensors=tensors,
+            non_tensors={"alpha": np.array(alphas, dtype=object)},
+            meta_info={"teacher_version": self.weight_version, "topk": self.topk or 0, "time_s": time.perf_counter() - t0},
+        )
+
+    def _hf_targets(self, prompts, response_ids, response_mask, nt, alphas, grounding):
+        """Top-k (or full) log-probs at the loss temperature, sampled-token log-probs and g, by forward passes."""
+        rows = len(prompts)
         temperature = self.cfg.algorithm.loss.temperature
         width = response_ids.shape[1]
         k = self.topk or self.vocab
@@ -150,16 +181,7 @@ class TeacherWorker(WeightReceiver):
                 else:
                     values[s : s + mb] = logp
             g = self._grounding(model, nt, alphas) if grounding else torch.zeros(rows)
-        mask = response_mask.bool()
-        sampled = sampled.masked_fill(~mask, 0.0)
-        tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled, "grounding": g}
-        if indices is not None:
-            tensors["teacher_ids"] = indices
-        return DataProto.from_dict(
-            tensors=tensors,
-            non_tensors={"alpha": np.array(alphas, dtype=object)},
-            meta_info={"teacher_version": self.weight_version, "topk": self.topk or 0, "time_s": time.perf_counter() - t0},
-        )
+        return values, indices, sampled, g
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: DataProto, temperature: float) -> DataProto:
@@ -183,13 +205,18 @@ class TeacherWorker(WeightReceiver):
         out = out.masked_fill(~b["response_mask"].bool(), 0.0)
         return DataProto.from_dict(tensors={"ref_logprobs": out}, meta_info={"time_s": time.perf_counter() - t0})
 
-    def _grounding(self, model, nt: dict, alphas: list[float]) -> torch.Tensor:
-        """g per row: mean log-prob (temperature 1) of the withheld answer line."""
+    def _grounding_inputs(self, nt: dict, alphas: list[float]) -> tuple[list[list[int]], list[list[int]]]:
+        """Per row, the grounding prompt (reference truncated at exposure alpha) and the withheld answer line."""
         prompts, answers = [], []
         for i, a in enumerate(alphas):
             messages, answer_text = grounding_messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], a, self.cfg.prompts)
             prompts.append(self._encode(messages))
             answers.append(self.tokenizer(answer_text, add_special_tokens=False)["input_ids"])
+        return prompts, answers
+
+    def _grounding(self, model, nt: dict, alphas: list[float]) -> torch.Tensor:
+        """g per row: mean log-prob (temperature 1) of the withheld answer line."""
+        prompts, answers = self._grounding_inputs(nt, alphas)
         g = torch.zeros(len(prompts))
         mb = self.cfg.teacher.micro_batch
         for s in range(0, len(prompts), mb):

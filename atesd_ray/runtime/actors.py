@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
-from atesd_ray.runtime.cluster import ActorGroup
+from atesd_ray.runtime.cluster import ActorGroup, Placement, merge_bundles, role_bundle
 from atesd_ray.runtime.weight_sync import WeightSync, make_weight_sync
 
 
@@ -20,6 +20,15 @@ class Actors:
     controller: ActorHandle
     weight_sync: WeightSync
     topology: list[dict]
+    shared: list[Placement] = field(default_factory=list)  # placements of colocated roles
+
+    def placement_report(self) -> dict:
+        """Where every actor runs (``topology.json`` in the run directory)."""
+        return {
+            "student": [t | n for t, n in zip(self.topology, self.students.nodes, strict=True)],
+            "rollout": self.rollouts.nodes,
+            "teacher": self.teachers.nodes,
+        }
 
     def shutdown(self) -> None:
         try:
@@ -29,11 +38,28 @@ class Actors:
         for group in (self.students, self.rollouts, self.teachers):
             group.shutdown()
         ray.kill(self.controller, no_restart=True)
+        for placement in self.shared:
+            placement.remove()
+
+
+def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
+    if isinstance(thing, ActorGroup):
+        thing.shutdown()
+    elif isinstance(thing, Placement):
+        thing.remove()
+    else:
+        ray.kill(thing, no_restart=True)
 
 
 def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | None = None) -> Actors:
     """Rollout, teacher, student and controller actors in their placement groups; weight sync set up.
-    ``timeline_path``: where the controller keeps its decision timeline up to date."""
+    ``timeline_path``: where the controller keeps its decision timeline up to date.
+
+    Placement groups per role: the student ranks per ``cluster.student_strategy`` (PACK: as few
+    nodes as possible), rollout and teacher replicas per theirs (SPREAD). With
+    ``cluster.colocate_rollout`` each student bundle also holds one rollout replica. Whatever was
+    created is torn down again if a later actor cannot be built.
+    """
     from controller.actor import ExposureController
     from workers.rollout import RolloutWorker
     from workers.student import StudentRank
@@ -41,15 +67,67 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
 
     c = cfg.cluster
     ranks = cfg.trainer.ranks
-    students = ActorGroup(StudentRank, ranks, c.student, c.student_strategy, f"{name}-student", lambda i: ((cfg, i, ranks), {}))
-    rollouts = ActorGroup(RolloutWorker, cfg.rollout.replicas, c.rollout, c.rollout_strategy, f"{name}-rollout", lambda i: ((cfg, i), {}))
-    teachers = ActorGroup(TeacherWorker, cfg.teacher.replicas, c.teacher, c.teacher_strategy, f"{name}-teacher", lambda i: ((cfg, i), {}))
-    controller = ray.remote(ExposureController).options(name=f"{name}-controller", num_cpus=0).remote(cfg, total_steps, timeline_path)
-    address, port = ray.get(students.actors[0].master_address.remote())
-    topology = ray.get(students.call("init_distributed", address, port))
-    ray.get(rollouts.call("ping") + teachers.call("ping"))
-    receivers = rollouts.actors + (teachers.actors if cfg.teacher.weights != "frozen" else [])
-    backend = topology[0]["backend"]
-    weight_sync = make_weight_sync(cfg.trainer.weight_transport, students, receivers, backend)
-    weight_sync.setup()
-    return Actors(students, rollouts, teachers, controller, weight_sync, topology)
+    timeout = c.placement_timeout_s
+    created: list = []
+    try:
+        shared = None
+        if c.colocate_rollout:
+            bundle = merge_bundles(role_bundle(c.student), role_bundle(c.rollout))
+            shared = Placement(f"{name}-student-rollout", ranks, bundle, c.student_strategy, timeout)
+            created.append(shared)
+        students = ActorGroup(
+            StudentRank,
+            ranks,
+            c.student,
+            c.student_strategy,
+            f"{name}-student",
+            lambda i: ((cfg, i, ranks), {}),
+            placement=shared,
+            timeout_s=timeout,
+        )
+        created.append(students)
+        rollouts = ActorGroup(
+            RolloutWorker,
+            cfg.rollout.replicas,
+            c.rollout,
+            c.rollout_strategy,
+            f"{name}-rollout",
+            lambda i: ((cfg, i), {}),
+            placement=shared,
+            timeout_s=timeout,
+        )
+        created.append(rollouts)
+        teachers = ActorGroup(
+            TeacherWorker,
+            cfg.teacher.replicas,
+            c.teacher,
+            c.teacher_strategy,
+            f"{name}-teacher",
+            lambda i: ((cfg, i), {}),
+            timeout_s=timeout,
+        )
+        created.append(teachers)
+        controller = (
+            ray.remote(ExposureController)
+            .options(name=f"{name}-controller", num_cpus=0)
+            .remote(cfg, total_steps, timeline_path)
+        )
+        created.append(controller)
+        address, port = ray.get(students.actors[0].master_address.remote())
+        topology = ray.get(students.call("init_distributed", address, port))
+        ray.get(rollouts.call("ping") + teachers.call("ping"))
+        receivers = rollouts.actors + (teachers.actors if cfg.teacher.weights != "frozen" else [])
+        backend = topology[0]["backend"]
+        weight_sync = make_weight_sync(
+            cfg.trainer.weight_transport,
+            students,
+            receivers,
+            backend,
+            bucket_bytes=cfg.trainer.weight_bucket_mb << 20,
+        )
+        weight_sync.setup()
+    except BaseException:
+        for thing in reversed(created):
+            _release(thing)
+        raise
+    return Actors(students, rollouts, teachers, controller, weight_sync, topology, [shared] if shared else [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -12,7 +13,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from atesd_ray.config import ClusterConfig, RoleResources
@@ -20,27 +26,40 @@ from atesd_ray.config import ClusterConfig, RoleResources
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# set by Ray's job supervisor for the driver of a `ray job submit` job: the job's runtime env then applies
+JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 class ClusterError(RuntimeError):
     pass
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Where ``ray.init(address)`` will connect, or None when Ray resolves it itself ("auto")."""
+    if address in ("auto", "local"):
+        return None
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if parsed.scheme in ("http", "https"):
+        raise ClusterError(
+            f"'{address}' is a dashboard (job submission) address; the driver joins the cluster's GCS "
+            f"address (host:6379) or a Ray client address (ray://host:10001). Submit to the dashboard "
+            f"address with `ray job submit --address {address} ...` instead"
+        )
+    default_port = 10001 if parsed.scheme == "ray" else 6379
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
 def _check_reachable(address: str, timeout_s: float) -> None:
-    """Fail within seconds, with the address in the message, when nothing listens there."""
-    if address in ("auto", "local") or address.startswith("ray://"):
-        if address.startswith("ray://"):
-            parsed = urlparse(address)
-            host, port = parsed.hostname, parsed.port or 10001
-        else:
-            return
-    else:
-        host, _, port_s = address.rpartition(":")
-        host, port = (host or address), int(port_s) if port_s.isdigit() else 6379
+    """Fail within seconds, with the address in the message, when nothing listens there (ray.init
+    itself retries for minutes)."""
+    target = _host_port(address)
+    if target is None:
+        return
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
+        with socket.create_connection(target, timeout=timeout_s):
             pass
     except OSError as err:
+        host, port = target
         raise ClusterError(f"cannot reach the Ray cluster at '{address}' ({host}:{port}): {err}") from err
 
 
@@ -52,20 +71,39 @@ def _runtime_env_for_checkout() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
+def in_submitted_job() -> bool:
+    """True inside ``ray job submit``: the job's runtime env (its uploaded working dir) applies."""
+    return JOB_CONFIG_ENV_VAR in os.environ
+
+
 def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
-    """Join ``cluster.address`` or $RAY_ADDRESS if set; otherwise start a local instance."""
+    """Join ``cluster.address`` or $RAY_ADDRESS if set (``ray job submit`` sets it for the driver);
+    otherwise start a local instance sized to the machine."""
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {} if in_submitted_job() else _runtime_env_for_checkout()
     if address:
         _check_reachable(address, cfg.connect_timeout_s)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
+        except ConnectionError as err:
+            raise ClusterError(f"cannot join the Ray cluster at '{address}': {err}") from err
+        log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-    ray.init(num_cpus=num_cpus, runtime_env=_runtime_env_for_checkout(), log_to_driver=True)
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)
 
 
-def _bundle(res: RoleResources) -> dict[str, float]:
+def merge_bundles(*bundles: dict[str, float]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            merged[key] = merged.get(key, 0.0) + value
+    return merged
+
+
+def role_bundle(res: RoleResources) -> dict[str, float]:
     bundle = {"CPU": float(res.cpus)}
     if res.gpus:
         bundle["GPU"] = float(res.gpus)
@@ -73,21 +111,63 @@ def _bundle(res: RoleResources) -> dict[str, float]:
     return bundle
 
 
-def make_placement_group(name: str, count: int, res: RoleResources, strategy: str, timeout_s: float = 120.0) -> PlacementGroup:
-    pg = placement_group([_bundle(res)] * count, strategy=strategy, name=name)
+def _node_key(ip: str, node_id: str) -> tuple:
     try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as err:
-        remove_placement_group(pg)
-        raise ClusterError(
-            f"placement group '{name}' ({count} x {_bundle(res)}, {strategy}) was not placed within {timeout_s:.0f} s; "
-            f"cluster resources: {ray.cluster_resources()}"
-        ) from err
-    return pg
+        addr = ipaddress.ip_address(ip)
+        return (addr.version, int(addr), node_id)
+    except ValueError:
+        return (9, ip, node_id)
+
+
+class Placement:
+    """A placement group of ``count`` identical bundles, numbered in node order.
+
+    Ray places bundle i wherever it fits, so bundle numbers say nothing about nodes. Slot k is the
+    k-th bundle sorted by (node address, node id): actors of one role on one node get consecutive
+    slots (ranks), and the same placement always gives the same rank order, whatever order Ray
+    created the bundles in.
+    """
+
+    def __init__(
+        self, name: str, count: int, bundle: dict[str, float], strategy: str, timeout_s: float = 300.0
+    ):
+        self.name = name
+        self.bundle = bundle
+        self.pg = placement_group([bundle] * count, strategy=strategy, name=name)
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            remove_placement_group(self.pg)
+            raise ClusterError(
+                f"placement group '{name}' ({count} x {bundle}, {strategy}) was not placed within {timeout_s:.0f} s; "
+                f"cluster resources: {ray.cluster_resources()}"
+            ) from err
+        table = placement_group_table(self.pg)["bundles_to_node_id"]
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        self.order = sorted(range(count), key=lambda b: (_node_key(ips.get(table[b], ""), table[b]), b))
+        self.nodes = [
+            {"node_id": table[b], "node_ip": ips.get(table[b], ""), "bundle": b} for b in self.order
+        ]
+        self.removed = False
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def strategy(self, slot: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.order[slot])
+
+    def remove(self) -> None:
+        if not self.removed:
+            remove_placement_group(self.pg)
+            self.removed = True
 
 
 class ActorGroup:
-    """N actors of one class in one placement group, one bundle each, called together."""
+    """N actors of one class, actor i in slot i of a placement, called together.
+
+    The group makes (and at shutdown removes) its own placement group unless it is given one to
+    share, as colocated roles do.
+    """
 
     def __init__(
         self,
@@ -98,9 +178,16 @@ class ActorGroup:
         name: str,
         make_args: Callable[[int], tuple[tuple, dict]],
         max_restarts: int = 0,
+        placement: Placement | None = None,
+        timeout_s: float = 300.0,
     ):
         self.name = name
-        self.pg = make_placement_group(name, count, res, strategy)
+        self.owns_placement = placement is None
+        self.placement = placement or Placement(name, count, role_bundle(res), strategy, timeout_s)
+        if count > len(self.placement):
+            raise ClusterError(
+                f"actor group '{name}' needs {count} bundles; its placement has {len(self.placement)}"
+            )
         remote_cls = ray.remote(cls)
         self.actors = []
         for i in range(count):
@@ -109,11 +196,20 @@ class ActorGroup:
                 num_cpus=res.cpus,
                 num_gpus=res.gpus,
                 resources=dict(res.resources) or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                scheduling_strategy=self.placement.strategy(i),
                 max_restarts=max_restarts,
                 max_task_retries=0,
             )
             self.actors.append(remote_cls.options(**options).remote(*args, **kwargs))
+
+    @property
+    def pg(self) -> PlacementGroup:
+        return self.placement.pg
+
+    @property
+    def nodes(self) -> list[dict]:
+        """Where actor i runs: node id, node address and bundle index."""
+        return self.placement.nodes[: len(self.actors)]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -127,4 +223,5 @@ class ActorGroup:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        remove_placement_group(self.pg)
+        if self.owns_placement:
+            self.placement.remove()

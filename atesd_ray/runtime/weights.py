@@ -43,13 +43,35 @@ def layout(named: dict[str, torch.Tensor]) -> list[TensorSpec]:
     return specs
 
 
+def split_buckets(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of specs of at most ``max_bytes`` each (a larger tensor is a group of its
+    own), with offsets counted from the group's start: what one broadcast or hand-off moves."""
+    buckets: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for s in specs:
+        if current and size + s.nbytes > max_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(TensorSpec(s.name, s.shape, s.dtype, size, s.nbytes))
+        size += s.nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def bucket_bytes(bucket: list[TensorSpec]) -> int:
+    return sum(s.nbytes for s in bucket)
+
+
 def flatten(named: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """All tensors' bytes, concatenated in dict order, as one uint8 CPU tensor."""
+    """All tensors' bytes, concatenated in dict order, into ``out`` (default: a new uint8 CPU tensor;
+    a GPU ``out`` keeps GPU tensors on the device)."""
     total = sum(t.numel() * t.element_size() for t in named.values())
     out = torch.empty(total, dtype=torch.uint8) if out is None else out
     offset = 0
     for t in named.values():
-        raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
         out[offset : offset + raw.numel()].copy_(raw)
         offset += raw.numel()
     return out
