@@ -22,6 +22,7 @@ from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import CheckpointManager, read_state
 from atesd_ray.runtime.cluster import connect
 from atesd_ray.tracking import Tracker
+from controller.dashboard.live import RunMonitor
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     checkpoint = ckpts.resolve(cfg.resume)
     connect(cfg.cluster, needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus + cfg.rollout.replicas * cfg.cluster.rollout.cpus + cfg.teacher.replicas * cfg.cluster.teacher.cpus)
     timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
-    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline)
-    tracker = None
+    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline,
+                          run=run_dir.resolve().name)
+    tracker = monitor = None
     try:
+        monitor = RunMonitor(cfg, run_dir)
         ray.get(actors.students.call("set_probe", data.probe))
         start = _restore(actors, checkpoint, sampler) if checkpoint else 0
         if checkpoint:
@@ -148,6 +151,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 ev = _evaluate(cfg, actors, data.evals, run_dir, done, done)
                 metrics.update({f"eval/{k}": v for k, v in ev.items()})
             tracker.log(step, metrics)
+            monitor.record(step, metrics)
             first_metrics = first_metrics or dict(metrics)
             if done % cfg.trainer.save_every == 0 or done == total:
                 # the batch drawn for the next step is given back, so a resume draws it again
@@ -155,6 +159,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 _save(cfg, actors, ckpts, done, sampler, metrics)
                 sampler.consumed += len(next_batch) if next_batch else 0
             batch = next_batch
+        monitor.render()
         if cfg.eval.at_end and data.evals:
             summary["eval_after"] = _evaluate(cfg, actors, data.evals, run_dir, total, total)
         summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
@@ -165,6 +170,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     finally:
         if tracker is not None:
             tracker.close()
+        if monitor is not None:
+            monitor.close()
         actors.shutdown()
 
 

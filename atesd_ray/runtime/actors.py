@@ -31,9 +31,10 @@ class Actors:
         ray.kill(self.controller, no_restart=True)
 
 
-def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | None = None) -> Actors:
+def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | None = None, run: str = "") -> Actors:
     """Rollout, teacher, student and controller actors in their placement groups; weight sync set up.
-    ``timeline_path``: where the controller keeps its decision timeline up to date."""
+    ``timeline_path``: where the controller keeps its decision timeline up to date; ``run`` labels
+    the controller's Prometheus series."""
     from controller.actor import ExposureController
     from workers.rollout import RolloutWorker
     from workers.student import StudentRank
@@ -44,7 +45,7 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
     students = ActorGroup(StudentRank, ranks, c.student, c.student_strategy, f"{name}-student", lambda i: ((cfg, i, ranks), {}))
     rollouts = ActorGroup(RolloutWorker, cfg.rollout.replicas, c.rollout, c.rollout_strategy, f"{name}-rollout", lambda i: ((cfg, i), {}))
     teachers = ActorGroup(TeacherWorker, cfg.teacher.replicas, c.teacher, c.teacher_strategy, f"{name}-teacher", lambda i: ((cfg, i), {}))
-    controller = ray.remote(ExposureController).options(name=f"{name}-controller", num_cpus=0).remote(cfg, total_steps, timeline_path)
+    controller = ray.remote(ExposureController).options(name=f"{name}-controller", num_cpus=0).remote(cfg, total_steps, timeline_path, run)
     address, port = ray.get(students.actors[0].master_address.remote())
     topology = ray.get(students.call("init_distributed", address, port))
     ray.get(rollouts.call("ping") + teachers.call("ping"))
