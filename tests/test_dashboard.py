@@ -66,7 +66,9 @@ def test_registry_names_are_unique_prometheus_names():
 
 def test_beta_stats_match_the_beta_distribution():
     a, b = 2.5, 4.0
-    dist = torch.distributions.Beta(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    dist = torch.distributions.Beta(
+        torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    )
     stats = beta_stats(a, b)
     assert stats["beta_mean"] == pytest.approx(float(dist.mean))
     assert stats["beta_std"] == pytest.approx(math.sqrt(float(dist.variance)))
@@ -88,7 +90,9 @@ def test_controller_values_follow_the_timeline():
     assert values["advantage"] == 1.0
     assert values["feature/progress"] == 0.75 and values["feature/probe_nll"] == 2.5
     # a controller without a Beta policy and nothing scored exports just what it has
-    plain = controller_values([{"decision": 0, "first_step": 0, "last_step": 3, "alpha": 0.5, "a": None, "b": None}])
+    plain = controller_values(
+        [{"decision": 0, "first_step": 0, "last_step": 3, "alpha": 0.5, "a": None, "b": None}]
+    )
     assert plain == {"alpha": 0.5, "decisions": 1.0, "scored": 0.0}
     assert controller_values([]) == {}
 

@@ -99,9 +99,7 @@ function domain(values, fixed) {
 //        x: [lo, hi] | null, y: [lo, hi] | null, xLabel, yLabel, empty, vlines: [{x, label}]}
 function chart(svg, opts) {
   svg.replaceChildren();
-  const [W, H] = svg.viewBox.baseVal ? [svg.viewBox.baseVal.width, svg.viewBox.baseVal.height] : [460, 220];
-  const m = { left: 52, right: 12, top: 18, bottom: 34 };
-  const pw = W - m.left - m.right, ph = H - m.top - m.bottom;
+  const [W, H] = [svg.viewBox.baseVal.width, svg.viewBox.baseVal.height];
   const points = opts.series.flatMap((s) => s.points);
   svg.dataset.points = opts.series.length ? opts.series[0].points.length : 0;
   if (!points.length) {
@@ -112,6 +110,11 @@ function chart(svg, opts) {
   const xs = points.map((p) => p[0]).concat(opts.bands ? opts.bands.flatMap((b) => [b.x0, b.x1]) : []);
   const [x0, x1] = opts.x || domain(xs.concat(bars ? [Math.min(...xs) - 0.5, Math.max(...xs) + 0.5] : []), null);
   const [y0, y1] = opts.y || domain(points.map((p) => p[1]).concat(bars ? [0] : []), null);
+  const yTicks = niceTicks(y0, y1, 4);
+  const yLabels = yTicks.map((t) => tickLabel(t, yTicks[1] - yTicks[0] || 1));
+  // the left margin fits the longest y label (about 6.5 px per character at 11 px)
+  const m = { left: 24 + 6.5 * Math.max(...yLabels.map((l) => l.length)), right: 12, top: 18, bottom: 34 };
+  const pw = W - m.left - m.right, ph = H - m.top - m.bottom;
   const sx = (x) => m.left + ((x - x0) / (x1 - x0 || 1)) * pw;
   const sy = (y) => m.top + ph - ((y - y0) / (y1 - y0 || 1)) * ph;
 
@@ -120,11 +123,10 @@ function chart(svg, opts) {
       fill: i % 2 ? "#e0eaff" : "#ebe9fe", class: "band" }, svg);
     if (b.label) el("text", { x: (sx(b.x0) + sx(b.x1)) / 2, y: m.top + 12, "text-anchor": "middle", class: "band-label" }, svg, b.label);
   });
-  const yTicks = niceTicks(y0, y1, 4);
-  for (const t of yTicks) {
+  yTicks.forEach((t, i) => {
     el("line", { x1: m.left, x2: m.left + pw, y1: sy(t), y2: sy(t), class: "grid" }, svg);
-    el("text", { x: m.left - 6, y: sy(t) + 4, "text-anchor": "end" }, svg, tickLabel(t, yTicks[1] - yTicks[0] || 1));
-  }
+    el("text", { x: m.left - 6, y: sy(t) + 4, "text-anchor": "end" }, svg, yLabels[i]);
+  });
   const xTicks = niceTicks(x0, x1, 8).filter((t) => !opts.integerX || Number.isInteger(t));
   for (const t of xTicks) {
     el("line", { x1: sx(t), x2: sx(t), y1: m.top + ph, y2: m.top + ph + 4, class: "axis" }, svg);
@@ -349,7 +351,8 @@ function renderSteps() {
 function renderHeader() {
   const run = state.run || {};
   document.getElementById("run-name").textContent = run.run || "";
-  const parts = [run.algorithm, run.model, run.controller && `controller ${run.controller}`, run.hold && `hold ${run.hold}`];
+  const learned = run.controller && run.controller !== "fixed";
+  const parts = [run.algorithm, run.model, run.controller && `controller ${run.controller}`, learned && `hold ${run.hold}`];
   document.getElementById("run-meta").textContent = parts.filter(Boolean).join(" · ");
   document.title = `atesd-ray · ${run.run || "run"}`;
 }
