@@ -114,7 +114,11 @@ def controller_values(timeline: list[dict]) -> dict[str, float]:
     out |= {f"feature/{k}": v for k, v in (current.get("features") or {}).items() if v is not None}
     scored = _latest(timeline, "reward")
     if scored is not None:
-        out |= {"reward": scored["reward"], "reward/g_lp": scored["g_lp"], "reward/g_gt": scored["g_gt"]}
+        out |= {
+            "reward": scored["reward"],
+            "reward/g_lp": scored.get("g_lp"),
+            "reward/g_gt": scored.get("g_gt"),
+        }
     used = _latest(timeline, "advantage")
     if used is not None:
         out["advantage"] = used["advantage"]

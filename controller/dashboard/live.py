@@ -22,6 +22,11 @@ class RunMonitor:
                 f"dashboard: {self.server.url}  (live page of this run, read-only; JSON at api/metrics, api/timeline)",
                 flush=True,
             )
+            if "jsonl" not in cfg.tracking.backends:
+                print(
+                    "dashboard: tracking.backends has no jsonl, so the page shows no per-step metrics",
+                    flush=True,
+                )
 
     def record(self, step: int, metrics: dict) -> None:
         self.metrics.record(step, metrics)

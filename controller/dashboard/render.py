@@ -8,6 +8,7 @@ mismatch and accuracy.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -20,6 +21,12 @@ PNG_FILE = "controller_timeline.png"
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _value(entry: dict, key: str) -> float:
+    """A number to plot; a missing one (e.g. G_gt of an ablated reward) is a gap."""
+    value = entry.get(key)
+    return value if isinstance(value, int | float) else math.nan
 
 
 def render_timeline(run_dir: Path) -> Path | None:
@@ -45,8 +52,8 @@ def render_timeline(run_dir: Path) -> Path | None:
     if scored:
         x = [d["decision"] for d in scored]
         ax.bar(x, [d["reward"] for d in scored], color="#155eef", alpha=0.7, label="R")
-        ax.plot(x, [d["g_lp"] for d in scored], "o-", color="#e04f16", label="G_lp")
-        ax.plot(x, [d["g_gt"] for d in scored], "s-", color="#079455", label="G_gt")
+        ax.plot(x, [_value(d, "g_lp") for d in scored], "o-", color="#e04f16", label="G_lp")
+        ax.plot(x, [_value(d, "g_gt") for d in scored], "s-", color="#079455", label="G_gt")
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no scored decision", ha="center", va="center", transform=ax.transAxes)
@@ -57,7 +64,7 @@ def render_timeline(run_dir: Path) -> Path | None:
     for name in with_features[-1]["features"] if with_features else []:
         ax.plot(
             [d["first_step"] for d in with_features],
-            [d["features"].get(name) for d in with_features],
+            [_value(d["features"], name) for d in with_features],
             "o-",
             label=name,
         )
