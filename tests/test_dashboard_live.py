@@ -32,22 +32,24 @@ from tests.conftest import TINY, make_config
 pytestmark = pytest.mark.ray
 
 STEPS = 6
-RUN = [*TINY, f"trainer.total_steps={STEPS}", "trainer.save_every=100", "algorithm=fixed_exposure",
-       "algorithm.alpha=0.5", "dashboard.enabled=true", "dashboard.port=0",
+# ATESD with one decision per step, scored after the next step and learned from in pairs, so that
+# rewards and advantages arrive within a few steps
+RUN = [*TINY, f"trainer.total_steps={STEPS}", "trainer.save_every=100", "algorithm=atesd", "controller.hold=1",
+       "controller.lookahead=1", "controller.batch_decisions=2", "dashboard.enabled=true", "dashboard.port=0",
        "tracking.backends=[console,jsonl,tensorboard]"]  # fmt: skip
-# what a fixed-exposure run exports (a learned controller adds the Beta policy, rewards and features)
-EXPECTED = {s.prometheus for s in SERIES if s.name.startswith("atesd_trainer_")} | {
-    "ray_atesd_controller_alpha",
-    "ray_atesd_controller_decisions",
-    "ray_atesd_controller_scored",
-}
+EXPECTED = {s.prometheus for s in SERIES}
 GRAFANA = Path(__file__).resolve().parents[1] / "controller" / "dashboard" / "grafana_atesd.json"
 PAGE_STATE = """(() => {
   const alpha = document.getElementById("alpha-chart");
   return {points: Number(alpha.dataset.points), circles: alpha.querySelectorAll(".series-0 circle.point").length,
           rows: Number(document.body.dataset.metricRows), polls: Number(document.body.dataset.polls),
           status: document.getElementById("status").textContent, run: document.getElementById("run-name").textContent,
-          lossPoints: Number(document.getElementById("loss-chart").dataset.points)};
+          lossPoints: Number(document.getElementById("loss-chart").dataset.points),
+          bands: alpha.querySelectorAll("rect.band").length,
+          betaCurve: document.querySelectorAll("#beta-chart .series-0 path").length,
+          betaNote: document.getElementById("beta-note").textContent,
+          rewards: Number(document.getElementById("reward-chart").dataset.points),
+          features: Number(document.getElementById("features").dataset.features || 0)};
 })()"""
 
 
@@ -133,7 +135,7 @@ class Watcher(threading.Thread):
                 for name, samples in scrape(self.agent).items():
                     self.seen[name] = samples
                 state = browser.evaluate(PAGE_STATE)
-                if self.page is None and state["points"] >= 3:
+                if self.page is None and state["points"] >= 3 and state["rewards"] >= 1:
                     self.check_page(browser, state)
                 if self.page is not None and EXPECTED <= set(self.seen):
                     self.all_seen_at = time.time()
@@ -166,9 +168,9 @@ def live(ray_cluster, tmp_path_factory):
     out = Tee(sys.stdout)
     watcher = Watcher(out, base, chromium, agent)
     watcher.start()
+    started = time.time()
     try:
         with contextlib.redirect_stdout(out):
-            started = time.time()
             summary = run(cfg, run_dir)
             elapsed = time.time() - started
     finally:
@@ -178,7 +180,7 @@ def live(ray_cluster, tmp_path_factory):
         if watcher.error is not None:
             raise watcher.error
         yield SimpleNamespace(run_dir=run_dir, summary=summary, watcher=watcher, out=out.text(), cfg=cfg,
-                              prometheus=prometheus, elapsed=elapsed)  # fmt: skip
+                              prometheus=prometheus, started=started, elapsed=elapsed)  # fmt: skip
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -188,10 +190,13 @@ def test_page_draws_the_alpha_series_while_the_run_trains(live):
     w = live.watcher
     assert w.url.startswith("http://127.0.0.1:") and w.url.endswith("/")
     page = w.page
-    assert page is not None, "the page never drew 3 points of the α series"
+    assert page is not None, "the page never drew 3 points of the α series and a reward"
     assert page["during_run"], "the α series appeared only after the run had finished"
     assert page["circles"] == page["points"] >= 3
     assert page["rows"] >= page["points"] and page["lossPoints"] >= 3
+    assert page["bands"] >= page["points"]  # hold 1: one shaded window per decision
+    assert page["betaCurve"] >= 1 and page["betaNote"].startswith("decision #")
+    assert page["features"] == 7
     assert page["run"] == live.run_dir.name and page["status"].startswith(f"{page['rows']} steps")
     shot = live.run_dir.parent / "dashboard.png"
     data = shot.read_bytes()
@@ -204,9 +209,13 @@ def test_page_api_serves_the_run_and_refuses_changes(live):
     assert w.methods == {"POST": 405, "PUT": 405, "DELETE": 405}
     rows = w.api["metrics"]["rows"]
     assert len(rows) >= 3 and [r["step"] for r in rows] == list(range(len(rows)))
-    assert all(r["alpha"] == 0.5 for r in rows)
-    assert w.api["run"]["total_steps"] == STEPS and w.api["run"]["controller"] == "fixed"
-    assert "decisions" in w.api["timeline"]
+    decisions = w.api["timeline"]["decisions"]
+    assert len(decisions) >= len(rows)
+    for row, decision in zip(
+        rows, decisions[: len(rows)], strict=True
+    ):  # each step trains at its decision's α
+        assert decision["first_step"] == row["step"] and row["alpha"] == pytest.approx(decision["alpha"])
+    assert w.api["run"]["total_steps"] == STEPS and w.api["run"]["controller"] == "atesd"
 
 
 def test_ray_exports_the_runs_series(live):
@@ -215,8 +224,22 @@ def test_ray_exports_the_runs_series(live):
     run_label = f'run="{live.run_dir.name}"'
     for name in EXPECTED:
         assert any(run_label in labels and 'model="tiny"' in labels for labels, _ in seen[name]), name
-    (alpha,) = {value for _, value in seen["ray_atesd_controller_alpha"]}
-    assert alpha == 0.5
+    ((_, alpha),) = seen["ray_atesd_controller_alpha"]
+    assert 0.1 <= alpha <= 1.0
+    features = {
+        re.search(r'feature="(\w+)"', labels)[1] for labels, _ in seen["ray_atesd_controller_feature"]
+    }
+    assert features == {
+        "progress",
+        "alpha",
+        "loss",
+        "mismatch_kl",
+        "top1_disagree",
+        "probe_nll",
+        "confidence",
+    }
+    parts = {re.search(r'part="(\w+)"', labels)[1] for labels, _ in seen["ray_atesd_controller_reward_part"]}
+    assert parts == {"g_lp", "g_gt"}
     phases = {re.search(r'phase="(\w+)"', labels)[1] for labels, _ in seen["ray_atesd_trainer_phase_seconds"]}
     assert {"rollout", "teacher", "update", "step"} <= phases
 
@@ -231,11 +254,10 @@ def test_grafana_queries_answer_from_prometheus(live):
             expr = target["expr"].replace("$run", re.escape(live.run_dir.name))
             names = set(re.findall(r"\bray_[a-z0-9_]+", expr))
             if names <= EXPECTED:
-                # Prometheus scrapes every second: by then it holds what the watcher saw
-                answered[expr] = live.prometheus.query(expr, live.watcher.all_seen_at + 1.5)
+                answered[expr] = live.prometheus.query_range(expr, live.started, live.watcher.all_seen_at + 5)
     assert len(answered) >= 12
     empty = [expr for expr, result in answered.items() if not result]
-    assert not empty, f"no data for: {empty}"
+    assert not empty, f"no data for: {empty}; scrapes: {live.prometheus.targets()}"
 
 
 def test_run_leaves_png_tensorboard_and_controller_series(live):
@@ -246,16 +268,33 @@ def test_run_leaves_png_tensorboard_and_controller_series(live):
     assert f"controller timeline: {png}" in live.out
     rows = [json.loads(line) for line in (live.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == STEPS
-    assert all(r["controller/alpha"] == 0.5 and r["controller/decisions"] == 1 for r in rows)
+    timeline = [
+        json.loads(line) for line in (live.run_dir / "controller_timeline.jsonl").read_text().splitlines()
+    ]
+    for row, decision in zip(rows, timeline, strict=True):
+        assert row["controller/alpha"] == pytest.approx(decision["alpha"]) == pytest.approx(row["alpha"])
+        assert row["controller/decisions"] == row["step"] + 1
+        assert row["controller/beta_mean"] == pytest.approx(decision["a"] / (decision["a"] + decision["b"]))
+    assert rows[-1]["controller/reward"] == pytest.approx(
+        next(d["reward"] for d in reversed(timeline) if d["reward"] is not None)
+    )
     (events,) = (live.run_dir / "tensorboard").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events)).Reload()
     scalars = set(acc.Tags()["scalars"])
-    assert {"controller/alpha", "controller/decisions", "loss", "mismatch_kl"} <= scalars
+    assert {
+        "controller/alpha",
+        "controller/beta_a",
+        "controller/reward",
+        "controller/feature/loss",
+        "loss",
+    } <= scalars
     assert [e.step for e in acc.Scalars("controller/alpha")] == list(range(STEPS))
 
 
 class Prometheus:
-    """A real Prometheus scraping the cluster's metrics agent every second."""
+    """A real Prometheus scraping the cluster's metrics agent every second. (On a loaded machine
+    some scrapes time out, and Prometheus marks the target's series stale until the next one
+    succeeds; so the test asks whether a query had data during the run, not at one instant.)"""
 
     def __init__(self, directory: Path, agent: str):
         directory.mkdir()
@@ -264,7 +303,7 @@ class Prometheus:
             self.port = s.getsockname()[1]
         config = directory / "prometheus.yml"
         config.write_text(
-            "global: {scrape_interval: 1s}\n"
+            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
             f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{agent}']}}]}}]\n"
         )
         self.process = subprocess.Popen(
@@ -273,12 +312,17 @@ class Prometheus:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
-    def query(self, expr: str, at: float) -> list:
-        params = urllib.parse.urlencode({"query": expr, "time": at})
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?{params}"
+    def api(self, path: str, **params) -> dict:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         reply = json.loads(urllib.request.urlopen(url, timeout=10).read())
         assert reply["status"] == "success", reply
-        return reply["data"]["result"]
+        return reply["data"]
+
+    def query_range(self, expr: str, start: float, end: float) -> list:
+        return self.api("query_range", query=expr, start=start, end=end, step=1)["result"]
+
+    def targets(self) -> list[tuple[str, str]]:
+        return [(t["health"], t["lastError"]) for t in self.api("targets")["activeTargets"]]
 
     def stop(self) -> None:
         self.process.terminate()

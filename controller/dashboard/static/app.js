@@ -283,7 +283,7 @@ function renderDecision() {
   const d = state.decisions.length ? state.decisions[state.decisions.length - 1] : null;
   const last = [...state.rows.values()].sort((x, y) => x.step - y.step).pop();
   const run = state.run || {};
-  row(table, ["step", last ? `${last.step + 1} of ${run.total_steps ?? "?"}` : "–"]);
+  row(table, ["steps done", last ? `${last.step + 1} of ${run.total_steps ?? "?"}` : "–"]);
   if (!d) {
     row(table, ["decision", "none recorded (fixed exposure writes no timeline)"]);
     return;
