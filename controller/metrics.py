@@ -128,6 +128,7 @@ def controller_values(timeline: list[dict]) -> dict[str, float]:
 def trainer_values(step: int, metrics: dict) -> dict[str, float]:
     """The trainer series' values from one step's metrics (``time_<phase>_s`` -> ``phase/<phase>``);
     ``steps`` is the counter's increment."""
+    keys = {s.key for s in TRAINER_SERIES}
     out: dict[str, float] = {"step": step, "steps": 1}
     for key, value in metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
@@ -136,7 +137,7 @@ def trainer_values(step: int, metrics: dict) -> dict[str, float]:
             out[f"phase/{key[5:-2]}"] = value
         elif key == "step_time_s":
             out["phase/step"] = value
-        else:
+        elif key in keys:
             out[key] = value
     return out
 
