@@ -32,6 +32,17 @@ IMAGES     ?= cpu gpu
 docker:
 	for kind in $(IMAGES); do docker build -f docker/Dockerfile.$$kind -t $(IMAGE):$$kind . || exit 1; done
 
+# Prometheus on loopback, scraping Ray's metrics agents (atesd-ray's ray_atesd_* series included).
+# Grafana: add http://127.0.0.1:$(PROM_PORT) as a Prometheus data source, import
+# controller/dashboard/grafana_atesd.json. The run's own live page needs none of this.
+PROM_PORT  ?= 9090
+PROM_DATA  ?= runs/prometheus
+monitor:
+	command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends prometheus)
+	@echo "Prometheus: http://127.0.0.1:$(PROM_PORT)/  (Ray metrics: ray_atesd_controller_*, ray_atesd_trainer_*)"
+	prometheus --config.file=controller/dashboard/prometheus.yml --web.listen-address=127.0.0.1:$(PROM_PORT) \
+		--storage.tsdb.path=$(PROM_DATA)
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

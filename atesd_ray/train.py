@@ -25,6 +25,7 @@ from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import CheckpointManager, read_state
 from atesd_ray.runtime.cluster import connect
 from atesd_ray.tracking import Tracker
+from controller.dashboard.live import RunMonitor
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ckpts = CheckpointManager(run_dir, cfg.trainer.keep_last)
     checkpoint = ckpts.resolve(cfg.resume)
     timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
-    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline)
-    tracker = None
+    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline,
+                          run=run_dir.resolve().name)
+    tracker = monitor = None
     try:
         (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
+        monitor = RunMonitor(cfg, run_dir)
         ray.get(actors.students.call("set_probe", data.probe))
         start = _restore(actors, checkpoint, sampler) if checkpoint else 0
         if checkpoint:
@@ -165,6 +168,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 if done == total:
                     summary["eval_after"] = ev
             tracker.log(step, metrics)
+            monitor.record(step, metrics)
             first_metrics = first_metrics or dict(metrics)
             if done % cfg.trainer.save_every == 0 or done == total:
                 # the batch drawn for the next step is given back, so a resume draws it again
@@ -172,6 +176,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 _save(cfg, actors, ckpts, done, sampler, metrics)
                 sampler.consumed += len(next_batch) if next_batch else 0
             batch = next_batch
+        monitor.render()
         summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
                        checkpoint=str(ckpts.latest()))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -180,6 +185,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     finally:
         if tracker is not None:
             tracker.close()
+        if monitor is not None:
+            monitor.close()
         actors.shutdown()
 
 

@@ -21,15 +21,17 @@ import torch
 
 from atesd_ray.config import Config
 from controller.core import Controller
+from controller.metrics import ControllerMetrics
 
 STATE_FILE = "controller.json"
 TENSOR_FILE = "controller_policy.pt"
 
 
 class ExposureController:
-    def __init__(self, cfg: Config, total_steps: int, timeline_path: str | None = None):
+    def __init__(self, cfg: Config, total_steps: int, timeline_path: str | None = None, run: str = ""):
         self.controller = Controller(cfg, total_steps)
         self.timeline_path = Path(timeline_path) if timeline_path else None
+        self.metrics = ControllerMetrics(run, cfg.model.name)
 
     def exposure(self, step: int, uids: list[str] | None = None) -> float | dict[str, float]:
         """α for ``step``: a float (granularity=batch) or ``{uid: α}`` for ``uids`` (example)."""
@@ -45,10 +47,11 @@ class ExposureController:
         return True
 
     def observe(self, step: int, stats: dict, probe_nll: float) -> dict[str, float]:
-        """Step ``step``'s statistics; returns the controller's metrics for tracking."""
+        """Step ``step``'s statistics; returns the controller's metrics for tracking (its series
+        are also exported to Prometheus)."""
         metrics = self.controller.observe(step, stats, probe_nll)
         self._write_timeline()
-        return metrics
+        return metrics | self.metrics.record(self.controller.timeline())
 
     def timeline(self) -> list[dict]:
         return self.controller.timeline()

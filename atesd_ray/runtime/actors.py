@@ -51,9 +51,10 @@ def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
         ray.kill(thing, no_restart=True)
 
 
-def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | None = None) -> Actors:
+def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | None = None, run: str = "") -> Actors:
     """Rollout, teacher, student and controller actors in their placement groups; weight sync set up.
-    ``timeline_path``: where the controller keeps its decision timeline up to date.
+    ``timeline_path``: where the controller keeps its decision timeline up to date; ``run`` labels
+    the controller's Prometheus series.
 
     Placement groups per role: the student ranks per ``cluster.student_strategy`` (PACK: as few
     nodes as possible), rollout and teacher replicas per theirs (SPREAD). With
@@ -110,7 +111,7 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
         controller = (
             ray.remote(ExposureController)
             .options(name=f"{name}-controller", num_cpus=0)
-            .remote(cfg, total_steps, timeline_path)
+            .remote(cfg, total_steps, timeline_path, run)
         )
         created.append(controller)
         address, port = ray.get(students.actors[0].master_address.remote())
