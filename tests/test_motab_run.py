@@ -78,6 +78,28 @@ def test_motab_synthesis_with_smollm2_and_its_privileged_self_teacher(ray_cluste
     assert sorted(r["id"] for r in data.train) == sorted(r["id"] for r in rows)
     assert {r["reference"] for r in data.train} == {r["reference"] for r in rows}
 
+    # ... and the paper's MOTAB pipeline ends in SFT on it: one step over every synthesized row
+    sft_dir = tmp_path / "sft"
+    sft = train(
+        make_config(
+            *TINY,
+            "algorithm=sft",
+            "data=jsonl",
+            f"data.path={tmp_path / OUTPUT}",
+            "data.eval_fraction=0",
+            "data.probe_size=1",
+            "trainer.total_steps=1",
+            f"trainer.prompts_per_step={len(rows)}",
+            "eval.at_start=false",
+            "eval.at_end=false",
+            f"run_dir={sft_dir}",
+        ),
+        sft_dir,
+    )
+    final = sft["final_metrics"]
+    assert sft["algorithm"] == "sft" and final["weight_version"] == 1 and final["tokens"] > 0
+    assert 0 < final["loss"] < 20 and final["grad_norm"] > 0
+
 
 def test_skd_synthesis_keeps_student_steps_the_teacher_likes_and_rewrites_the_others(ray_cluster, tmp_path):
     # gamma = 1: the tiny random Qwen3 gives student and teacher values within a few percent of each other
