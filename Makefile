@@ -43,6 +43,11 @@ monitor:
 	prometheus --config.file=controller/dashboard/prometheus.yml --web.listen-address=127.0.0.1:$(PROM_PORT) \
 		--storage.tsdb.path=$(PROM_DATA)
 
+# 200 tiny-model steps with an actor killed every 20 (not in CI): every step must match an unkilled run
+SOAK_ARGS  ?= --steps 200 --kill-every 20 --out runs/soak
+soak: install
+	$(PY) -m atesd_ray.soak $(SOAK_ARGS)
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

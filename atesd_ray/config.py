@@ -416,6 +416,9 @@ class TrainerConfig:
     weight_transport: str = "object_store"  # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
     weight_bucket_mb: int = 512  # collective / cuda_ipc: weights move in buckets of at most this size
     backend: str = "auto"  # torch.distributed backend: auto (gloo on CPU, nccl on GPU), gloo, nccl
+    # actor faults (atesd_ray/runtime/faults.py): retries of one step after a replica restart, and
+    # rollbacks to the last checkpoint without a step completed in between, before the run fails
+    fault_retries: int = 3
 
     def validate(self, key: str) -> None:
         _positive(self.ranks, f"{key}.ranks")
@@ -434,6 +437,7 @@ class TrainerConfig:
         _one_of(self.weight_transport, f"{key}.weight_transport", WEIGHT_TRANSPORTS)
         _positive(self.weight_bucket_mb, f"{key}.weight_bucket_mb")
         _one_of(self.backend, f"{key}.backend", ("auto", "gloo", "nccl"))
+        _positive(self.fault_retries, f"{key}.fault_retries", strict=False)
 
 
 @dataclass

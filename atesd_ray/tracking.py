@@ -37,6 +37,11 @@ class Tracker:
             os.environ["TENSORBOARD_DIR"] = str(self.run_dir / "tensorboard")
             self.verl = Tracking(project_name=project, experiment_name=experiment, default_backend=remote, config=config)
 
+    def rewind(self, step: int) -> None:
+        """Forget the steps from ``step`` on (the run went back to the checkpoint of ``step``)."""
+        if self.jsonl is not None:
+            self._truncate_after(step)
+
     def _truncate_after(self, step: int) -> None:
         """Keep the lines of steps before ``step`` (a resumed run rewrites the rest)."""
         if not self.jsonl.exists():

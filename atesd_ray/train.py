@@ -24,6 +24,7 @@ from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import CheckpointManager, read_state
 from atesd_ray.runtime.cluster import connect
+from atesd_ray.runtime.faults import Rollback, retrying
 from atesd_ray.tracking import Tracker
 from controller.dashboard.live import RunMonitor
 
@@ -115,6 +116,55 @@ def _restore(actors: Actors, checkpoint: Path, sampler: EpochSampler) -> int:
     return state["step"]
 
 
+def _launch(cfg: Config, run_dir: Path, data: Prepared, sampler: EpochSampler, checkpoint: Path | None) -> tuple[Actors, int]:
+    """Build the run's actors and bring them to ``checkpoint`` (or to step 0); returns them and the
+    step to train next."""
+    timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
+    actors = build_actors(cfg, cfg.trainer.total_steps, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}",
+                          timeline_path=timeline, run=run_dir.resolve().name)
+    try:
+        (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
+        ray.get(actors.students.call("set_probe", data.probe))
+        sampler.consumed = 0
+        start = _restore(actors, checkpoint, sampler) if checkpoint else 0
+        ray.get(actors.weight_sync.sync(version=start))
+        if start == 0:
+            ray.get(actors.controller.baseline.remote(0, actors.students.call("probe_nll")[0]))
+    except BaseException:
+        actors.shutdown()
+        raise
+    return actors, start
+
+
+def _step(cfg: Config, actors: Actors, step_fn, step: int, batch: list[dict], next_batch: list[dict] | None,
+          prefetched: list | None) -> tuple[dict, list | None]:
+    """``step_fn`` on ``step``, run again after an actor fault (rollouts launched ahead are redone)."""
+    return retrying(cfg, actors, f"step {step}",
+                    lambda retry: step_fn(cfg, actors, step, batch, next_batch, None if retry else prefetched))
+
+
+def _after_step(cfg: Config, actors: Actors, data: Prepared, run_dir: Path, ckpts: CheckpointManager,
+                sampler: EpochSampler, step: int, next_batch: list[dict] | None, metrics: dict, summary: dict) -> Path | None:
+    """The held-out evaluation and the checkpoint due after ``step`` (each retried after an actor
+    fault); returns the checkpoint written, if one was due."""
+    done, total = step + 1, cfg.trainer.total_steps
+    periodic = cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0
+    if data.evals and (periodic or (done == total and cfg.eval.at_end)):
+        ev = retrying(cfg, actors, f"eval after step {done}", lambda _: _evaluate(cfg, actors, data.evals, run_dir, done, done))
+        metrics.update({f"eval/{k}": v for k, v in ev.items()})
+        print(f"held-out after step {done}: {_fmt_eval(ev)}", flush=True)
+        if done == total:
+            summary["eval_after"] = ev
+    if done % cfg.trainer.save_every == 0 or done == total:
+        # the batch drawn for the next step is given back, so a resume draws it again
+        given_back = len(next_batch) if next_batch else 0
+        sampler.consumed -= given_back
+        saved = retrying(cfg, actors, f"checkpoint {done}", lambda _: _save(cfg, actors, ckpts, done, sampler, metrics))
+        sampler.consumed += given_back
+        return saved
+    return None
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     """Train; returns the summary (also written to ``summary.json``)."""
     prepare_run_dir(run_dir, cfg)
@@ -126,20 +176,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     sampler = EpochSampler(len(data.train), cfg.trainer.prompts_per_step, cfg.seed, cfg.data.shuffle)
     ckpts = CheckpointManager(run_dir, cfg.trainer.keep_last)
     checkpoint = ckpts.resolve(cfg.resume)
-    timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
-    actors = build_actors(cfg, total, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}", timeline_path=timeline,
-                          run=run_dir.resolve().name)
+    actors, start = _launch(cfg, run_dir, data, sampler, checkpoint)
     tracker = monitor = None
     try:
-        (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
         monitor = RunMonitor(cfg, run_dir)
-        ray.get(actors.students.call("set_probe", data.probe))
-        start = _restore(actors, checkpoint, sampler) if checkpoint else 0
         if checkpoint:
             print(f"resumed from {checkpoint} at step {start}", flush=True)
-        ray.get(actors.weight_sync.sync(version=start))
-        if start == 0:
-            ray.get(actors.controller.baseline.remote(0, actors.students.call("probe_nll")[0]))
         tracker = Tracker(run_dir, cfg.tracking.backends, cfg.tracking.project, cfg.tracking.experiment or run_dir.name,
                           OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=start)
         summary: dict = {"run_dir": str(run_dir), "start_step": start, "total_steps": total, "algorithm": cfg.algorithm.name,
@@ -155,27 +197,29 @@ def run(cfg: Config, run_dir: Path) -> dict:
         records = data.train
         batch = [records[i] for i in sampler.next_indices()]
         prefetched, metrics, first_metrics = None, {}, None
-        for step in range(start, total):
-            next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
-            metrics, prefetched = step_fn(cfg, actors, step, batch, next_batch, prefetched)
-            metrics.update(total_steps=total, epoch=sampler.epoch)
-            done = step + 1
-            periodic = cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0
-            if data.evals and (periodic or (done == total and cfg.eval.at_end)):
-                ev = _evaluate(cfg, actors, data.evals, run_dir, done, done)
-                metrics.update({f"eval/{k}": v for k, v in ev.items()})
-                print(f"held-out after step {done}: {_fmt_eval(ev)}", flush=True)
-                if done == total:
-                    summary["eval_after"] = ev
+        step, rollbacks = start, 0
+        while step < total:
+            try:
+                next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
+                metrics, prefetched = _step(cfg, actors, step_fn, step, batch, next_batch, prefetched)
+                metrics.update(total_steps=total, epoch=sampler.epoch)
+                checkpoint = _after_step(cfg, actors, data, run_dir, ckpts, sampler, step, next_batch, metrics, summary) or checkpoint
+            except Rollback as fault:
+                rollbacks += 1
+                if rollbacks > cfg.trainer.fault_retries:
+                    raise
+                summary["rollbacks"] = summary.get("rollbacks", 0) + 1
+                actors.shutdown()
+                # this run's last checkpoint (or the one it resumed from): never one an older run left
+                actors, step = _launch(cfg, run_dir, data, sampler, checkpoint)
+                print(f"{fault}: rollback {rollbacks}, continuing from {checkpoint or 'the start'} at step {step}", flush=True)
+                tracker.rewind(step)
+                batch, prefetched = [records[i] for i in sampler.next_indices()], None
+                continue
             tracker.log(step, metrics)
             monitor.record(step, metrics)
             first_metrics = first_metrics or dict(metrics)
-            if done % cfg.trainer.save_every == 0 or done == total:
-                # the batch drawn for the next step is given back, so a resume draws it again
-                sampler.consumed -= len(next_batch) if next_batch else 0
-                _save(cfg, actors, ckpts, done, sampler, metrics)
-                sampler.consumed += len(next_batch) if next_batch else 0
-            batch = next_batch
+            batch, step, rollbacks = next_batch, step + 1, 0
         monitor.render()
         summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
                        checkpoint=str(ckpts.latest()))

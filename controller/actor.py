@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from atesd_ray.config import Config
+from atesd_ray.runtime.checkpoint import load_tensors
+from atesd_ray.runtime.faults import once_per_step
 from controller.core import Controller
 from controller.metrics import ControllerMetrics
 
@@ -46,6 +48,7 @@ class ExposureController:
         self.controller.baseline(step, probe_nll)
         return True
 
+    @once_per_step
     def observe(self, step: int, stats: dict, probe_nll: float) -> dict[str, float]:
         """Step ``step``'s statistics; returns the controller's metrics for tracking (its series
         are also exported to Prometheus)."""
@@ -84,8 +87,6 @@ class ExposureController:
                 raise FileNotFoundError(
                     f"checkpoint {d} has {STATE_FILE} but no {TENSOR_FILE} for the controller policy"
                 )
-            self.controller.strategy.load_tensors(
-                torch.load(d / TENSOR_FILE, map_location="cpu", weights_only=True)
-            )
+            self.controller.strategy.load_tensors(load_tensors(d / TENSOR_FILE))
         self._write_timeline()
         return True

@@ -44,8 +44,9 @@ from atesd_ray.losses import (
 from atesd_ray.models import DTYPES, load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages
 from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
-from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint
+from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
 from atesd_ray.runtime.cuda_ipc import share
+from atesd_ray.runtime.faults import once_per_step
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weights import PackedWeights, TensorSpec, bucket_bytes, flatten, layout, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
@@ -282,6 +283,7 @@ class StudentRank:
         return {k: v.to(self.device) for k, v in rows.items()}
 
     # -- training --------------------------------------------------------------------------------
+    @once_per_step
     def train_step(self, step: int, rollout_refs: list, teacher_refs: list) -> dict:
         """One optimizer step of distillation on the step's rollouts and teacher targets."""
         t0 = time.perf_counter()
@@ -309,6 +311,7 @@ class StudentRank:
             metrics["per_example"] = example_stats(rollout, teacher)
         return metrics | batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta)
 
+    @once_per_step
     def distill_nll_step(self, step: int, rollout_refs: list, teacher_refs: list, prefix_weight: float, suffix_weight: float) -> dict:
         """One optimizer step of MOTAB / SKD on monitored trajectories: ``prefix_weight`` x the
         distillation loss at the rows' ``distill_mask`` positions (the student's accepted steps) plus
@@ -394,6 +397,7 @@ class StudentRank:
             "skipped_nonfinite_total": self.skipped_nonfinite,
         }
 
+    @once_per_step
     def sft_step(self, step: int, records: list[dict]) -> dict:
         """One optimizer step of SFT: the NLL of each reference solution, ended by EOS, after the
         problem-only student prompt (references over ``algorithm.sft.max_response_tokens`` are cut)."""
@@ -427,6 +431,7 @@ class StudentRank:
             "time_update_s": time.perf_counter() - t0,
         }
 
+    @once_per_step
     def grpo_step(self, step: int, rollout_refs: list, reference_refs: list | None) -> dict:
         """One optimizer step of GRPO on graded rollouts (n per prompt): group-normalized rewards,
         clipped policy gradient against the rollout log-probs, optional k3 KL to the reference
@@ -614,7 +619,7 @@ class StudentRank:
         state = json.loads((d / "student_state.json").read_text())
         self._check_fingerprint(state["fingerprint"], d)
         weights = load_file(str(d / "student.safetensors"))
-        blob = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
+        blob = load_tensors(d / "optimizer.pt")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
         set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.policy, self.optimizer, blob["optimizer"], options=options)
@@ -634,3 +639,7 @@ class StudentRank:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def updates(self) -> int:
+        """Optimizer steps applied so far: the version of the weights this rank holds."""
+        return self.step

@@ -9,6 +9,7 @@ from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
 from atesd_ray.runtime.cluster import ActorGroup, Placement, merge_bundles, role_bundle
+from atesd_ray.runtime.faults import restart_limit
 from atesd_ray.runtime.weight_sync import WeightSync, make_weight_sync
 
 
@@ -94,6 +95,7 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
             c.rollout_strategy,
             f"{name}-rollout",
             lambda i: ((cfg, i), {}),
+            max_restarts=restart_limit(cfg, "rollout"),
             placement=shared,
             timeout_s=timeout,
         )
@@ -105,6 +107,7 @@ def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | 
             c.teacher_strategy,
             f"{name}-teacher",
             lambda i: ((cfg, i), {}),
+            max_restarts=restart_limit(cfg, "teacher"),
             timeout_s=timeout,
         )
         created.append(teachers)

@@ -120,6 +120,22 @@ def check_fingerprint(saved: dict, mine: dict, where: Path) -> None:
         )
 
 
+def load_tensors(path: Path) -> dict:
+    """A ``torch.save`` file of tensors and plain containers, unpickled without running any code
+    in it (``weights_only``): a file that asks for more is refused, naming the file."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds more than tensors (pickled objects or code); refused to load it: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+
+
 def is_checkpoint(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / STATE).is_file()
 

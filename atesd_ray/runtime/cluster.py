@@ -92,7 +92,8 @@ def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)
+    # Ray's default too, spelled out: the dashboard (and its job-submission API) answers on loopback only
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True, dashboard_host="127.0.0.1")
 
 
 def merge_bundles(*bundles: dict[str, float]) -> dict[str, float]:
@@ -163,7 +164,8 @@ class Placement:
 
 
 class ActorGroup:
-    """N actors of one class, actor i in slot i of a placement, called together.
+    """N actors of one class, actor i in slot i of a placement, called together. Actor i is named
+    ``{name}-{i}`` (``ray.get_actor``), so operators and fault-injection tests can find it.
 
     The group makes (and at shutdown removes) its own placement group unless it is given one to
     share, as colocated roles do.
@@ -196,6 +198,7 @@ class ActorGroup:
                 num_cpus=res.cpus,
                 num_gpus=res.gpus,
                 resources=dict(res.resources) or None,
+                name=f"{name}-{i}",
                 scheduling_strategy=self.placement.strategy(i),
                 max_restarts=max_restarts,
                 max_task_retries=0,

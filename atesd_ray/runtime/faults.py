@@ -1,0 +1,130 @@
+"""Surviving actor faults without losing a step or doing one twice.
+
+Two ways back, chosen by what died:
+
+- A rollout replica, or a teacher replica whose weights a sync can rebuild (``frozen``, ``live``):
+  Ray restarts it in its placement bundle (``max_restarts``, see :func:`restart_limit`); the
+  driver waits for it, re-sends the student's current weights to every receiver and runs the
+  failed step again (:func:`retrying`). A retried step gives the result of the unkilled one:
+  rollout seeds depend on (seed, step, chunk) only, and the actors whose state a step changes (the
+  student ranks, the controller) apply each step once (:func:`once_per_step`), answering a repeat
+  with the result they already have.
+- A student rank (FSDP ranks cannot rejoin a process group), the controller, or an EMA teacher
+  (its average exists nowhere else): :class:`Rollback`. The training loop tears every actor down,
+  builds them again and continues from the last complete checkpoint.
+
+Algorithm code knows nothing of this: ``train.py`` wraps each step in :func:`retrying`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import ray
+from ray.actor import ActorHandle
+
+from atesd_ray.config import Config
+
+if TYPE_CHECKING:
+    from atesd_ray.runtime.actors import Actors
+
+T = TypeVar("T")
+
+
+class Rollback(RuntimeError):
+    """An actor died that a restart cannot bring back in step: continue from the last checkpoint."""
+
+
+def restart_limit(cfg: Config, role: str) -> int:
+    """``max_restarts`` of a role's actors: rollout and frozen/live teacher replicas come back as
+    often as they die (each step still gives up after ``trainer.fault_retries`` tries); the rest
+    stay dead, so that a fault there is seen and rolled back."""
+    if role == "rollout" or (role == "teacher" and cfg.teacher.weights != "ema"):
+        return -1
+    return 0
+
+
+def is_actor_fault(err: BaseException) -> bool:
+    """True when ``err`` or what caused it is an actor that died or became unreachable (an actor
+    task that failed because its input came from a dead actor carries that error as its cause)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+            return True
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
+
+
+def once_per_step(method: Callable) -> Callable:
+    """For actor methods ``method(self, step, ...)`` that change state: a second call for the step
+    last applied (a retried step) returns the first call's result instead of applying it again."""
+
+    @functools.wraps(method)
+    def wrapper(self, step: int, *args, **kwargs):
+        done = self.__dict__.setdefault("_applied_steps", {})
+        if method.__name__ in done and done[method.__name__][0] == step:
+            return done[method.__name__][1]
+        result = method(self, step, *args, **kwargs)
+        done[method.__name__] = (step, result)
+        return result
+
+    return wrapper
+
+
+def _alive(handles: dict[str, ActorHandle], timeout_s: float) -> list[str]:
+    """The names of ``handles`` that are dead for good; waits for restarting ones to answer."""
+    dead, waiting = [], dict(handles)
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        refs = {name: h.__ray_ready__.remote() for name, h in waiting.items()}
+        waiting = {}
+        for name, ref in refs.items():
+            try:
+                ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                waiting[name] = handles[name]
+            except ray.exceptions.RayActorError:
+                dead.append(name)
+        if waiting and time.monotonic() > deadline:
+            raise TimeoutError(f"actors {sorted(waiting)} did not come back within {timeout_s:.0f} s")
+        if waiting:
+            time.sleep(0.5)
+    return dead
+
+
+def recover(cfg: Config, actors: Actors) -> None:
+    """After an actor fault: wait for restarted replicas and give every weight receiver the
+    student's current weights; raise :class:`Rollback` when an actor is dead for good."""
+    handles = {"controller": actors.controller}
+    for role, group in (
+        ("student", actors.students),
+        ("rollout", actors.rollouts),
+        ("teacher", actors.teachers),
+    ):
+        handles.update({f"{role} {i}": a for i, a in enumerate(group.actors)})
+    dead = _alive(handles, cfg.cluster.placement_timeout_s)
+    if dead:
+        raise Rollback(f"dead for good: {', '.join(dead)}")
+    version = ray.get(actors.students.actors[0].updates.remote())
+    actors.weight_sync.teardown()
+    actors.weight_sync.setup()  # a collective transport needs a new group with the new actor
+    ray.get(actors.weight_sync.sync(version=version))
+
+
+def retrying(cfg: Config, actors: Actors, what: str, attempt: Callable[[bool], T]) -> T:
+    """``attempt(retry)``, again after each actor fault that :func:`recover` repairs, at most
+    ``trainer.fault_retries`` times; ``retry`` is True from the second call on."""
+    tries = 0
+    while True:
+        try:
+            return attempt(tries > 0)
+        except ray.exceptions.RayError as err:
+            if not is_actor_fault(err) or tries == cfg.trainer.fault_retries:
+                raise
+            tries += 1
+            print(f"{what}: an actor died ({type(err).__name__}); retry {tries}", flush=True)
+            recover(cfg, actors)
