@@ -166,6 +166,7 @@ def overrides(steps: int, run_dir: Path) -> list[str]:
         "trainer.keep_last=2",
         "trainer.prompts_per_step=4",
         "trainer.micro_batch=2",
+        "trainer.lr=1e-3",
         "rollout.max_new_tokens=16",
         "rollout.micro_batch=8",
         "teacher.micro_batch=4",

@@ -209,10 +209,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 if rollbacks > cfg.trainer.fault_retries:
                     raise
                 summary["rollbacks"] = summary.get("rollbacks", 0) + 1
+                print(f"step {step}: {fault}; rolling back to {checkpoint or 'the start'}", flush=True)
                 actors.shutdown()
                 # this run's last checkpoint (or the one it resumed from): never one an older run left
                 actors, step = _launch(cfg, run_dir, data, sampler, checkpoint)
-                print(f"{fault}: rollback {rollbacks}, continuing from {checkpoint or 'the start'} at step {step}", flush=True)
                 tracker.rewind(step)
                 batch, prefetched = [records[i] for i in sampler.next_indices()], None
                 continue

@@ -47,7 +47,8 @@ def _student_group(cfg, ranks: int, name: str) -> ActorGroup:
     return group
 
 
-def _weights(group: ActorGroup, version: int = 0) -> dict[str, torch.Tensor]:
+def _weights(group: ActorGroup) -> dict[str, torch.Tensor]:
+    version = ray.get(group.actors[0].updates.remote())  # an export carries the student's update count
     return {k: v.clone() for k, v in unpack(ray.get(group.call("export_weights", version)[0])).items()}
 
 

@@ -27,6 +27,10 @@ class StaleWeightsError(RuntimeError):
     """A rollout was asked to run on weights older than the configured staleness allows."""
 
 
+class WeightVersionError(RuntimeError):
+    """A sync was asked to carry a version that the student's weights are not (its update failed)."""
+
+
 class WeightReceiver:
     """Mixin for actors that hold a copy of the student (rollout; live or EMA teacher).
 
@@ -60,8 +64,9 @@ class WeightReceiver:
         self._weight_group = BroadcastGroup(address, port, rank, world_size, backend)
         return True
 
-    def receive_broadcast(self, version: int, buckets: list[list[TensorSpec]]) -> int:
-        """Receive a sync bucket by bucket (``send_buckets`` on the student's rank 0)."""
+    def receive_broadcast(self, version: int, buckets: list[list[TensorSpec]], checked: int | None = None) -> int:
+        """Receive a sync bucket by bucket (``send_buckets`` on the student's rank 0). ``checked``: the
+        driver passes the sender's version check here, so a refused sync never starts a broadcast."""
         newer = version > self.weight_version
         for bucket in buckets:
             buffer = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=self._weight_group.device)
