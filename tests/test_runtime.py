@@ -48,7 +48,7 @@ def _student_group(cfg, ranks: int, name: str) -> ActorGroup:
 
 
 def _weights(group: ActorGroup) -> dict[str, torch.Tensor]:
-    version = ray.get(group.actors[0].updates.remote())  # an export carries the student's update count
+    version = ray.get(group.actors[0].updates.remote())  # an export is tagged with the student's update count
     return {k: v.clone() for k, v in unpack(ray.get(group.call("export_weights", version)[0])).items()}
 
 

@@ -27,10 +27,6 @@ class StaleWeightsError(RuntimeError):
     """A rollout was asked to run on weights older than the configured staleness allows."""
 
 
-class WeightVersionError(RuntimeError):
-    """A sync was asked to carry a version that the student's weights are not (its update failed)."""
-
-
 class WeightReceiver:
     """Mixin for actors that hold a copy of the student (rollout; live or EMA teacher).
 
@@ -52,10 +48,11 @@ class WeightReceiver:
     def weight_format(self) -> str:
         return self.payload_format
 
-    def receive_weights(self, packed: PackedWeights, version: int) -> int:
+    def receive_weights(self, packed: PackedWeights | None, version: int) -> int:
         """Apply weights newer than those held; an older or equal version is a no-op (so a resumed
-        EMA teacher is not blended twice with the checkpoint's weights)."""
-        if version > self.weight_version:
+        EMA teacher is not blended twice with the checkpoint's weights), and so is a sync the
+        student refused (``packed`` None: see ``StudentRank.holds_version``)."""
+        if packed is not None and version > self.weight_version:
             self._apply_weights(unpack(packed), version)
             self.weight_version = version
         return self.weight_version
@@ -64,9 +61,11 @@ class WeightReceiver:
         self._weight_group = BroadcastGroup(address, port, rank, world_size, backend)
         return True
 
-    def receive_broadcast(self, version: int, buckets: list[list[TensorSpec]], checked: int | None = None) -> int:
-        """Receive a sync bucket by bucket (``send_buckets`` on the student's rank 0). ``checked``: the
-        driver passes the sender's version check here, so a refused sync never starts a broadcast."""
+    def receive_broadcast(self, version: int, buckets: list[list[TensorSpec]], sent: bool = True) -> int:
+        """Receive a sync bucket by bucket (``send_buckets`` on the student's rank 0). ``sent``: the
+        sender's ``holds_version``, so that nobody waits in a broadcast the sender refused."""
+        if not sent:
+            return self.weight_version
         newer = version > self.weight_version
         for bucket in buckets:
             buffer = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=self._weight_group.device)

@@ -50,7 +50,7 @@ from atesd_ray.runtime.faults import once_per_step
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weights import PackedWeights, TensorSpec, bucket_bytes, flatten, layout, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
-from workers.common import WeightVersionError, send_buckets, setup_actor, take_bucket
+from workers.common import send_buckets, setup_actor, take_bucket
 
 log = logging.getLogger(__name__)
 
@@ -550,21 +550,25 @@ class StudentRank:
         """Names, shapes and dtypes of a sync in format ``fmt`` (from metadata; no gathering)."""
         return layout(dict(self._stream(fmt, torch.device("meta"), meta=True)))
 
-    def expect_version(self, version: int) -> int:
-        """A sync tagged ``version`` must carry the weights after ``version`` updates: a sync that
-        follows a failed update is refused, so no receiver holds old weights under a new version."""
+    def holds_version(self, version: int) -> bool:
+        """Whether a sync tagged ``version`` may go out: it must carry the weights after ``version``
+        updates. A sync launched behind an update that failed moves nothing (the step fails on the
+        update's own error), so no receiver ever holds old weights under a new version."""
         if version != self.step:
-            raise WeightVersionError(f"student rank {self.rank}: a sync of version {version}, but it holds the weights after {self.step} updates")
-        return version
+            log.warning("sync of version %d refused: the weights are those after %d updates", version, self.step)
+        return version == self.step
 
     def export_weights(self, version: int, fmt: str = "trainable") -> PackedWeights | None:
-        self.expect_version(version)
+        """Rank 0's packed weights (None on other ranks, and on all when ``holds_version`` refuses)."""
+        if not self.holds_version(version):
+            return None
         named = dict(self._stream(fmt, torch.device("cpu")))
         return pack(named, version) if self.rank == 0 else None
 
     def broadcast_weights(self, version: int, fmt: str, buckets: list[list[TensorSpec]]) -> int:
         """Bucketed broadcast from rank 0 to the weight group; every rank gathers."""
-        self.expect_version(version)
+        if not self.holds_version(version):
+            return 0
         group = self._weight_group if self.rank == 0 else None
         device = group.device if group is not None else self.device
         return send_buckets(self._stream(fmt, device), buckets, group)

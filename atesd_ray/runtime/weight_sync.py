@@ -50,7 +50,7 @@ class WeightSync:
 
     def sync(self, version: int) -> list[ray.ObjectRef]:
         """Start moving the student's weights, tagged ``version`` (the student's update count: a sync
-        after a failed update is refused); the refs resolve when all hold it."""
+        behind an update that failed moves nothing); the refs resolve when all hold it."""
         raise NotImplementedError
 
     def teardown(self) -> None:
@@ -86,9 +86,9 @@ class CollectiveSync(WeightSync):
         self.buckets = ray.put(self._buckets())  # the layout travels once, by reference
 
     def sync(self, version: int) -> list[ray.ObjectRef]:
-        checked = self.students.actors[0].expect_version.remote(version)
+        allowed = self.students.actors[0].holds_version.remote(version)
         sent = self.students.call("broadcast_weights", version, self.format, self.buckets)
-        return sent + [r.receive_broadcast.remote(version, self.buckets, checked) for r in self.receivers]
+        return sent + [r.receive_broadcast.remote(version, self.buckets, allowed) for r in self.receivers]
 
     def teardown(self) -> None:
         ray.get([m.leave_weight_group.remote() for m in [self.students.actors[0], *self.receivers]])
@@ -106,7 +106,8 @@ class CudaIpcSync(WeightSync):
         self.buckets = self._buckets()
 
     def sync(self, version: int) -> list[ray.ObjectRef]:
-        ray.get(self.students.call("expect_version", version))
+        if not all(ray.get(self.students.call("holds_version", version))):
+            return []
         ray.get(self.students.call("ipc_begin", self.format, self.buckets))
         last = len(self.buckets) - 1
         for k, bucket in enumerate(self.buckets):
