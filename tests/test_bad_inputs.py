@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,9 @@ def test_a_config_typo_on_the_command_line_fails_before_anything_starts():
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode != 0
-    assert "trainer.totl_steps" in out.stderr + out.stdout and "trainer.total_steps" in out.stderr + out.stdout
+    assert (
+        "trainer.totl_steps" in out.stderr + out.stdout and "trainer.total_steps" in out.stderr + out.stdout
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,9 +90,9 @@ def test_a_config_typo_on_the_command_line_fails_before_anything_starts():
     ],
 )
 def test_exposure_bounds_out_of_range_are_refused_naming_the_key(overrides, key):
-    with pytest.raises(Exception, match=key.replace(".", r"\.")) as err:
+    with pytest.raises(ConfigError, match=rf"^config error at '{re.escape(key)}': ") as err:
         make_config(*TINY, *overrides)
-    assert "config error" in str(err.value) or isinstance(err.value.__cause__, ConfigError) or key in str(err.value)
+    assert "must be in [0.0, 1.0]" in str(err.value) or "exceeds alpha_max" in str(err.value)
 
 
 def _checkpoint(root: Path, step: int, complete: bool = True) -> Path:
@@ -127,7 +130,9 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both(tmp_path):
     ckpt = _checkpoint(tmp_path, 3)
     theirs = load_model(make_config(*TINY, "model.tiny.hidden_size=32").model)
     trainable = {n: p.detach() for n, p in theirs.named_parameters()}
-    save_file({n: t.contiguous() for n, t in trainable.items()}, str(ckpt / "student" / "student.safetensors"))
+    save_file(
+        {n: t.contiguous() for n, t in trainable.items()}, str(ckpt / "student" / "student.safetensors")
+    )
     state = {"fingerprint": fingerprint("tiny", False, trainable)}
     (ckpt / "student" / "student_state.json").write_text(json.dumps(state))
 

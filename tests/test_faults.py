@@ -27,7 +27,7 @@ FAULTY = [
     "controller.hold=1",
     "controller.lookahead=1",
     "controller.batch_decisions=2",
-    "trainer.total_steps=4",
+    "trainer.total_steps=3",
     "trainer.save_every=1",
     "rollout.max_new_tokens=16",
     "trainer.lr=1e-3",  # updates that move the metrics: a step applied twice would show
@@ -50,7 +50,10 @@ def test_killed_rollout_and_teacher_are_restarted_and_their_steps_retried(refere
     with FaultInjector(out, plan) as injector:
         summary = run(make_config(*FAULTY, f"run_dir={out}"), out)
     assert not injector.errors
-    assert [(k["role"], k["how"]) for k in injector.killed] == [("rollout", "ray.kill"), ("teacher", "sigkill")]
+    assert [(k["role"], k["how"]) for k in injector.killed] == [
+        ("rollout", "ray.kill"),
+        ("teacher", "sigkill"),
+    ]
     assert "rollbacks" not in summary  # restarted in place, not rolled back
     assert capsys.readouterr().out.count("an actor died") >= 2  # one failed step per kill, retried
     assert differences(reference, metrics(out)) == []
@@ -58,7 +61,7 @@ def test_killed_rollout_and_teacher_are_restarted_and_their_steps_retried(refere
 
 def test_dead_student_rank_and_controller_roll_back_to_the_last_checkpoint(reference, tmp_path, capsys):
     out = tmp_path / "rolled-back"
-    plan = [(1, "student", "ray.kill"), (3, "controller", "sigkill")]
+    plan = [(1, "student", "ray.kill"), (2, "controller", "sigkill")]
     with FaultInjector(out, plan) as injector:
         summary = run(make_config(*FAULTY, f"run_dir={out}"), out)
     assert not injector.errors and [k["role"] for k in injector.killed] == ["student", "controller"]
@@ -78,20 +81,20 @@ def test_driver_killed_mid_step_resumes_from_the_last_complete_checkpoint(ray_cl
     log = tmp_path / "driver.log"
     with open(log, "w") as fh:
         driver = subprocess.Popen(command, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        second = out / "checkpoints" / "step_2" / "COMPLETE"
+        first = out / "checkpoints" / "step_1" / "COMPLETE"
         deadline = time.monotonic() + 400
-        while not second.exists() and driver.poll() is None and time.monotonic() < deadline:
+        while not first.exists() and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        driver.kill()  # SIGKILL, in step 2 (the third), with checkpoints step_1 and step_2 written
+        driver.kill()  # SIGKILL, in step 1 (the second), with checkpoint step_1 written
         driver.wait()
-    assert second.exists(), log.read_text()[-3000:]
-    assert not (out / "checkpoints" / "step_3").exists()
-    # what a kill while writing step 3 leaves: parts of it, never named step_3
-    partial = out / "checkpoints" / ".tmp-step_3"
+    assert first.exists(), log.read_text()[-3000:]
+    assert not (out / "checkpoints" / "step_2").exists()
+    # what a kill while writing step 2 leaves: parts of it, never named step_2
+    partial = out / "checkpoints" / ".tmp-step_2"
     (partial / "student").mkdir(parents=True, exist_ok=True)
     (partial / "student" / "student.safetensors").write_bytes(b"\x00" * 64)
 
     resumed = run(make_config(*FAULTY, f"run_dir={out}"), out)  # the same command: resume=auto
-    assert resumed["start_step"] == 2
+    assert resumed["start_step"] == 1
     assert not partial.exists()
-    assert differences(reference, metrics(out)) == []  # steps 0..3 once each, as if never killed
+    assert differences(reference, metrics(out)) == []  # steps 0..2 once each, as if never killed
