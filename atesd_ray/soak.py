@@ -85,7 +85,8 @@ def steps_logged(run_dir: Path) -> int:
 @dataclass
 class FaultInjector:
     """Kills actors of the run in ``run_dir`` while it trains: ``plan`` holds (steps logged, role,
-    how); each kill happens once ``metrics.jsonl`` has that many steps, i.e. while the next one runs."""
+    how); each kill happens once ``metrics.jsonl`` has that many steps, i.e. while the next one
+    runs (kills due at the same count, in plan order, back to back)."""
 
     run_dir: Path
     plan: list[tuple[int, str, str]]
@@ -105,20 +106,20 @@ class FaultInjector:
         self._thread.join()
 
     def _loop(self) -> None:
-        pending = sorted(self.plan)
+        pending = sorted(self.plan, key=lambda p: p[0])  # kills due together go back to back
         while pending and not self._stop.wait(0.2):
-            after, role, how = pending[0]
-            if steps_logged(self.run_dir) < after:
-                continue
-            try:
-                name = kill(self.run_dir, role, how)
-            except LookupError:  # between a rollback's teardown and the new actors: try again
-                continue
-            except Exception as err:  # noqa: BLE001 - reported to the caller, who asserts on it
-                self.errors.append(f"{role} {how}: {err!r}")
-            else:
-                self.killed.append({"after_step": after, "role": role, "how": how, "name": name})
-            pending.pop(0)
+            logged = steps_logged(self.run_dir)
+            while pending and logged >= pending[0][0]:
+                after, role, how = pending[0]
+                try:
+                    name = kill(self.run_dir, role, how)
+                except LookupError:  # between a rollback's teardown and the new actors: next poll
+                    break
+                except Exception as err:  # noqa: BLE001 - reported to the caller, who asserts on it
+                    self.errors.append(f"{role} {how}: {err!r}")
+                else:
+                    self.killed.append({"after_step": after, "role": role, "how": how, "name": name})
+                pending.pop(0)
 
 
 def metrics(run_dir: Path) -> list[dict]:
