@@ -1,0 +1,97 @@
+"""What every part of the benchmark shares: its config, the machine's description, medians, RSS."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from atesd_ray.config import Config, register_schemas, to_config
+
+# One fixed workload for every part: the same prompts each step, plain temperature-1 sampling
+# (what TRL's GKDTrainer does: top_k=0, top_p=1) and the loss at temperature 1 (as TRL's).
+WORKLOADS = {
+    "smollm2_135m": {"prompts": 4, "new_tokens": 32},
+    "tiny": {"prompts": 4, "new_tokens": 8},
+}
+
+
+def bench_config(model: str, *extra: str) -> Config:
+    w = WORKLOADS[model]
+    overrides = [
+        f"model={model}",
+        f"trainer.prompts_per_step={w['prompts']}",
+        f"trainer.micro_batch={w['prompts']}",
+        f"rollout.micro_batch={w['prompts']}",
+        f"teacher.micro_batch={w['prompts']}",
+        f"rollout.max_new_tokens={w['new_tokens']}",
+        "rollout.n_samples=1",
+        "rollout.temperature=1.0",
+        "rollout.top_p=1.0",
+        "rollout.top_k=0",
+        "algorithm.loss.temperature=1.0",
+        "trainer.total_steps=1000",
+        "data.synthetic.n_train=32",
+        "data.synthetic.n_eval=8",
+        "data.synthetic.levels=[1]",
+        "data.probe_size=2",
+        "tracking.backends=[jsonl]",
+        "dashboard.enabled=false",
+        *extra,
+    ]
+    register_schemas()
+    with initialize_config_module("conf", version_base=None):
+        return to_config(compose("config", overrides=overrides))
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import ray
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads_driver": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements (seconds, bytes, ...)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """High-water resident set size of a local process (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+class Stopwatch:
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,116 @@
+"""The distributed step under measurement: the real actors and ``distill_step``, one fixed batch.
+
+Where a step's time goes is read from Ray's task timeline (every actor method's start and
+duration), so the step code is measured as it runs in training, without instrumenting it. The
+driver overhead is the step's wall time minus the union of the actor tasks that ran during it:
+scheduling, object transfer between tasks, and the driver's own work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import ray
+
+from atesd_ray.algorithms.distill import distill_step
+from atesd_ray.config import Config
+from atesd_ray.runtime.actors import Actors, build_actors
+from atesd_ray.runtime.cluster import _runtime_env_for_checkout
+from atesd_ray.train import prepare_data
+
+# the actor methods of a distillation step, by stage
+STAGES = {
+    "rollout": ("RolloutWorker.generate",),
+    "teacher": ("TeacherWorker.score",),
+    "weight_sync": (
+        "StudentRank.export_weights",
+        "RolloutWorker.receive_weights",
+        "StudentRank.broadcast_weights",
+        "RolloutWorker.receive_broadcast",
+    ),
+    "probe_nll": ("StudentRank.probe_nll",),
+    "controller": ("ExposureController.exposure", "ExposureController.observe"),
+}
+
+
+def start_ray(num_cpus: int = 8) -> None:
+    """A local Ray instance with room for every actor of the benchmark (they take turns on the cores)."""
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+
+
+class DistributedStep:
+    """The actors of one OPSD run on the bench workload; ``run(batch)`` is one training step."""
+
+    def __init__(self, cfg: Config, name: str = "bench"):
+        self.cfg = cfg
+        data = prepare_data(cfg)
+        self.batch = data.train[: cfg.trainer.prompts_per_step]
+        self.actors: Actors = build_actors(cfg, cfg.trainer.total_steps, name=name)
+        ray.get(self.actors.students.call("set_probe", data.probe))
+        ray.get(self.actors.weight_sync.sync(version=0))
+        self.probe = data.probe
+        self.step_index = 0
+
+    def use_controller(self, cfg: Config, name: str) -> None:
+        """Swap in the exposure controller of another algorithm (ATESD) on the same workers."""
+        from controller.actor import ExposureController
+
+        controller = ray.remote(ExposureController).options(name=name, num_cpus=0).remote(cfg, cfg.trainer.total_steps)
+        ray.get(controller.baseline.remote(self.step_index, self.actors.students.call("probe_nll")[0]))
+        self.actors = dataclasses.replace(self.actors, controller=controller)
+        self.cfg = cfg
+
+    def run(self) -> dict:
+        """One training step on the fixed batch; its metrics plus its wall-clock window."""
+        start = time.time()
+        metrics, _ = distill_step(self.cfg, self.actors, self.step_index, self.batch, None, None)
+        metrics["window"] = (start, time.time())
+        self.step_index += 1
+        return metrics
+
+    def shutdown(self) -> None:
+        self.actors.shutdown()
+
+
+def task_intervals() -> list[tuple[str, float, float]]:
+    """(Class.method, start, end) in seconds since the epoch, for every actor task so far."""
+    out = []
+    for event in ray.timeline():
+        cat = event.get("cat", "")
+        if cat.startswith("task::") and event.get("ph") == "X":
+            start = event["ts"] / 1e6
+            out.append((cat.removeprefix("task::"), start, start + event["dur"] / 1e6))
+    return out
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def breakdown(metrics: dict, intervals: list[tuple[str, float, float]]) -> dict:
+    """Seconds per stage of one step, from its metrics and the actor tasks inside its window.
+
+    The student update is the step's ``time_update_s`` (``train_step`` starts at once and first
+    waits for the rollout and teacher refs); every other stage is its tasks' summed duration.
+    """
+    lo, hi = metrics["window"]
+    inside = [(name, max(a, lo), min(b, hi)) for name, a, b in intervals if b > lo and a < hi]
+    out = {stage: sum(b - a for name, a, b in inside if name in names) for stage, names in STAGES.items()}
+    out["student_update"] = metrics["time_update_s"]
+    busy = [(a, b) for name, a, b in inside if name != "StudentRank.train_step"]
+    train = [b for name, _, b in inside if name == "StudentRank.train_step"]
+    busy += [(b - metrics["time_update_s"], b) for b in train]
+    out["step_wall"] = hi - lo
+    out["busy_union"] = _union(busy)
+    out["driver_overhead"] = out["step_wall"] - out["busy_union"]
+    return out

@@ -1,0 +1,131 @@
+"""``make bench``: where an OPSD / ATESD step's time goes, and how it compares.
+
+    python -m bench.run [--model smollm2_135m|tiny] [--repeats 3] [--out bench/results] [--prefix baseline_]
+
+Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
+(c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e) and the tables in ``README.md``.
+(a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's GKD
+step in turn (ABCABC...), so load from other processes on the machine falls on all three alike;
+the first round is a warm-up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from bench import memory, report, weight_sync
+from bench.common import WORKLOADS, bench_config, load_average, machine, summary
+from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
+from bench.single_process import SingleProcessStep
+from bench.trl_peer import TRLGKDStep, trl_version
+
+TOPK = 64
+
+
+def _stages(steps: list[dict], intervals: list) -> dict:
+    rows = [breakdown(m, intervals) for m in steps]
+    return {key: summary([r[key] for r in rows]) for key in rows[0]}
+
+
+def _write(out: Path, name: str, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    start_ray()
+    cfg = bench_config(model)
+    context = {"machine": machine(), "model": model, "workload": WORKLOADS[model] | {"teacher_topk": cfg.teacher.topk},
+               "repeats": repeats, "load_average_start": load_average(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    dist = DistributedStep(cfg)
+    arms = {"distributed": dist.run}
+    single = SingleProcessStep(cfg, dist.batch)
+    arms["single_process"] = lambda: single.run(dist.step_index - 1)  # the seeds of the step just run
+    version = trl_version()
+    trl = TRLGKDStep(cfg, dist.batch) if version else None
+    if trl is not None:
+        arms["trl_gkd"] = trl.run
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for _ in range(repeats + 1):
+        for arm, fn in arms.items():
+            results[arm].append(fn())
+    opsd_steps = results["distributed"][1:]
+    load_mid = load_average()
+
+    atesd_cfg = bench_config(model, "algorithm=atesd")
+    dist.use_controller(atesd_cfg, "bench-atesd-controller")
+    atesd_steps = [dist.run() for _ in range(repeats + 1)][1:]
+    time.sleep(2.0)  # task events reach the timeline within a second
+    intervals = task_intervals()
+    results_a = context | {"opsd": _stages(opsd_steps, intervals), "atesd": _stages(atesd_steps, intervals),
+                           "atesd_alpha": [s["alpha"] for s in atesd_steps],
+                           "tokens_per_step": summary([s["tokens"] for s in opsd_steps])}
+
+    dist_seconds = [s["step_time_s"] for s in opsd_steps]
+    results_b = context | {
+        "distributed": summary(dist_seconds),
+        "single_process": {key: summary([s[key] for s in results["single_process"][1:]])
+                           for key in ("step_time_s", "rollout_s", "teacher_s", "student_update_s", "tokens")},
+        "distributed_tokens": summary([s["tokens"] for s in opsd_steps]),
+        "load_average": load_mid,
+    }
+    single_median = results_b["single_process"]["step_time_s"]["median"]
+    results_b["ratio_distributed_over_single"] = results_b["distributed"]["median"] / single_median
+    if trl is not None:
+        trl_seconds = [s["step_time_s"] for s in results["trl_gkd"][1:]]
+        results_c = context | {
+            "trl": version, "teacher_prompt": "the student's problem-only prompt (GKD has no privileged prompt)",
+            "ours_teacher_prompt": "the privileged prompt (problem + reference, alpha = 1)",
+            "ours_opsd": summary(dist_seconds), "trl_gkd": summary(trl_seconds),
+            "trl_tokens": summary([s["tokens"] for s in results["trl_gkd"][1:]]),
+            "ours_tokens": summary([s["tokens"] for s in opsd_steps]),
+            "ratio_ours_over_trl": summary(dist_seconds)["median"] / summary(trl_seconds)["median"],
+            "load_average": load_mid,
+        }
+        trl.close()
+    else:
+        results_c = context | {"trl_gkd": "unavailable", "reason": "trl is not installed (pip install -e '.[bench]')"}
+    del single, trl, arms
+
+    topk_cfg = bench_config(model, f"teacher.topk={TOPK}")
+    results_e = context | {"teacher_transfer": memory.teacher_transfer(dist, topk_cfg, repeats)}
+    results_d = context | weight_sync.measure(dist, repeats, first_version=dist.step_index + 1000)
+    results_d["load_average"] = load_average()
+    results_e["peak_rss_bytes"] = memory.peak_memory(dist)
+    results_e["load_average"] = load_average()
+    dist.shutdown()
+
+    parts = {"step_breakdown": results_a, "overhead": results_b, "peer_trl": results_c,
+             "weight_sync": results_d, "memory": results_e}
+    for name, data in parts.items():
+        _write(out, f"{prefix}{name}.json", data)
+    (out / "README.md").write_text(report.render(out))
+    return parts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2_135m", choices=sorted(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--prefix", default="", help="file name prefix, e.g. baseline_")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        run(args.model, args.repeats, args.out, args.prefix)
+    finally:
+        ray.shutdown()
+    print((args.out / "README.md").read_text())
+    print(f"bench: {time.perf_counter() - t0:.0f} s; results in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

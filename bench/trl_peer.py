@@ -1,0 +1,86 @@
+"""TRL's ``GKDTrainer`` on the bench workload: the peer for (c).
+
+On-policy (``lmbda=1``), forward KL (``beta=0``), the same model as student and as teacher (a
+frozen copy), temperature 1, the same prompts and ``max_new_tokens``. TRL's teacher scores the
+sequence the student generated, so it sees the student's problem-only prompt: GKD has no place
+for a privileged prompt. One step is what ``Trainer``'s inner loop does per batch:
+``training_step`` (generate, teacher and student forward, loss, backward), gradient clipping,
+``optimizer.step``, ``lr_scheduler.step``, ``zero_grad``; the loop's logging is left out.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+
+import torch
+
+from atesd_ray.config import Config
+from atesd_ray.models import load_model, load_tokenizer
+from atesd_ray.prompts import student_messages
+
+
+def trl_version() -> str | None:
+    try:
+        import trl
+    except ImportError:
+        return None
+    return trl.__version__
+
+
+class TRLGKDStep:
+    def __init__(self, cfg: Config, batch: list[dict]):
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from datasets import Dataset
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        student = load_model(cfg.model, vocab_size=len(self.tokenizer))
+        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        examples = [
+            {"messages": student_messages(r["problem"], cfg.prompts) + [{"role": "assistant", "content": r["reference"]}]}
+            for r in batch
+        ]
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-trl-")
+        args = GKDConfig(
+            output_dir=self.tmp.name,
+            per_device_train_batch_size=len(batch),
+            learning_rate=cfg.trainer.lr,
+            max_grad_norm=cfg.trainer.grad_clip,
+            lmbda=1.0,
+            beta=0.0,
+            temperature=cfg.rollout.temperature,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_steps=1000,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            seed=cfg.seed,
+        )
+        self.trainer = GKDTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(examples),
+            processing_class=self.tokenizer,
+        )
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run
+        self.inputs = self.trainer.data_collator(examples)
+        self.max_grad_norm = args.max_grad_norm
+
+    def run(self) -> dict:
+        trainer = self.trainer
+        model = trainer.model
+        t0 = time.perf_counter()
+        inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        loss = trainer.training_step(model, inputs)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        completion = (inputs["labels"] != -100).sum()
+        return {"step_time_s": seconds, "tokens": int(completion), "loss": float(loss)}
+
+    def close(self) -> None:
+        self.tmp.cleanup()
