@@ -26,6 +26,13 @@ demo: install
 test: install
 	$(PY) -m pytest -q -x tests
 
+# benchmarks (bench/run.py): the bench extra (TRL) beside dev, its own install stamp; tables in
+# bench/results/README.md. make bench BENCH_ARGS="--repeats 5" (or "--model tiny" for a smoke run)
+BENCH_ARGS ?=
+bench:
+	$(MAKE) install EXTRAS=dev,bench
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 # docker images (CUDA + vLLM + flash-attn + verl; CPU); docker/Dockerfile.<kind>
 IMAGE      ?= atesd-ray
 IMAGES     ?= cpu gpu

@@ -36,10 +36,20 @@ STAGES = {
 
 
 def start_ray(num_cpus: int = 8) -> None:
-    """A local Ray instance with room for every actor of the benchmark (they take turns on the cores)."""
+    """A local Ray instance with room for every actor of the benchmark (they take turns on the cores).
+
+    Its workers run at the driver's priority: Ray's default niceness for workers is 15, which on
+    a machine shared with other work starves the actors and not the driver's in-process arms.
+    """
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+        os.environ.setdefault("RAY_worker_niceness", str(_niceness(None)))
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=_runtime_env_for_checkout(),
+            log_to_driver=False,
+        )
 
 
 class DistributedStep:
@@ -55,11 +65,19 @@ class DistributedStep:
         self.probe = data.probe
         self.step_index = 0
 
+    def niceness(self) -> dict:
+        """The scheduling priority of the actors and of this driver: the in-process arms of the
+        comparison run in the driver, so the two must match for a fair race on a busy machine."""
+        actors = ray.get(self.actors.students.actors[0].__ray_call__.remote(_niceness))
+        return {"actors": actors, "driver": _niceness(None)}
+
     def use_controller(self, cfg: Config, name: str) -> None:
         """Swap in the exposure controller of another algorithm (ATESD) on the same workers."""
         from controller.actor import ExposureController
 
-        controller = ray.remote(ExposureController).options(name=name, num_cpus=0).remote(cfg, cfg.trainer.total_steps)
+        controller = (
+            ray.remote(ExposureController).options(name=name, num_cpus=0).remote(cfg, cfg.trainer.total_steps)
+        )
         ray.get(controller.baseline.remote(self.step_index, self.actors.students.call("probe_nll")[0]))
         self.actors = dataclasses.replace(self.actors, controller=controller)
         self.cfg = cfg
@@ -74,6 +92,10 @@ class DistributedStep:
 
     def shutdown(self) -> None:
         self.actors.shutdown()
+
+
+def _niceness(_actor) -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def task_intervals() -> list[tuple[str, float, float]]:

@@ -25,10 +25,15 @@ def teacher_transfer(dist: DistributedStep, topk_cfg: Config, repeats: int) -> d
     from workers.teacher import TeacherWorker
 
     c = topk_cfg.cluster
-    group = ActorGroup(TeacherWorker, 1, c.teacher, c.teacher_strategy, "bench-teacher-topk", lambda i: ((topk_cfg, i), {}))
+    group = ActorGroup(
+        TeacherWorker, 1, c.teacher, c.teacher_strategy, "bench-teacher-topk", lambda i: ((topk_cfg, i), {})
+    )
     try:
         rollout = dist.actors.rollouts.actors[0].generate.remote(dist.batch, 0, 0, 0)
-        teachers = {"full_vocab": dist.actors.teachers.actors[0], f"top{topk_cfg.teacher.topk}": group.actors[0]}
+        teachers = {
+            "full_vocab": dist.actors.teachers.actors[0],
+            f"top{topk_cfg.teacher.topk}": group.actors[0],
+        }
         out: dict = {}
         seconds: dict[str, list[float]] = {name: [] for name in teachers}
         for _ in range(repeats + 1):
@@ -36,7 +41,10 @@ def teacher_transfer(dist: DistributedStep, topk_cfg: Config, repeats: int) -> d
                 t0 = time.perf_counter()
                 scored = ray.get(teacher.score.remote(rollout, 1.0))
                 seconds[name].append(time.perf_counter() - t0)
-                out[name] = {"bytes": dataproto_bytes(scored), "shape": list(scored.batch["teacher_logprobs"].shape)}
+                out[name] = {
+                    "bytes": dataproto_bytes(scored),
+                    "shape": list(scored.batch["teacher_logprobs"].shape),
+                }
         for name in teachers:
             out[name]["score_seconds"] = summary(seconds[name][1:])
         return out

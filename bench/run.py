@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
+from atesd_ray.config import Config
 from bench import memory, report, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
 from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
@@ -39,24 +40,42 @@ def _write(out: Path, name: str, data: dict) -> None:
     (out / name).write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _alternate(cfg: Config, dist: DistributedStep, repeats: int, with_trl: bool) -> dict[str, list[dict]]:
+    """The distributed step, the single-process step and TRL's step in turn, ``repeats + 1`` rounds."""
+    single = SingleProcessStep(cfg, dist.batch)
+    trl = TRLGKDStep(cfg, dist.batch) if with_trl else None
+    # the single-process step samples with the seeds of the distributed step just run
+    arms = {"distributed": dist.run, "single_process": lambda: single.run(dist.step_index - 1)}
+    if trl is not None:
+        arms["trl_gkd"] = trl.run
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    try:
+        for _ in range(repeats + 1):
+            for arm, fn in arms.items():
+                results[arm].append(fn())
+                print(f"bench: {arm} step {results[arm][-1]['step_time_s']:.2f} s", flush=True)
+    finally:
+        if trl is not None:
+            trl.close()
+    return results
+
+
 def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     start_ray()
     cfg = bench_config(model)
-    context = {"machine": machine(), "model": model, "workload": WORKLOADS[model] | {"teacher_topk": cfg.teacher.topk},
-               "repeats": repeats, "load_average_start": load_average(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    context = {
+        "machine": machine(),
+        "model": model,
+        "workload": WORKLOADS[model] | {"teacher_topk": cfg.teacher.topk},
+        "repeats": repeats,
+        "load_average_start": load_average(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     dist = DistributedStep(cfg)
-    arms = {"distributed": dist.run}
-    single = SingleProcessStep(cfg, dist.batch)
-    arms["single_process"] = lambda: single.run(dist.step_index - 1)  # the seeds of the step just run
+    context["niceness"] = dist.niceness()
     version = trl_version()
-    trl = TRLGKDStep(cfg, dist.batch) if version else None
-    if trl is not None:
-        arms["trl_gkd"] = trl.run
-    results: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for _ in range(repeats + 1):
-        for arm, fn in arms.items():
-            results[arm].append(fn())
+    results = _alternate(cfg, dist, repeats, with_trl=version is not None)
     opsd_steps = results["distributed"][1:]
     load_mid = load_average()
 
@@ -65,35 +84,43 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     atesd_steps = [dist.run() for _ in range(repeats + 1)][1:]
     time.sleep(2.0)  # task events reach the timeline within a second
     intervals = task_intervals()
-    results_a = context | {"opsd": _stages(opsd_steps, intervals), "atesd": _stages(atesd_steps, intervals),
-                           "atesd_alpha": [s["alpha"] for s in atesd_steps],
-                           "tokens_per_step": summary([s["tokens"] for s in opsd_steps])}
+    results_a = context | {
+        "opsd": _stages(opsd_steps, intervals),
+        "atesd": _stages(atesd_steps, intervals),
+        "atesd_alpha": [s["alpha"] for s in atesd_steps],
+        "tokens_per_step": summary([s["tokens"] for s in opsd_steps]),
+    }
 
     dist_seconds = [s["step_time_s"] for s in opsd_steps]
     results_b = context | {
         "distributed": summary(dist_seconds),
-        "single_process": {key: summary([s[key] for s in results["single_process"][1:]])
-                           for key in ("step_time_s", "rollout_s", "teacher_s", "student_update_s", "tokens")},
+        "single_process": {
+            key: summary([s[key] for s in results["single_process"][1:]])
+            for key in ("step_time_s", "rollout_s", "teacher_s", "student_update_s", "tokens")
+        },
         "distributed_tokens": summary([s["tokens"] for s in opsd_steps]),
         "load_average": load_mid,
     }
     single_median = results_b["single_process"]["step_time_s"]["median"]
     results_b["ratio_distributed_over_single"] = results_b["distributed"]["median"] / single_median
-    if trl is not None:
+    if version is not None:
         trl_seconds = [s["step_time_s"] for s in results["trl_gkd"][1:]]
         results_c = context | {
-            "trl": version, "teacher_prompt": "the student's problem-only prompt (GKD has no privileged prompt)",
+            "trl": version,
+            "teacher_prompt": "the student's problem-only prompt (GKD has no privileged prompt)",
             "ours_teacher_prompt": "the privileged prompt (problem + reference, alpha = 1)",
-            "ours_opsd": summary(dist_seconds), "trl_gkd": summary(trl_seconds),
+            "ours_opsd": summary(dist_seconds),
+            "trl_gkd": summary(trl_seconds),
             "trl_tokens": summary([s["tokens"] for s in results["trl_gkd"][1:]]),
             "ours_tokens": summary([s["tokens"] for s in opsd_steps]),
             "ratio_ours_over_trl": summary(dist_seconds)["median"] / summary(trl_seconds)["median"],
             "load_average": load_mid,
         }
-        trl.close()
     else:
-        results_c = context | {"trl_gkd": "unavailable", "reason": "trl is not installed (pip install -e '.[bench]')"}
-    del single, trl, arms
+        results_c = context | {
+            "trl_gkd": "unavailable",
+            "reason": "trl is not installed (pip install -e '.[bench]')",
+        }
 
     topk_cfg = bench_config(model, f"teacher.topk={TOPK}")
     results_e = context | {"teacher_transfer": memory.teacher_transfer(dist, topk_cfg, repeats)}
@@ -103,8 +130,13 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_e["load_average"] = load_average()
     dist.shutdown()
 
-    parts = {"step_breakdown": results_a, "overhead": results_b, "peer_trl": results_c,
-             "weight_sync": results_d, "memory": results_e}
+    parts = {
+        "step_breakdown": results_a,
+        "overhead": results_b,
+        "peer_trl": results_c,
+        "weight_sync": results_d,
+        "memory": results_e,
+    }
     for name, data in parts.items():
         _write(out, f"{prefix}{name}.json", data)
     (out / "README.md").write_text(report.render(out))
@@ -112,7 +144,9 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m", choices=sorted(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))

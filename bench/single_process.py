@@ -34,26 +34,41 @@ class SingleProcessStep:
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.student.parameters() if p.requires_grad], lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            [p for p in self.student.parameters() if p.requires_grad],
+            lr=t.lr,
+            betas=tuple(t.betas),
+            weight_decay=t.weight_decay,
         )
         r = cfg.rollout
         self.generation = GenerationConfig(
-            max_new_tokens=r.max_new_tokens, do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            eos_token_id=eos_token_ids(self.student, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=r.max_new_tokens,
+            do_sample=True,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            eos_token_id=eos_token_ids(self.student, self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id,
         )
 
     def _encode(self, messages: list[dict], thinking: bool) -> list[int]:
-        return self.tokenizer(render_chat(self.tokenizer, messages, thinking), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(render_chat(self.tokenizer, messages, thinking), add_special_tokens=False)[
+            "input_ids"
+        ]
 
     def run(self, step: int) -> dict:
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         t0 = time.perf_counter()
-        prompts = [self._encode(student_messages(r["problem"], cfg.prompts), cfg.model.student_thinking) for r in self.batch]
+        prompts = [
+            self._encode(student_messages(r["problem"], cfg.prompts), cfg.model.student_thinking)
+            for r in self.batch
+        ]
         p_ids, p_mask = left_pad(prompts, pad)
         self.student.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(rollout_seed(cfg.seed, step, 0) * 1_000_003)
-            out = self.student.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=self.generation)
+            out = self.student.generate(
+                input_ids=p_ids, attention_mask=p_mask, generation_config=self.generation
+            )
         eos = set(self.generation.eos_token_id)
         responses = []
         for row in out[:, p_ids.shape[1] :].tolist():
@@ -64,13 +79,18 @@ class SingleProcessStep:
 
         temperature = cfg.algorithm.loss.temperature
         teacher_prompts = [
-            self._encode(teacher_messages(r["problem"], r["reference"], r["answer"], 1.0, cfg.prompts), cfg.model.teacher_thinking)
+            self._encode(
+                teacher_messages(r["problem"], r["reference"], r["answer"], 1.0, cfg.prompts),
+                cfg.model.teacher_thinking,
+            )
             for r in self.batch
         ]
         with torch.no_grad():
             tp_ids, tp_mask = left_pad(teacher_prompts, pad)
             ids, mask, pos, _ = join(tp_ids, tp_mask, r_ids, r_mask)
-            logits = self.teacher(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1).logits
+            logits = self.teacher(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1
+            ).logits
             logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
             sampled = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
         valid = r_mask.bool()
@@ -79,12 +99,16 @@ class SingleProcessStep:
 
         self.student.train()
         ids, mask, pos, start = join(p_ids, p_mask, r_ids, r_mask)
-        hidden = self.student.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        hidden = self.student.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=pos
+        ).last_hidden_state
         h = response_slice(hidden, start, r_ids.shape[1])[valid]
         head = self.student.get_output_embeddings()
         loss, stats = distill_loss(h, targets, cfg.algorithm.loss, tokens=r_ids[valid], project=head)
         (loss / max(int(valid.sum()), 1)).backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], cfg.trainer.grad_clip)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in self.student.parameters() if p.requires_grad], cfg.trainer.grad_clip
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()

@@ -40,7 +40,10 @@ class TRLGKDStep:
         student = load_model(cfg.model, vocab_size=len(self.tokenizer))
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
         examples = [
-            {"messages": student_messages(r["problem"], cfg.prompts) + [{"role": "assistant", "content": r["reference"]}]}
+            {
+                "messages": student_messages(r["problem"], cfg.prompts)
+                + [{"role": "assistant", "content": r["reference"]}]
+            }
             for r in batch
         ]
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-trl-")
@@ -60,7 +63,10 @@ class TRLGKDStep:
             seed=cfg.seed,
         )
         self.trainer = GKDTrainer(
-            model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(examples),
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_list(examples),
             processing_class=self.tokenizer,
         )
         self.trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)

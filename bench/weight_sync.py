@@ -49,7 +49,12 @@ def measure(dist: DistributedStep, repeats: int, first_version: int) -> dict:
     held = ray.get(actors.rollouts.actors[0].get_weight_version.remote())
     if held != version:
         raise RuntimeError(f"the rollout holds weights v{held} after the last sync v{version}")
-    out = {"bytes": nbytes, "tensors": len(state), "receivers": len(actors.rollouts.actors), "by_transport": {}}
+    out = {
+        "bytes": nbytes,
+        "tensors": len(state),
+        "receivers": len(actors.rollouts.actors),
+        "by_transport": {},
+    }
     for name, values in seconds.items():
         timed = summary(values[1:])
         out["by_transport"][name] = {"seconds": timed, "gb_per_s": nbytes / timed["median"] / 1e9}

@@ -1,0 +1,47 @@
+"""`make bench` end to end on the tiny model with one repeat, so the benchmark code does not rot.
+No timing is asserted: only that every part ran and measured something real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.run import TOPK, run
+
+
+@pytest.mark.ray
+def test_bench_runs_end_to_end(ray_cluster, tmp_path):
+    parts = run("tiny", 1, tmp_path)
+    for name in ("step_breakdown", "overhead", "peer_trl", "weight_sync", "memory"):
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == json.loads(json.dumps(parts[name]))
+        assert parts[name]["machine"]["cores"] >= 1
+
+    a = parts["step_breakdown"]
+    for algo in ("opsd", "atesd"):
+        stages = {k: v["median"] for k, v in a[algo].items()}
+        assert stages["rollout"] > 0 and stages["teacher"] > 0 and stages["student_update"] > 0
+        assert stages["weight_sync"] > 0 and stages["controller"] > 0
+        assert 0 < stages["busy_union"] <= stages["step_wall"] + 1e-6
+    assert all(0.1 <= alpha <= 1.0 for alpha in a["atesd_alpha"])
+
+    b = parts["overhead"]
+    assert b["distributed_tokens"]["median"] > 0 and b["single_process"]["tokens"]["median"] > 0
+    assert b["ratio_distributed_over_single"] > 0
+
+    c = parts["peer_trl"]
+    assert c["trl_gkd"]["median"] > 0 and c["trl_tokens"]["median"] > 0
+
+    d = parts["weight_sync"]
+    assert set(d["by_transport"]) == {"object_store", "collective", "in_process_copy"}
+    assert all(t["gb_per_s"] > 0 for t in d["by_transport"].values())
+
+    e = parts["memory"]["teacher_transfer"]
+    rows, width, vocab = e["full_vocab"]["shape"]
+    assert e[f"top{TOPK}"]["shape"] == [rows, width, TOPK]
+    assert e[f"top{TOPK}"]["bytes"] < e["full_vocab"]["bytes"]
+    assert e["full_vocab"]["bytes"] >= rows * width * vocab * 4
+    assert all(rss > 0 for rss in parts["memory"]["peak_rss_bytes"].values())
+
+    table = (tmp_path / "README.md").read_text()
+    assert "(a) Per-step breakdown" in table and "| current | opsd |" in table
