@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from atesd_ray.models import eos_token_ids
 from atesd_ray.runtime.weights import load_into
@@ -45,12 +46,42 @@ class GenerationEngine(Protocol):
     def synced_parameters(self) -> dict[str, torch.Tensor]: ...
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Each sampled token's log-prob under softmax(logits / temperature) over the full vocabulary,
+    recorded during ``generate``.
+
+    transformers applies user logits processors before its sampling warpers (temperature, top-k,
+    top-p), so this one sees the raw logits of step t. It keeps that step's log-softmax ([B, V])
+    until step t + 1, whose ``input_ids`` end with the token sampled at t; ``finish`` reads the last.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.taken: list[torch.Tensor] = []
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.taken.append(self.previous.gather(-1, tokens[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[B, generated] log-probs of the generated columns of ``sequences``."""
+        self._take(sequences[:, -1])
+        self.previous = None
+        return torch.stack(self.taken, dim=1) if self.taken else torch.zeros(sequences.shape[0], 0)
+
+
 class HFEngine:
     """Batched sampling with transformers' ``generate`` (KV cache, top-k/top-p, stop strings).
 
-    Sampled-token log-probs are recomputed by one teacher-forced forward pass over the finished
-    sequences instead of keeping every step's [B, V] logits during decoding, which for long
-    responses would need B x R x V floats.
+    Sampled-token log-probs are read off while decoding (:class:`SampledLogprobs`), one step's
+    [B, V] at a time: no B x R x V logits are kept, and no second forward pass over the finished
+    sequences is needed (``score`` is that pass, for responses not sampled here).
     """
 
     weight_format = "trainable"
@@ -82,6 +113,7 @@ class HFEngine:
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.micro_batch):
             ids, mask = left_pad(expanded[start : start + self.micro_batch], self.pad_id)
+            recorder = SampledLogprobs(params.temperature if not greedy else 1.0)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + start)
                 out = self.model.generate(
@@ -89,13 +121,14 @@ class HFEngine:
                     attention_mask=mask,
                     generation_config=config,
                     tokenizer=self.tokenizer if params.stop else None,
+                    logits_processor=LogitsProcessorList([recorder]) if params.logprobs else None,
                 )
-            for row in out[:, ids.shape[1] :].tolist():
-                completions.append(self._finish(row, params))
-        if params.logprobs:
-            scored = self.score(expanded, [c.token_ids for c in completions], params.temperature if not greedy else 1.0)
-            for c, lp in zip(completions, scored, strict=True):
-                c.logprobs = lp
+            logprobs = recorder.finish(out) if params.logprobs else None
+            for i, row in enumerate(out[:, ids.shape[1] :].tolist()):
+                c = self._finish(row, params)
+                if logprobs is not None:
+                    c.logprobs = logprobs[i, : len(c.token_ids)].tolist()
+                completions.append(c)
         return completions
 
     def _finish(self, row: list[int], params: SamplingParams) -> Completion:

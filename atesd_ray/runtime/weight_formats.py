@@ -55,8 +55,10 @@ def stream_weights(
     def whole(p: torch.Tensor) -> torch.Tensor:
         if meta:
             return torch.empty(p.shape, dtype=dtype, device="meta")
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        return full.detach().to(device)
+        if isinstance(p, DTensor):
+            # one rank holds the whole tensor: gathering it would only copy it
+            p = p.to_local() if p.device_mesh.size() == 1 else p.full_tensor()
+        return p.detach().to(device)
 
     if fmt == "trainable":
         for name, p in model.named_parameters():
