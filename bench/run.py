@@ -79,18 +79,6 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     opsd_steps = results["distributed"][1:]
     load_mid = load_average()
 
-    atesd_cfg = bench_config(model, "algorithm=atesd")
-    dist.use_controller(atesd_cfg, "bench-atesd-controller")
-    atesd_steps = [dist.run() for _ in range(repeats + 1)][1:]
-    time.sleep(2.0)  # task events reach the timeline within a second
-    intervals = task_intervals()
-    results_a = context | {
-        "opsd": _stages(opsd_steps, intervals),
-        "atesd": _stages(atesd_steps, intervals),
-        "atesd_alpha": [s["alpha"] for s in atesd_steps],
-        "tokens_per_step": summary([s["tokens"] for s in opsd_steps]),
-    }
-
     dist_seconds = [s["step_time_s"] for s in opsd_steps]
     results_b = context | {
         "distributed": summary(dist_seconds),
@@ -122,12 +110,34 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
             "reason": "trl is not installed (pip install -e '.[bench]')",
         }
 
+    _write(out, f"{prefix}overhead.json", results_b)
+    _write(out, f"{prefix}peer_trl.json", results_c)
+
+    # versions above every step so far; the steps after it continue from the last one
+    results_d = context | weight_sync.measure(dist, repeats, first_version=dist.step_index)
+    results_d["load_average"] = load_average()
+    dist.step_index = results_d["last_version"]
+    _write(out, f"{prefix}weight_sync.json", results_d)
+
+    atesd_cfg = bench_config(model, "algorithm=atesd")
+    dist.use_controller(atesd_cfg, "bench-atesd-controller")
+    atesd_steps = [dist.run() for _ in range(repeats + 1)][1:]
+    time.sleep(2.0)  # task events reach the timeline within a second
+    intervals = task_intervals()
+    results_a = context | {
+        "opsd": _stages(opsd_steps, intervals),
+        "atesd": _stages(atesd_steps, intervals),
+        "atesd_alpha": [s["alpha"] for s in atesd_steps],
+        "tokens_per_step": summary([s["tokens"] for s in opsd_steps]),
+    }
+
+    _write(out, f"{prefix}step_breakdown.json", results_a)
+
     topk_cfg = bench_config(model, f"teacher.topk={TOPK}")
     results_e = context | {"teacher_transfer": memory.teacher_transfer(dist, topk_cfg, repeats)}
-    results_d = context | weight_sync.measure(dist, repeats, first_version=dist.step_index + 1000)
-    results_d["load_average"] = load_average()
     results_e["peak_rss_bytes"] = memory.peak_memory(dist)
     results_e["load_average"] = load_average()
+    _write(out, f"{prefix}memory.json", results_e)
     dist.shutdown()
 
     parts = {
@@ -137,8 +147,6 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
         "weight_sync": results_d,
         "memory": results_e,
     }
-    for name, data in parts.items():
-        _write(out, f"{prefix}{name}.json", data)
     (out / "README.md").write_text(report.render(out))
     return parts
 

@@ -50,6 +50,7 @@ def measure(dist: DistributedStep, repeats: int, first_version: int) -> dict:
     if held != version:
         raise RuntimeError(f"the rollout holds weights v{held} after the last sync v{version}")
     out = {
+        "last_version": version,
         "bytes": nbytes,
         "tensors": len(state),
         "receivers": len(actors.rollouts.actors),
