@@ -113,10 +113,8 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     _write(out, f"{prefix}overhead.json", results_b)
     _write(out, f"{prefix}peer_trl.json", results_c)
 
-    # versions above every step so far; the steps after it continue from the last one
-    results_d = context | weight_sync.measure(dist, repeats, first_version=dist.step_index)
+    results_d = context | weight_sync.measure(dist, repeats)
     results_d["load_average"] = load_average()
-    dist.step_index = results_d["last_version"]
     _write(out, f"{prefix}weight_sync.json", results_d)
 
     atesd_cfg = bench_config(model, "algorithm=atesd")
