@@ -170,7 +170,9 @@ class PromptConfig:
     """
 
     # OPSD's prompts (github.com/siyan-zhao/OPSD, data_collator.py, latest version)
-    student: str = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    student: str = (
+        "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     teacher: str = (
         "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
         "{reference}\n=== Reference Solution End ===\n\n\n"
@@ -392,8 +394,16 @@ class TeacherConfig:
         _positive(self.topk, f"{key}.topk", strict=False)
         _one_of(self.weights, f"{key}.weights", TEACHER_WEIGHTS)
         if self.engine == "vllm":
-            _check(self.topk > 0, f"{key}.topk", "teacher.engine=vllm returns top-k prompt logprobs; set teacher.topk > 0")
-            _check(self.weights != "ema", f"{key}.weights", "teacher.engine=vllm cannot keep an EMA; use frozen or live")
+            _check(
+                self.topk > 0,
+                f"{key}.topk",
+                "teacher.engine=vllm returns top-k prompt logprobs; set teacher.topk > 0",
+            )
+            _check(
+                self.weights != "ema",
+                f"{key}.weights",
+                "teacher.engine=vllm cannot keep an EMA; use frozen or live",
+            )
         _in_range(self.ema_decay, f"{key}.ema_decay", 0.0, 1.0)
         _positive(self.micro_batch, f"{key}.micro_batch")
 
@@ -413,7 +423,9 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     save_every: int = 10
     keep_last: int = 3
-    weight_transport: str = "object_store"  # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
+    weight_transport: str = (
+        "object_store"  # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
+    )
     weight_bucket_mb: int = 512  # collective / cuda_ipc: weights move in buckets of at most this size
     backend: str = "auto"  # torch.distributed backend: auto (gloo on CPU, nccl on GPU), gloo, nccl
     # actor faults (atesd_ray/runtime/faults.py): retries of one step after a replica restart, and

@@ -26,14 +26,18 @@ def eval_params(cfg: EvalConfig) -> SamplingParams:
     )
 
 
-def generate_and_grade(rollouts: ActorGroup, records: list[dict], cfg: EvalConfig, tag: int, min_version: int) -> list[dict]:
+def generate_and_grade(
+    rollouts: ActorGroup, records: list[dict], cfg: EvalConfig, tag: int, min_version: int
+) -> list[dict]:
     """One row per sample: problem id, sample index, response, extracted answer, correctness."""
     from atesd_ray.algorithms.distill import split_evenly
 
     params = eval_params(cfg)
     chunks = split_evenly(records, len(rollouts))
     refs = [
-        rollouts.actors[i].generate.remote(chunk, EVAL_SEED_OFFSET + tag, i, min_version, params, cfg.thinking)
+        rollouts.actors[i].generate.remote(
+            chunk, EVAL_SEED_OFFSET + tag, i, min_version, params, cfg.thinking
+        )
         for i, chunk in enumerate(chunks)
     ]
     rows = []
@@ -58,7 +62,10 @@ def summarize_rows(rows: list[dict], timeout_s: float) -> dict:
     by_problem: dict[str, list[dict]] = {}
     for row in rows:
         by_problem.setdefault(row["id"], []).append(row)
-    grades = [[Grade(r["extracted"], r["correct"]) for r in sorted(v, key=lambda r: r["sample"])] for v in by_problem.values()]
+    grades = [
+        [Grade(r["extracted"], r["correct"]) for r in sorted(v, key=lambda r: r["sample"])]
+        for v in by_problem.values()
+    ]
     golds = [v[0]["answer"] for v in by_problem.values()]
     return summarize(grades, golds, timeout_s)
 

@@ -162,7 +162,9 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, lora: bool = Tru
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            pretrained_path(cfg), dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg.attn_implementation)
+            pretrained_path(cfg),
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=attn_implementation(cfg.attn_implementation),
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -13,7 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-CONSOLE_KEYS = ("loss", "mismatch_kl", "alpha", "accuracy", "probe_nll", "grad_norm", "response_len", "step_time_s")
+CONSOLE_KEYS = (
+    "loss",
+    "mismatch_kl",
+    "alpha",
+    "accuracy",
+    "probe_nll",
+    "grad_norm",
+    "response_len",
+    "step_time_s",
+)
 
 
 def _clean(value: Any) -> Any:
@@ -23,7 +32,15 @@ def _clean(value: Any) -> Any:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, backends: list[str], project: str, experiment: str, config: dict, resume_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        backends: list[str],
+        project: str,
+        experiment: str,
+        config: dict,
+        resume_step: int = 0,
+    ):
         self.run_dir = Path(run_dir)
         self.console = "console" in backends
         self.jsonl = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
@@ -35,7 +52,9 @@ class Tracker:
             from verl.utils.tracking import Tracking
 
             os.environ["TENSORBOARD_DIR"] = str(self.run_dir / "tensorboard")
-            self.verl = Tracking(project_name=project, experiment_name=experiment, default_backend=remote, config=config)
+            self.verl = Tracking(
+                project_name=project, experiment_name=experiment, default_backend=remote, config=config
+            )
 
     def rewind(self, step: int) -> None:
         """Forget the steps from ``step`` on (the run went back to the checkpoint of ``step``)."""
@@ -46,7 +65,11 @@ class Tracker:
         """Keep the lines of steps before ``step`` (a resumed run rewrites the rest)."""
         if not self.jsonl.exists():
             return
-        kept = [line for line in self.jsonl.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < step]
+        kept = [
+            line
+            for line in self.jsonl.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) < step
+        ]
         self.jsonl.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -55,7 +78,9 @@ class Tracker:
             with open(self.jsonl, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         if self.verl is not None:
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            numeric = {
+                k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
             self.verl.log(numeric, step)
         if self.console:
             print(progress_line(step, metrics), flush=True)

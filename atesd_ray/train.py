@@ -75,19 +75,29 @@ def prepare_data(cfg: Config) -> Prepared:
 
     def fits(r) -> bool:
         student = render_chat(tokenizer, student_messages(r.problem, cfg.prompts), cfg.model.student_thinking)
-        teacher = render_chat(tokenizer, teacher_messages(r.problem, r.reference, r.answer, 1.0, cfg.prompts), cfg.model.teacher_thinking)
-        return max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (student, teacher)) <= limit
+        teacher = render_chat(
+            tokenizer,
+            teacher_messages(r.problem, r.reference, r.answer, 1.0, cfg.prompts),
+            cfg.model.teacher_thinking,
+        )
+        return (
+            max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (student, teacher)) <= limit
+        )
 
     kept = [dataclasses.asdict(r) for r in train if fits(r)]
     too_long = len(train) - len(kept)
     if not kept:
         raise ValueError(f"every training prompt exceeds model.max_prompt_tokens={limit}")
     held = [dataclasses.asdict(r) for r in evals if fits(r)]
-    summary = report.summary() + (f"; {too_long} train prompts over {limit} tokens skipped" if too_long else "")
+    summary = report.summary() + (
+        f"; {too_long} train prompts over {limit} tokens skipped" if too_long else ""
+    )
     return Prepared(kept, held, held[: cfg.data.probe_size], too_long, summary)
 
 
-def _evaluate(cfg: Config, actors: Actors, records: list[dict], run_dir: Path, step: int, version: int) -> dict:
+def _evaluate(
+    cfg: Config, actors: Actors, records: list[dict], run_dir: Path, step: int, version: int
+) -> dict:
     records = records[: cfg.eval.max_problems] if cfg.eval.max_problems else records
     rows = generate_and_grade(actors.rollouts, records, cfg.eval, step, version)
     summary = summarize_rows(rows, cfg.eval.grade_timeout_s)
@@ -95,15 +105,23 @@ def _evaluate(cfg: Config, actors: Actors, records: list[dict], run_dir: Path, s
     return summary
 
 
-def _save(cfg: Config, actors: Actors, ckpts: CheckpointManager, step: int, sampler: EpochSampler, metrics: dict) -> Path:
+def _save(
+    cfg: Config, actors: Actors, ckpts: CheckpointManager, step: int, sampler: EpochSampler, metrics: dict
+) -> Path:
     tmp = ckpts.begin(step)
     (tmp / "student").mkdir()
     refs = actors.students.call("save", str(tmp / "student"))
     refs += [actors.teachers.actors[0].save.remote(str(tmp))]
     refs += [actors.controller.save.remote(str(tmp))]
     ray.get(refs)
-    state = {"step": step, "consumed": sampler.consumed, "weight_version": step, "seed": cfg.seed, "time": time.time(),
-             "last_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+    state = {
+        "step": step,
+        "consumed": sampler.consumed,
+        "weight_version": step,
+        "seed": cfg.seed,
+        "time": time.time(),
+        "last_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+    }
     return ckpts.commit(step, tmp, state)
 
 
@@ -116,12 +134,19 @@ def _restore(actors: Actors, checkpoint: Path, sampler: EpochSampler) -> int:
     return state["step"]
 
 
-def _launch(cfg: Config, run_dir: Path, data: Prepared, sampler: EpochSampler, checkpoint: Path | None) -> tuple[Actors, int]:
+def _launch(
+    cfg: Config, run_dir: Path, data: Prepared, sampler: EpochSampler, checkpoint: Path | None
+) -> tuple[Actors, int]:
     """Build the run's actors and bring them to ``checkpoint`` (or to step 0); returns them and the
     step to train next."""
     timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
-    actors = build_actors(cfg, cfg.trainer.total_steps, name=f"atesd-{run_dir.resolve().name}-{int(time.time())}",
-                          timeline_path=timeline, run=run_dir.resolve().name)
+    actors = build_actors(
+        cfg,
+        cfg.trainer.total_steps,
+        name=f"atesd-{run_dir.resolve().name}-{int(time.time())}",
+        timeline_path=timeline,
+        run=run_dir.resolve().name,
+    )
     try:
         (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
         ray.get(actors.students.call("set_probe", data.probe))
@@ -136,21 +161,47 @@ def _launch(cfg: Config, run_dir: Path, data: Prepared, sampler: EpochSampler, c
     return actors, start
 
 
-def _step(cfg: Config, actors: Actors, step_fn, step: int, batch: list[dict], next_batch: list[dict] | None,
-          prefetched: list | None) -> tuple[dict, list | None]:
+def _step(
+    cfg: Config,
+    actors: Actors,
+    step_fn,
+    step: int,
+    batch: list[dict],
+    next_batch: list[dict] | None,
+    prefetched: list | None,
+) -> tuple[dict, list | None]:
     """``step_fn`` on ``step``, run again after an actor fault (rollouts launched ahead are redone)."""
-    return retrying(cfg, actors, f"step {step}",
-                    lambda retry: step_fn(cfg, actors, step, batch, next_batch, None if retry else prefetched))
+    return retrying(
+        cfg,
+        actors,
+        f"step {step}",
+        lambda retry: step_fn(cfg, actors, step, batch, next_batch, None if retry else prefetched),
+    )
 
 
-def _after_step(cfg: Config, actors: Actors, data: Prepared, run_dir: Path, ckpts: CheckpointManager,
-                sampler: EpochSampler, step: int, next_batch: list[dict] | None, metrics: dict, summary: dict) -> Path | None:
+def _after_step(
+    cfg: Config,
+    actors: Actors,
+    data: Prepared,
+    run_dir: Path,
+    ckpts: CheckpointManager,
+    sampler: EpochSampler,
+    step: int,
+    next_batch: list[dict] | None,
+    metrics: dict,
+    summary: dict,
+) -> Path | None:
     """The held-out evaluation and the checkpoint due after ``step`` (each retried after an actor
     fault); returns the checkpoint written, if one was due."""
     done, total = step + 1, cfg.trainer.total_steps
     periodic = cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0
     if data.evals and (periodic or (done == total and cfg.eval.at_end)):
-        ev = retrying(cfg, actors, f"eval after step {done}", lambda _: _evaluate(cfg, actors, data.evals, run_dir, done, done))
+        ev = retrying(
+            cfg,
+            actors,
+            f"eval after step {done}",
+            lambda _: _evaluate(cfg, actors, data.evals, run_dir, done, done),
+        )
         metrics.update({f"eval/{k}": v for k, v in ev.items()})
         print(f"held-out after step {done}: {_fmt_eval(ev)}", flush=True)
         if done == total:
@@ -159,7 +210,9 @@ def _after_step(cfg: Config, actors: Actors, data: Prepared, run_dir: Path, ckpt
         # the batch drawn for the next step is given back, so a resume draws it again
         given_back = len(next_batch) if next_batch else 0
         sampler.consumed -= given_back
-        saved = retrying(cfg, actors, f"checkpoint {done}", lambda _: _save(cfg, actors, ckpts, done, sampler, metrics))
+        saved = retrying(
+            cfg, actors, f"checkpoint {done}", lambda _: _save(cfg, actors, ckpts, done, sampler, metrics)
+        )
         sampler.consumed += given_back
         return saved
     return None
@@ -169,7 +222,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     """Train; returns the summary (also written to ``summary.json``)."""
     prepare_run_dir(run_dir, cfg)
     # join (or start) the cluster first: a wrong address fails in seconds, before data loading
-    connect(cfg.cluster, needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus + cfg.rollout.replicas * cfg.cluster.rollout.cpus + cfg.teacher.replicas * cfg.cluster.teacher.cpus)
+    connect(
+        cfg.cluster,
+        needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus
+        + cfg.rollout.replicas * cfg.cluster.rollout.cpus
+        + cfg.teacher.replicas * cfg.cluster.teacher.cpus,
+    )
     data = prepare_data(cfg)
     print(data.summary, flush=True)
     total = cfg.trainer.total_steps
@@ -182,13 +240,28 @@ def run(cfg: Config, run_dir: Path) -> dict:
         monitor = RunMonitor(cfg, run_dir)
         if checkpoint:
             print(f"resumed from {checkpoint} at step {start}", flush=True)
-        tracker = Tracker(run_dir, cfg.tracking.backends, cfg.tracking.project, cfg.tracking.experiment or run_dir.name,
-                          OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=start)
-        summary: dict = {"run_dir": str(run_dir), "start_step": start, "total_steps": total, "algorithm": cfg.algorithm.name,
-                         "model": cfg.model.name, "data": data.summary}
+        tracker = Tracker(
+            run_dir,
+            cfg.tracking.backends,
+            cfg.tracking.project,
+            cfg.tracking.experiment or run_dir.name,
+            OmegaConf.to_container(OmegaConf.structured(cfg)),
+            resume_step=start,
+        )
+        summary: dict = {
+            "run_dir": str(run_dir),
+            "start_step": start,
+            "total_steps": total,
+            "algorithm": cfg.algorithm.name,
+            "model": cfg.model.name,
+            "data": data.summary,
+        }
         if start >= total:
-            print(f"run already complete at step {start} of {total}: nothing to train "
-                  f"(raise trainer.total_steps, or start over with resume=never or a new run_dir)", flush=True)
+            print(
+                f"run already complete at step {start} of {total}: nothing to train "
+                f"(raise trainer.total_steps, or start over with resume=never or a new run_dir)",
+                flush=True,
+            )
             return summary
         if cfg.eval.at_start and data.evals and start == 0:
             summary["eval_before"] = _evaluate(cfg, actors, data.evals, run_dir, 0, start)
@@ -203,7 +276,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
                 metrics, prefetched = _step(cfg, actors, step_fn, step, batch, next_batch, prefetched)
                 metrics.update(total_steps=total, epoch=sampler.epoch)
-                checkpoint = _after_step(cfg, actors, data, run_dir, ckpts, sampler, step, next_batch, metrics, summary) or checkpoint
+                checkpoint = (
+                    _after_step(
+                        cfg, actors, data, run_dir, ckpts, sampler, step, next_batch, metrics, summary
+                    )
+                    or checkpoint
+                )
             except Rollback as fault:
                 rollbacks += 1
                 if rollbacks > cfg.trainer.fault_retries:
@@ -221,8 +299,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
             first_metrics = first_metrics or dict(metrics)
             batch, step, rollbacks = next_batch, step + 1, 0
         monitor.render()
-        summary.update(final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
-                       checkpoint=str(ckpts.latest()))
+        summary.update(
+            final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            checkpoint=str(ckpts.latest()),
+        )
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(summary_text(summary, first_metrics), flush=True)
         return summary
@@ -242,7 +322,11 @@ def _fmt_eval(summary: dict) -> str:
 def summary_text(summary: dict, first: dict | None) -> str:
     """The end-of-run block: what changed, where the run lives, how to continue it."""
     last = summary.get("final_metrics", {})
-    lines = ["", "=" * 72, f"{summary['algorithm']} on {summary['model']}: steps {summary['start_step']}..{summary['total_steps']}"]
+    lines = [
+        "",
+        "=" * 72,
+        f"{summary['algorithm']} on {summary['model']}: steps {summary['start_step']}..{summary['total_steps']}",
+    ]
     if "eval_before" in summary:
         lines.append(f"held-out accuracy before: {_fmt_eval(summary['eval_before'])}")
     if "eval_after" in summary:

@@ -42,6 +42,8 @@ def ray_cluster():
     from atesd_ray.runtime.cluster import _runtime_env_for_checkout
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+    ray.init(
+        num_cpus=8, include_dashboard=False, runtime_env=_runtime_env_for_checkout(), log_to_driver=False
+    )
     yield ray
     ray.shutdown()

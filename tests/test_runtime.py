@@ -76,7 +76,9 @@ def test_two_fsdp_ranks_match_one_rank(run):
 def _fixed_sequence(actors):
     rollout = ray.get(launch_rollouts(actors, RECORDS[:2], step=99, min_version=0)[0])
     b = rollout.batch
-    return rows_to_lists(b["prompt_ids"], b["prompt_mask"]), rows_to_lists(b["response_ids"], b["response_mask"])
+    return rows_to_lists(b["prompt_ids"], b["prompt_mask"]), rows_to_lists(
+        b["response_ids"], b["response_mask"]
+    )
 
 
 def _max_gap(a: list[list[float]], b: list[list[float]]) -> float:
@@ -87,7 +89,9 @@ def test_weight_sync_gives_rollout_the_students_logprobs(run):
     cfg, actors = run
     prompts, responses = _fixed_sequence(actors)
     rollout = actors.rollouts.actors[0]
-    for step, sync in enumerate([actors.weight_sync, CollectiveSync(actors.students, actors.rollouts.actors, "gloo")]):
+    for step, sync in enumerate(
+        [actors.weight_sync, CollectiveSync(actors.students, actors.rollouts.actors, "gloo")]
+    ):
         sync.setup()
         version = ray.get(rollout.get_weight_version.remote())
         rollouts, scored = _batch(actors, step=step)

@@ -23,7 +23,11 @@ def test_teacher_weight_modes(mode):
     assert teacher.receive_weights(pack(student, 1), 1) == 1
     name = next(iter(student))
     now = dict(teacher.model.named_parameters())[name].detach()
-    expected = {"frozen": before[name], "live": student[name], "ema": 0.9 * before[name] + 0.1 * student[name]}[mode]
+    expected = {
+        "frozen": before[name],
+        "live": student[name],
+        "ema": 0.9 * before[name] + 0.1 * student[name],
+    }[mode]
     assert torch.allclose(now, expected, atol=1e-6)
     # an older or equal version is ignored (a resumed EMA teacher is not blended twice)
     assert teacher.receive_weights(pack(_shifted(teacher, 5.0), 1), 1) == 1

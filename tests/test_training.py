@@ -12,7 +12,17 @@ from atesd_ray.data.records import DataError
 from atesd_ray.train import RunDirError, prepare_data, prepare_run_dir, run
 from tests.conftest import TINY, make_config
 
-COMPARED = ("loss", "mismatch_kl", "top1_disagree", "confidence", "grad_norm", "probe_nll", "accuracy", "response_len", "tokens")
+COMPARED = (
+    "loss",
+    "mismatch_kl",
+    "top1_disagree",
+    "confidence",
+    "grad_norm",
+    "probe_nll",
+    "accuracy",
+    "response_len",
+    "tokens",
+)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -24,9 +34,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tmp_pat
     straight = tmp_path / "straight"
     run(make_config(*TINY, "trainer.total_steps=3", "trainer.save_every=1", f"run_dir={straight}"), straight)
     stopped = tmp_path / "stopped"
-    first = run(make_config(*TINY, "trainer.total_steps=2", "trainer.save_every=2", f"run_dir={stopped}"), stopped)
+    first = run(
+        make_config(*TINY, "trainer.total_steps=2", "trainer.save_every=2", f"run_dir={stopped}"), stopped
+    )
     assert first["start_step"] == 0 and (stopped / "checkpoints" / "step_2" / "COMPLETE").is_file()
-    resumed = run(make_config(*TINY, "trainer.total_steps=3", "trainer.save_every=2", f"run_dir={stopped}"), stopped)
+    resumed = run(
+        make_config(*TINY, "trainer.total_steps=3", "trainer.save_every=2", f"run_dir={stopped}"), stopped
+    )
     assert resumed["start_step"] == 2
 
     a, b = _metrics(straight), _metrics(stopped)
@@ -46,9 +60,11 @@ def _write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-GOOD = {"problem": "Ann has 3 apples and buys 4 more. How many apples does she have?",
-        "reference": "She starts with 3 apples.\n\nShe buys 4 more, so 3 + 4 = 7.\n\nThe final answer is \\boxed{7}.",
-        "answer": "7"}
+GOOD = {
+    "problem": "Ann has 3 apples and buys 4 more. How many apples does she have?",
+    "reference": "She starts with 3 apples.\n\nShe buys 4 more, so 3 + 4 = 7.\n\nThe final answer is \\boxed{7}.",
+    "answer": "7",
+}
 
 
 def test_bad_rows_are_skipped_and_counted_or_fail_naming_the_row(tmp_path):
@@ -87,8 +103,17 @@ def test_lora_run_trains_and_checkpoints_only_the_adapter(ray_cluster, tmp_path)
     from safetensors.torch import load_file
 
     out = tmp_path / "lora"
-    summary = run(make_config(*TINY, "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
-                              "trainer.lr=1e-3", f"run_dir={out}"), out)
+    summary = run(
+        make_config(
+            *TINY,
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "model.lora.alpha=8",
+            "trainer.lr=1e-3",
+            f"run_dir={out}",
+        ),
+        out,
+    )
     assert summary["final_metrics"]["grad_norm"] > 0
     saved = load_file(str(out / "checkpoints" / "step_2" / "student" / "student.safetensors"))
     assert saved and all("lora_" in name for name in saved)

@@ -116,12 +116,16 @@ def send_buckets(
     return sent
 
 
-def take_bucket(stream: Iterator[tuple[str, torch.Tensor]], bucket: list[TensorSpec]) -> dict[str, torch.Tensor]:
+def take_bucket(
+    stream: Iterator[tuple[str, torch.Tensor]], bucket: list[TensorSpec]
+) -> dict[str, torch.Tensor]:
     """The next ``len(bucket)`` tensors of ``stream``, checked against the bucket's layout."""
     named = {}
     for spec in bucket:
         name, tensor = next(stream)
         if name != spec.name or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"weight stream gave {name} {tuple(tensor.shape)}, the layout expects {spec.name} {spec.shape}")
+            raise RuntimeError(
+                f"weight stream gave {name} {tuple(tensor.shape)}, the layout expects {spec.name} {spec.shape}"
+            )
         named[name] = tensor
     return named

@@ -33,11 +33,15 @@ class Completion:
 
 
 class GenerationEngine(Protocol):
-    weight_format: str  # what a weight sync must carry: "trainable" or "merged" (atesd_ray/runtime/weight_formats.py)
+    weight_format: (
+        str  # what a weight sync must carry: "trainable" or "merged" (atesd_ray/runtime/weight_formats.py)
+    )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]: ...
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float
+    ) -> list[list[float]]:
         """Log-probs of fixed response tokens after each prompt."""
         ...
 
@@ -159,7 +163,9 @@ class HFEngine:
         return any(s in text for s in stop)
 
     @torch.no_grad()
-    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float
+    ) -> list[list[float]]:
         result: list[list[float]] = []
         for start in range(0, len(prompts), self.score_micro_batch):
             p_ids, p_mask = left_pad(prompts[start : start + self.score_micro_batch], self.pad_id)
@@ -170,7 +176,9 @@ class HFEngine:
             if width == 0:
                 result.extend([] for _ in r_rows)
                 continue
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1).logits
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1
+            ).logits
             logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
             token_lp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
             result.extend(token_lp[i, : len(r)].tolist() for i, r in enumerate(r_rows))

@@ -76,7 +76,9 @@ class RolloutWorker(WeightReceiver):
     # -- generation ------------------------------------------------------------------------------
     def prompt_ids(self, problems: list[str], thinking: bool | None = None) -> list[list[int]]:
         thinking = self.cfg.model.student_thinking if thinking is None else thinking
-        texts = [render_chat(self.tokenizer, student_messages(p, self.cfg.prompts), thinking) for p in problems]
+        texts = [
+            render_chat(self.tokenizer, student_messages(p, self.cfg.prompts), thinking) for p in problems
+        ]
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def generate(
@@ -127,11 +129,17 @@ class RolloutWorker(WeightReceiver):
                 "response_text": np.array(texts, dtype=object),
                 "extracted": np.array([g.answer for g in grades], dtype=object),
             },
-            meta_info={"weight_version": self.weight_version, "step": step, "chunk": chunk,
-                       "time_s": time.perf_counter() - t0},
+            meta_info={
+                "weight_version": self.weight_version,
+                "step": step,
+                "chunk": chunk,
+                "time_s": time.perf_counter() - t0,
+            },
         )
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
+    ) -> list[list[float]]:
         """Log-probs of fixed responses under the current weights (used to check weight syncs)."""
         return self.engine.score(prompts, responses, temperature)
 
@@ -142,17 +150,34 @@ class RolloutWorker(WeightReceiver):
         left out, so a step may be empty), ``text``, how it ``ended`` and ``value``, the student's own
         geometric-mean probability of it at temperature 1."""
         if self.weight_version < min_version:
-            raise StaleWeightsError(f"rollout {self.replica} holds weights v{self.weight_version}, needs >= v{min_version}")
+            raise StaleWeightsError(
+                f"rollout {self.replica} holds weights v{self.weight_version}, needs >= v{min_version}"
+            )
         r, m = self.cfg.rollout, self.cfg.algorithm.motab
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_new_tokens=m.max_step_tokens, stop=[m.step_delimiter], logprobs=False)
-        prompts = [p + s["response_ids"] for p, s in zip(self.prompt_ids([s["problem"] for s in states]), states, strict=True)]
+        params = SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=m.max_step_tokens,
+            stop=[m.step_delimiter],
+            logprobs=False,
+        )
+        prompts = [
+            p + s["response_ids"]
+            for p, s in zip(self.prompt_ids([s["problem"] for s in states]), states, strict=True)
+        ]
         completions = self.engine.generate(prompts, params, seed)
         logprobs = self.engine.score(prompts, [c.token_ids for c in completions], 1.0)
         out = []
         for c, lp in zip(completions, logprobs, strict=True):
             ended = step_end(c.finish_reason, c.token_ids, self.engine.eos_ids)
             ids = c.token_ids[:-1] if ended == "eos" else c.token_ids
-            out.append({"ids": ids, "text": self.tokenizer.decode(ids, skip_special_tokens=True), "ended": ended,
-                        "value": step_value(lp[: len(ids)]) if ids else 0.0})
+            out.append(
+                {
+                    "ids": ids,
+                    "text": self.tokenizer.decode(ids, skip_special_tokens=True),
+                    "ended": ended,
+                    "value": step_value(lp[: len(ids)]) if ids else 0.0,
+                }
+            )
         return out

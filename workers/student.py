@@ -80,8 +80,12 @@ class StudentPolicy(nn.Module):
         teacher: TeacherTargets | None = None,
         temperature: float = 1.0,
     ):
-        ids, mask, pos, start = join(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
-        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        ids, mask, pos, start = join(
+            batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+        )
+        hidden = self.model.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=pos
+        ).last_hidden_state
         valid = batch["response_mask"].bool()
         h = response_slice(hidden, start, valid.shape[1])[valid]
         tokens = batch["response_ids"][valid]
@@ -96,7 +100,9 @@ class StudentPolicy(nn.Module):
             # of the distill positions; stats: DistillStats of those, then the NLL sum and token count
             on_distill = batch["distill_mask"].bool()[valid]
             on_nll = batch["nll_mask"].bool()[valid]
-            distill, stats = distill_loss(h[on_distill], teacher, loss_cfg, tokens=tokens[on_distill], project=head)
+            distill, stats = distill_loss(
+                h[on_distill], teacher, loss_cfg, tokens=tokens[on_distill], project=head
+            )
             nll = nll_loss(h[on_nll], tokens[on_nll], project=head)
             extra = torch.stack([nll.detach().double(), on_nll.sum().double()]).to(stats.loss.device)
             return distill, nll, torch.cat([stats.as_tensor(), extra])
@@ -104,12 +110,21 @@ class StudentPolicy(nn.Module):
             advantages = batch["advantages"][:, None].expand(valid.shape)[valid]
             ref = batch["ref_logprobs"][valid] if "ref_logprobs" in batch else None
             return policy_gradient_sum(
-                h, tokens, batch["rollout_logprobs"][valid], advantages, batch["token_weights"][valid],
-                clip_eps=loss_cfg.clip_eps, kl_coef=loss_cfg.kl_coef, temperature=temperature, ref_logprobs=ref,
+                h,
+                tokens,
+                batch["rollout_logprobs"][valid],
+                advantages,
+                batch["token_weights"][valid],
+                clip_eps=loss_cfg.clip_eps,
+                kl_coef=loss_cfg.kl_coef,
+                temperature=temperature,
+                ref_logprobs=ref,
                 project=head,
             )
         if objective == "mismatch":
-            return mismatch_per_token(h, teacher, loss_cfg.temperature, project=head, chunk_size=loss_cfg.chunk_size)
+            return mismatch_per_token(
+                h, teacher, loss_cfg.temperature, project=head, chunk_size=loss_cfg.chunk_size
+            )
         if objective == "logprobs":
             return torch.log_softmax(head(h).float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         raise ValueError(f"unknown objective '{objective}'")
@@ -181,7 +196,9 @@ def rollout_metrics(step: int, rollout: DataProto, rollout_meta: list[dict]) -> 
     }
 
 
-def batch_metrics(step: int, rollout: DataProto, rollout_meta: list[dict], teacher: DataProto, teacher_meta: list[dict]) -> dict:
+def batch_metrics(
+    step: int, rollout: DataProto, rollout_meta: list[dict], teacher: DataProto, teacher_meta: list[dict]
+) -> dict:
     """What the step's batches say about generation and scoring (same on every rank)."""
     return rollout_metrics(step, rollout, rollout_meta) | {
         "grounding": float(teacher.batch["grounding"].mean()),
@@ -226,8 +243,12 @@ class StudentRank:
         backend = self.cfg.trainer.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
+        dist.init_process_group(
+            backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
+        )
         self.model = load_model(self.cfg.model, vocab_size=len(self.tokenizer)).to(self.device)
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.policy = StudentPolicy(self.model)
@@ -244,8 +265,13 @@ class StudentRank:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
         self.step = 0
         self.skipped_nonfinite = 0
-        return {"rank": self.rank, "backend": backend, "node": ray.util.get_node_ip_address(),
-                "node_id": ray.get_runtime_context().get_node_id(), "threads": self.threads}
+        return {
+            "rank": self.rank,
+            "backend": backend,
+            "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "threads": self.threads,
+        }
 
     def set_probe(self, records: list[dict]) -> int:
         """The fixed probe set: student prompt + reference solution, for the probe NLL."""
@@ -253,11 +279,21 @@ class StudentRank:
         refs = [self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"] for r in records]
         p_ids, p_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         r_ids, r_mask = right_pad(refs, self.tokenizer.pad_token_id)
-        self.probe = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+        self.probe = {
+            "prompt_ids": p_ids,
+            "prompt_mask": p_mask,
+            "response_ids": r_ids,
+            "response_mask": r_mask,
+        }
         return len(records)
 
     def _prompts(self, problems: list[str]) -> list[list[int]]:
-        texts = [render_chat(self.tokenizer, student_messages(p, self.cfg.prompts), self.cfg.model.student_thinking) for p in problems]
+        texts = [
+            render_chat(
+                self.tokenizer, student_messages(p, self.cfg.prompts), self.cfg.model.student_thinking
+            )
+            for p in problems
+        ]
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     # -- collective helpers ----------------------------------------------------------------------
@@ -312,7 +348,9 @@ class StudentRank:
         return metrics | batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta)
 
     @once_per_step
-    def distill_nll_step(self, step: int, rollout_refs: list, teacher_refs: list, prefix_weight: float, suffix_weight: float) -> dict:
+    def distill_nll_step(
+        self, step: int, rollout_refs: list, teacher_refs: list, prefix_weight: float, suffix_weight: float
+    ) -> dict:
         """One optimizer step of MOTAB / SKD on monitored trajectories: ``prefix_weight`` x the
         distillation loss at the rows' ``distill_mask`` positions (the student's accepted steps) plus
         ``suffix_weight`` x the teacher-forced NLL at their ``nll_mask`` positions (teacher-written
@@ -350,10 +388,14 @@ class StudentRank:
         )
         return batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta) | metrics
 
-    def _teacher_targets(self, teacher: DataProto, idx: list[int], response_mask: torch.Tensor) -> TeacherTargets:
+    def _teacher_targets(
+        self, teacher: DataProto, idx: list[int], response_mask: torch.Tensor
+    ) -> TeacherTargets:
         valid = response_mask.bool().cpu()
         values = teacher.batch["teacher_logprobs"][idx][valid]
-        ids = teacher.batch["teacher_ids"][idx][valid].long() if "teacher_ids" in teacher.batch.keys() else None
+        ids = (
+            teacher.batch["teacher_ids"][idx][valid].long() if "teacher_ids" in teacher.batch.keys() else None
+        )
         sampled = teacher.batch["teacher_sampled_logprob"][idx][valid]
         return TeacherTargets(values, ids, sampled).to(self.device)
 
@@ -404,7 +446,9 @@ class StudentRank:
         t0 = time.perf_counter()
         limit = self.cfg.algorithm.sft.max_response_tokens
         eos = self.tokenizer.eos_token_id
-        refs = [self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"] + [eos] for r in records]
+        refs = [
+            self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"] + [eos] for r in records
+        ]
         truncated = sum(len(r) > limit for r in refs)
         p_ids, p_mask = left_pad(self._prompts([r["problem"] for r in records]), self.tokenizer.pad_token_id)
         r_ids, r_mask = right_pad([r[:limit] for r in refs], self.tokenizer.pad_token_id)
@@ -461,7 +505,9 @@ class StudentRank:
             if reference is not None:
                 rows["ref_logprobs"] = reference.batch["ref_logprobs"][idx]
             self.policy.set_requires_gradient_sync(i == len(batches) - 1)
-            loss, batch_stats = self.policy(self._to_device(rows), "pg", g, temperature=self.cfg.rollout.temperature)
+            loss, batch_stats = self.policy(
+                self._to_device(rows), "pg", g, temperature=self.cfg.rollout.temperature
+            )
             loss.backward()
             stats += batch_stats.detach().cpu() * weight
             objective += loss.detach().cpu().double() / self.world
@@ -478,7 +524,8 @@ class StudentRank:
             "clip_frac": float(stats[2]) / tokens,
             "tokens": int(stats[3]),
             "reward_std": float(torch.stack([rewards[idx].std() for idx in groups.values()]).mean()),
-            "zero_adv_frac": sum(bool((rewards[idx] == rewards[idx[0]]).all()) for idx in groups.values()) / len(groups),
+            "zero_adv_frac": sum(bool((rewards[idx] == rewards[idx[0]]).all()) for idx in groups.values())
+            / len(groups),
             **self._apply_update(step, objective),
             "time_fetch_s": t_fetch,
             "time_update_s": time.perf_counter() - t0 - t_fetch,
@@ -499,15 +546,25 @@ class StudentRank:
             per_token = self.policy(rows, "mismatch", self.cfg.algorithm.loss, targets).cpu()
             lengths = rows["response_mask"].sum(-1).tolist()
             for row, part in zip(idx, per_token.split(lengths), strict=False):
-                mine.append({"row": row, "kl": part[:, 0].tolist(), "disagree": part[:, 1].tolist(),
-                             "confidence": part[:, 2].tolist()})
+                mine.append(
+                    {
+                        "row": row,
+                        "kl": part[:, 0].tolist(),
+                        "disagree": part[:, 1].tolist(),
+                        "confidence": part[:, 2].tolist(),
+                    }
+                )
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, mine)
         nt = rollout.non_tensor_batch
         out = sorted((r for part in gathered for r in part), key=lambda r: r["row"])
         for r in out:
             i = r.pop("row")
-            r.update(uid=str(nt["uid"][i]), difficulty=nt["difficulty"][i], grounding=float(teacher.batch["grounding"][i]))
+            r.update(
+                uid=str(nt["uid"][i]),
+                difficulty=nt["difficulty"][i],
+                grounding=float(teacher.batch["grounding"][i]),
+            )
         return out
 
     @torch.no_grad()
@@ -526,11 +583,15 @@ class StudentRank:
         return float(total[0] / total[1].clamp(min=1))
 
     @torch.no_grad()
-    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
+    ) -> list[list[float]]:
         """Per-token log-probs of fixed responses under the current student (every rank returns all)."""
         p_ids, p_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         r_ids, r_mask = right_pad(responses, self.tokenizer.pad_token_id)
-        rows = self._to_device({"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask})
+        rows = self._to_device(
+            {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+        )
         if temperature != 1.0:
             raise ValueError("student.score computes temperature-1 log-probs")
         flat = self.policy(rows, "logprobs").cpu()
@@ -544,7 +605,9 @@ class StudentRank:
     def _stream(self, fmt: str, device: torch.device, meta: bool = False):
         """The weights a sync in format ``fmt`` carries, gathered one parameter at a time."""
         lora = self.cfg.model.lora
-        return stream_weights(self.model, fmt, DTYPES[self.cfg.model.dtype], device, lora.alpha / lora.r, meta)
+        return stream_weights(
+            self.model, fmt, DTYPES[self.cfg.model.dtype], device, lora.alpha / lora.r, meta
+        )
 
     def weight_layout(self, fmt: str) -> list[TensorSpec]:
         """Names, shapes and dtypes of a sync in format ``fmt`` (from metadata; no gathering)."""
@@ -555,7 +618,9 @@ class StudentRank:
         updates. A sync launched behind an update that failed moves nothing (the step fails on the
         update's own error), so no receiver ever holds old weights under a new version."""
         if version != self.step:
-            log.warning("sync of version %d refused: the weights are those after %d updates", version, self.step)
+            log.warning(
+                "sync of version %d refused: the weights are those after %d updates", version, self.step
+            )
         return version == self.step
 
     def export_weights(self, version: int, fmt: str = "trainable") -> PackedWeights | None:

@@ -47,7 +47,9 @@ class TeacherWorker(WeightReceiver):
         self.model_cfg = separate or cfg.model
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.student_tokenizer = self.tokenizer if self.privileged else load_tokenizer(cfg.model)
-        self.shared_vocab = self.privileged or self.student_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        self.shared_vocab = (
+            self.privileged or self.student_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        )
         self.mode = cfg.teacher.weights
         self.vllm = None
         if cfg.teacher.engine == "vllm":  # the privileged self-teacher, scoring only (checked in the config)
@@ -57,7 +59,9 @@ class TeacherWorker(WeightReceiver):
             self.payload_format = self.vllm.engine.weight_format
             self.vocab = len(self.tokenizer)
         else:
-            self.model = load_model(self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged).eval()
+            self.model = load_model(
+                self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged
+            ).eval()
             self.vocab = self.model.get_output_embeddings().weight.shape[0]
         k = cfg.teacher.topk
         self.topk = None if k == 0 or k >= self.vocab else k
@@ -113,7 +117,9 @@ class TeacherWorker(WeightReceiver):
 
     def _row_alphas(self, uids, alpha: float | Mapping[str, float]) -> list[float]:
         """One exposure per row: ``alpha`` itself, or its entry for the row's record id."""
-        return [float(alpha[uid]) for uid in uids] if isinstance(alpha, Mapping) else [float(alpha)] * len(uids)
+        return (
+            [float(alpha[uid]) for uid in uids] if isinstance(alpha, Mapping) else [float(alpha)] * len(uids)
+        )
 
     def _tokens(self, ids: list[int], text: str) -> list[int]:
         """Student tokens in this teacher's vocabulary (the same ids, or the text re-encoded)."""
@@ -125,7 +131,9 @@ class TeacherWorker(WeightReceiver):
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, rollout: DataProto, alpha: float | Mapping[str, float], grounding: bool = True) -> DataProto:
+    def score(
+        self, rollout: DataProto, alpha: float | Mapping[str, float], grounding: bool = True
+    ) -> DataProto:
         """Teacher targets for every response token of ``rollout`` at exposure ``alpha``: one value
         for the batch, or a per-problem mapping from record id to exposure."""
         if not self.shared_vocab:
@@ -137,15 +145,24 @@ class TeacherWorker(WeightReceiver):
         nt = rollout.non_tensor_batch
         rows = len(rollout)
         alphas = self._row_alphas(nt["uid"], alpha)
-        prompts = [self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], alphas[i])) for i in range(rows)]
+        prompts = [
+            self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], alphas[i]))
+            for i in range(rows)
+        ]
         response_ids = rollout.batch["response_ids"]
         response_mask = rollout.batch["response_mask"]
         if self.vllm is not None:
             responses = rows_to_lists(response_ids, response_mask)
             values, indices, sampled = self.vllm.targets(prompts, responses, response_ids.shape[1])
-            g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if grounding else torch.zeros(rows)
+            g = (
+                self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas))
+                if grounding
+                else torch.zeros(rows)
+            )
         else:
-            values, indices, sampled, g = self._hf_targets(prompts, response_ids, response_mask, nt, alphas, grounding)
+            values, indices, sampled, g = self._hf_targets(
+                prompts, response_ids, response_mask, nt, alphas, grounding
+            )
         mask = response_mask.bool()
         sampled = sampled.masked_fill(~mask, 0.0)
         tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled, "grounding": g}
@@ -154,7 +171,11 @@ class TeacherWorker(WeightReceiver):
         return DataProto.from_dict(
             tensors=tensors,
             non_tensors={"alpha": np.array(alphas, dtype=object)},
-            meta_info={"teacher_version": self.weight_version, "topk": self.topk or 0, "time_s": time.perf_counter() - t0},
+            meta_info={
+                "teacher_version": self.weight_version,
+                "topk": self.topk or 0,
+                "time_s": time.perf_counter() - t0,
+            },
         )
 
     def _hf_targets(self, prompts, response_ids, response_mask, nt, alphas, grounding):
@@ -171,7 +192,9 @@ class TeacherWorker(WeightReceiver):
             for s in range(0, rows, mb):
                 p_ids, p_mask = left_pad(prompts[s : s + mb], self.tokenizer.pad_token_id)
                 ids, mask, pos, _ = join(p_ids, p_mask, response_ids[s : s + mb], response_mask[s : s + mb])
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1).logits
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1
+                ).logits
                 logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
                 sampled[s : s + mb] = logp.gather(-1, response_ids[s : s + mb].unsqueeze(-1)).squeeze(-1)
                 if self.topk:
@@ -189,7 +212,9 @@ class TeacherWorker(WeightReceiver):
         problem-only prompt under the frozen step-0 model, at ``temperature`` (the rollout's, so it
         compares with the student's log-probs of the same tokens)."""
         if self.mode != "frozen":
-            raise ValueError(f"reference log-probs need the frozen step-0 model; teacher.weights is {self.mode}")
+            raise ValueError(
+                f"reference log-probs need the frozen step-0 model; teacher.weights is {self.mode}"
+            )
         t0 = time.perf_counter()
         b = rollout.batch
         out = torch.zeros(b["response_ids"].shape, dtype=torch.float32)
@@ -197,19 +222,30 @@ class TeacherWorker(WeightReceiver):
         with self._weights() as model:
             for s in range(0, len(rollout), mb):
                 part = slice(s, s + mb)
-                ids, mask, pos, _ = join(b["prompt_ids"][part], b["prompt_mask"][part], b["response_ids"][part], b["response_mask"][part])
+                ids, mask, pos, _ = join(
+                    b["prompt_ids"][part],
+                    b["prompt_mask"][part],
+                    b["response_ids"][part],
+                    b["response_mask"][part],
+                )
                 width = b["response_ids"].shape[1]
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1).logits
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1
+                ).logits
                 logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
                 out[part] = logp.gather(-1, b["response_ids"][part].unsqueeze(-1)).squeeze(-1)
         out = out.masked_fill(~b["response_mask"].bool(), 0.0)
-        return DataProto.from_dict(tensors={"ref_logprobs": out}, meta_info={"time_s": time.perf_counter() - t0})
+        return DataProto.from_dict(
+            tensors={"ref_logprobs": out}, meta_info={"time_s": time.perf_counter() - t0}
+        )
 
     def _grounding_inputs(self, nt: dict, alphas: list[float]) -> tuple[list[list[int]], list[list[int]]]:
         """Per row, the grounding prompt (reference truncated at exposure alpha) and the withheld answer line."""
         prompts, answers = [], []
         for i, a in enumerate(alphas):
-            messages, answer_text = grounding_messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], a, self.cfg.prompts)
+            messages, answer_text = grounding_messages(
+                nt["problem"][i], nt["reference"][i], nt["answer"][i], a, self.cfg.prompts
+            )
             prompts.append(self._encode(messages))
             answers.append(self.tokenizer(answer_text, add_special_tokens=False)["input_ids"])
         return prompts, answers
@@ -223,7 +259,9 @@ class TeacherWorker(WeightReceiver):
             p_ids, p_mask = left_pad(prompts[s : s + mb], self.tokenizer.pad_token_id)
             a_ids, a_mask = right_pad(answers[s : s + mb], self.tokenizer.pad_token_id)
             ids, mask, pos, _ = join(p_ids, p_mask, a_ids, a_mask)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=a_ids.shape[1] + 1).logits
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=a_ids.shape[1] + 1
+            ).logits
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
             g[s : s + mb] = (lp * a_mask).sum(-1) / a_mask.sum(-1).clamp(min=1)
         return g
@@ -233,7 +271,8 @@ class TeacherWorker(WeightReceiver):
         """Per item: this teacher's prompt, then the trajectory so far (``prefix_ids`` / ``prefix_text``)."""
         alphas = self._row_alphas([it["uid"] for it in items], alpha)
         return [
-            self._encode(self._messages(it["problem"], it["reference"], it["answer"], a)) + self._tokens(it["prefix_ids"], it["prefix_text"])
+            self._encode(self._messages(it["problem"], it["reference"], it["answer"], a))
+            + self._tokens(it["prefix_ids"], it["prefix_text"])
             for it, a in zip(items, alphas, strict=True)
         ]
 
@@ -252,16 +291,22 @@ class TeacherWorker(WeightReceiver):
                 p_ids, p_mask = left_pad(states[s : s + mb], self.tokenizer.pad_token_id)
                 r_ids, r_mask = right_pad(steps[s : s + mb], self.tokenizer.pad_token_id)
                 ids, mask, pos, _ = join(p_ids, p_mask, r_ids, r_mask)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1).logits
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1
+                ).logits
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts step token j
                 token_lp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1) * r_mask
                 values = (token_lp.sum(-1) / r_mask.sum(-1).clamp(min=1)).exp()
                 entropies = topk_entropy(logp[:, 0], k)
-                out += [{"value": float(v), "entropy": float(h)} for v, h in zip(values, entropies, strict=True)]
+                out += [
+                    {"value": float(v), "entropy": float(h)} for v, h in zip(values, entropies, strict=True)
+                ]
         return out
 
     @torch.no_grad()
-    def continue_from(self, items: list[dict], alpha: float | Mapping[str, float], params: SamplingParams, seed: int) -> list[dict]:
+    def continue_from(
+        self, items: list[dict], alpha: float | Mapping[str, float], params: SamplingParams, seed: int
+    ) -> list[dict]:
         """The teacher writes on from each state (MOTAB's takeover after a rewind; SKD's rewritten step).
         Returns per item the piece's ``ids`` in the student's tokens (an EOS that ended it left out),
         its ``text`` and how it ``ended``."""
@@ -274,6 +319,10 @@ class TeacherWorker(WeightReceiver):
             ended = step_end(c.finish_reason, c.token_ids, engine.eos_ids)
             ids = c.token_ids[:-1] if ended == "eos" else c.token_ids
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            ids = ids if self.shared_vocab else self.student_tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = (
+                ids
+                if self.shared_vocab
+                else self.student_tokenizer(text, add_special_tokens=False)["input_ids"]
+            )
             out.append({"ids": ids, "text": text, "ended": ended})
         return out

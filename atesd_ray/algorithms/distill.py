@@ -28,7 +28,10 @@ def launch_rollouts(actors: Actors, records: list[dict], step: int, min_version:
     """Split the batch over the rollout replicas (chunk i -> replica i mod R); one ref per chunk."""
     chunks = split_evenly(records, max(len(actors.rollouts), len(actors.students)))
     replicas = actors.rollouts.actors
-    return [replicas[i % len(replicas)].generate.remote(chunk, step, i, min_version) for i, chunk in enumerate(chunks)]
+    return [
+        replicas[i % len(replicas)].generate.remote(chunk, step, i, min_version)
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 def distill_step(
@@ -49,7 +52,9 @@ def distill_step(
     stats = actors.students.call("train_step", step, rollouts, scored)[0]
     ahead = None
     if cfg.rollout.max_staleness and next_batch:
-        ahead = launch_rollouts(actors, next_batch, step + 1, min_version=step + 1 - cfg.rollout.max_staleness)
+        ahead = launch_rollouts(
+            actors, next_batch, step + 1, min_version=step + 1 - cfg.rollout.max_staleness
+        )
     synced = actors.weight_sync.sync(version=step + 1)
     probe = actors.students.call("probe_nll")[0]
     observed = actors.controller.observe.remote(step, stats, probe)

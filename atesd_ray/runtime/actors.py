@@ -52,7 +52,9 @@ def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
         ray.kill(thing, no_restart=True)
 
 
-def build_actors(cfg: Config, total_steps: int, name: str, timeline_path: str | None = None, run: str = "") -> Actors:
+def build_actors(
+    cfg: Config, total_steps: int, name: str, timeline_path: str | None = None, run: str = ""
+) -> Actors:
     """Rollout, teacher, student and controller actors in their placement groups; weight sync set up.
     ``timeline_path``: where the controller keeps its decision timeline up to date; ``run`` labels
     the controller's Prometheus series.

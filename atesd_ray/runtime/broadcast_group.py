@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 class BroadcastGroup:
-    def __init__(self, address: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0):
+    def __init__(
+        self, address: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0
+    ):
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
         self.rank = rank

@@ -80,7 +80,8 @@ def flatten(named: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> 
 def unflatten(buffer: torch.Tensor, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
     """Views into ``buffer`` (no copy) shaped as the specs say."""
     return {
-        s.name: buffer[s.offset : s.offset + s.nbytes].view(getattr(torch, s.dtype)).view(s.shape) for s in specs
+        s.name: buffer[s.offset : s.offset + s.nbytes].view(getattr(torch, s.dtype)).view(s.shape)
+        for s in specs
     }
 
 
@@ -103,10 +104,14 @@ def load_into(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> None:
     own.update(dict(model.named_buffers()))
     missing = [n for n in named if n not in own]
     if missing:
-        raise KeyError(f"weights for unknown tensors {missing[:5]} (of {len(missing)}); is this the same model?")
+        raise KeyError(
+            f"weights for unknown tensors {missing[:5]} (of {len(missing)}); is this the same model?"
+        )
     with torch.no_grad():
         for name, tensor in named.items():
             target = own[name]
             if target.shape != tensor.shape:
-                raise ValueError(f"shape mismatch for '{name}': model {tuple(target.shape)}, weights {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"shape mismatch for '{name}': model {tuple(target.shape)}, weights {tuple(tensor.shape)}"
+                )
             target.copy_(tensor)
