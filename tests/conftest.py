@@ -42,6 +42,9 @@ def ray_cluster():
     from atesd_ray.runtime.cluster import _runtime_env_for_checkout
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray metrics every 2 s (default 10 s): a tiny-model run's actors live only seconds, and the
+    # series of an actor that is gone are gone from its node's metrics agent
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     ray.init(
         num_cpus=8, include_dashboard=False, runtime_env=_runtime_env_for_checkout(), log_to_driver=False
     )
