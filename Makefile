@@ -26,11 +26,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q -x tests
 
-# benchmarks (bench/run.py): the bench extra (TRL) beside dev, its own install stamp; tables in
+# benchmarks (bench/run.py; the dev extra carries the bench extra, TRL); tables in
 # bench/results/README.md. make bench BENCH_ARGS="--repeats 5" (or "--model tiny" for a smoke run)
 BENCH_ARGS ?=
-bench:
-	$(MAKE) install EXTRAS=dev,bench
+bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # docker images (CUDA + vLLM + flash-attn + verl; CPU); docker/Dockerfile.<kind>
