@@ -323,6 +323,12 @@ class ControllerConfig:
     linear_end: float = 1.0  # ... and at the last step
     seed: int | None = None  # None: the run's seed
 
+    @property
+    def scores_decisions(self) -> bool:
+        """Every kind but ``fixed`` scores its decisions (G_lp + λ_gt·G_gt), so only those need the
+        teacher's grounding signal g; a fixed exposure skips that forward pass."""
+        return self.kind != "fixed"
+
     def validate(self, key: str) -> None:
         _one_of(self.kind, f"{key}.kind", CONTROLLER_KINDS)
         _in_range(self.alpha_min, f"{key}.alpha_min", 0.0, 1.0)

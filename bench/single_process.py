@@ -5,8 +5,8 @@ rollout actor uses; score the response under the privileged prompt (α = 1) with
 the step-0 model; forward/backward of the student with the project's loss (``distill_loss``, the
 same code the student actor runs); clip and step AdamW. No Ray, no FSDP, no weight sync: the model
 that generates is the model that trains. What the distributed step does on top (the rollout's
-log-probs and grades, the teacher's grounding g, the probe NLL, the controller) is not repeated
-here: it is part of the overhead being measured.
+log-probs and grades, the probe NLL, the controller; for ATESD also the teacher's grounding g) is
+not repeated here: it is part of the overhead being measured.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class Controller:
         c = cfg.controller
         self.c = c
         self.total_steps = total_steps
-        self.tracks = c.kind != "fixed"
+        self.tracks = c.scores_decisions
         self.per_example = c.granularity == "example"
         seed = cfg.seed if c.seed is None else c.seed
         self.rng = np.random.default_rng(seed)

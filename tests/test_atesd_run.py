@@ -45,6 +45,7 @@ def test_atesd_run_records_scored_decisions(ray_cluster, tmp_path):
     for d, m in zip(timeline, metrics, strict=True):
         assert 0.1 <= d["alpha"] <= 1.0 and d["a"] > 1.0 and d["b"] > 1.0
         assert m["alpha"] == pytest.approx(d["alpha"])  # the teacher scored at the decision's α
+        assert m["grounding"] < 0.0  # measured because the controller scores its decisions
         assert d["g_lp"] >= 0.0 and d["g_gt"] < 0.0  # progress is clipped at 0; g is a log-prob
         assert d["reward"] == pytest.approx(d["g_lp"] + 0.2 * d["g_gt"])
         assert d["advantage"] in (pytest.approx(-1.0), pytest.approx(1.0))  # z-scores of pairs

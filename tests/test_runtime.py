@@ -122,6 +122,11 @@ def test_teacher_prompt_and_scores_depend_on_exposure(run):
     gap = (at0.batch["teacher_sampled_logprob"] - at1.batch["teacher_sampled_logprob"])[mask].abs().max()
     assert gap > 1e-4
     assert list(at1.non_tensor_batch["alpha"]) == [1.0] * len(RECORDS)
+    assert (at1.batch["grounding"] < 0).all()  # g is a mean log-prob
+    # a fixed exposure skips the grounding forward pass: same targets, no g
+    bare = ray.get(teacher.score.remote(rollout, 1.0, grounding=False))
+    assert "grounding" not in bare.batch.keys()
+    assert torch.equal(bare.batch["teacher_logprobs"], at1.batch["teacher_logprobs"])
 
 
 def test_non_finite_loss_skips_the_update(run):

@@ -200,10 +200,12 @@ def batch_metrics(
     step: int, rollout: DataProto, rollout_meta: list[dict], teacher: DataProto, teacher_meta: list[dict]
 ) -> dict:
     """What the step's batches say about generation and scoring (same on every rank)."""
-    return rollout_metrics(step, rollout, rollout_meta) | {
-        "grounding": float(teacher.batch["grounding"].mean()),
+    metrics = rollout_metrics(step, rollout, rollout_meta) | {
         "time_teacher_s": max(m["time_s"] for m in teacher_meta),
     }
+    if "grounding" in teacher.batch.keys():  # measured only when the controller scores decisions
+        metrics["grounding"] = float(teacher.batch["grounding"].mean())
+    return metrics
 
 
 def example_stats(rollout: DataProto, teacher: DataProto) -> dict[str, dict[str, float]]:

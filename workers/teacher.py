@@ -135,7 +135,8 @@ class TeacherWorker(WeightReceiver):
         self, rollout: DataProto, alpha: float | Mapping[str, float], grounding: bool = True
     ) -> DataProto:
         """Teacher targets for every response token of ``rollout`` at exposure ``alpha``: one value
-        for the batch, or a per-problem mapping from record id to exposure."""
+        for the batch, or a per-problem mapping from record id to exposure. With ``grounding`` the
+        batch also carries g per row (an extra forward pass over the grounding prompts)."""
         if not self.shared_vocab:
             raise ValueError(
                 f"teacher model {self.model_cfg.name} has another vocabulary than the student {self.cfg.model.name}: "
@@ -154,18 +155,16 @@ class TeacherWorker(WeightReceiver):
         if self.vllm is not None:
             responses = rows_to_lists(response_ids, response_mask)
             values, indices, sampled = self.vllm.targets(prompts, responses, response_ids.shape[1])
-            g = (
-                self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas))
-                if grounding
-                else torch.zeros(rows)
-            )
+            g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if grounding else None
         else:
             values, indices, sampled, g = self._hf_targets(
                 prompts, response_ids, response_mask, nt, alphas, grounding
             )
         mask = response_mask.bool()
         sampled = sampled.masked_fill(~mask, 0.0)
-        tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled, "grounding": g}
+        tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled}
+        if g is not None:
+            tensors["grounding"] = g
         if indices is not None:
             tensors["teacher_ids"] = indices
         return DataProto.from_dict(
@@ -203,7 +202,7 @@ class TeacherWorker(WeightReceiver):
                     indices[s : s + mb] = top.indices.to(torch.int32)
                 else:
                     values[s : s + mb] = logp
-            g = self._grounding(model, nt, alphas) if grounding else torch.zeros(rows)
+            g = self._grounding(model, nt, alphas) if grounding else None
         return values, indices, sampled, g
 
     @torch.no_grad()

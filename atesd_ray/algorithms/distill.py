@@ -48,7 +48,8 @@ def distill_step(
     rollouts = prefetched or launch_rollouts(actors, batch, step, min_version=step)
     alpha = actors.controller.exposure.remote(step, [r["id"] for r in batch])
     teachers = actors.teachers.actors
-    scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rollouts)]
+    grounding = cfg.controller.scores_decisions
+    scored = [teachers[i % len(teachers)].score.remote(r, alpha, grounding) for i, r in enumerate(rollouts)]
     stats = actors.students.call("train_step", step, rollouts, scored)[0]
     ahead = None
     if cfg.rollout.max_staleness and next_batch:

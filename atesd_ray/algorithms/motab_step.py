@@ -118,7 +118,8 @@ def motab_step(
     chunks = split_evenly(list(range(len(full))), max(len(actors.teachers), len(actors.students)))
     rows = [ray.put(full[chunk]) for chunk in chunks]
     teachers = actors.teachers.actors
-    scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rows)]
+    grounding = cfg.controller.scores_decisions
+    scored = [teachers[i % len(teachers)].score.remote(r, alpha, grounding) for i, r in enumerate(rows)]
     stats = actors.students.call("distill_nll_step", step, rows, scored, m.prefix_weight, m.suffix_weight)[0]
     synced = actors.weight_sync.sync(version=step + 1)
     probe = actors.students.call("probe_nll")[0]
