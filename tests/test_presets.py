@@ -146,3 +146,10 @@ def test_cluster_options_validate() -> None:
     for overrides, key in bad.items():
         with pytest.raises(Exception, match=key.replace(".", r"\.")):
             make_config(*overrides)
+
+
+def test_demo_runs_atesd_on_the_bundled_model_unclipped() -> None:
+    cfg = make_config("experiment=demo")
+    assert (cfg.model.name, cfg.algorithm.name, cfg.controller.kind) == ("smollm2_135m", "atesd", "atesd")
+    assert cfg.algorithm.loss.clip is None  # the bundled model's profile (conf/model/smollm2_135m.yaml)
+    assert make_config("experiment=demo", "algorithm.loss.clip=0.05").algorithm.loss.clip == 0.05
