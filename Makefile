@@ -24,7 +24,7 @@ demo: install
 	$(PY) -m atesd_ray.main experiment=demo $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x --durations=10 tests
 
 # benchmarks (bench/run.py; the dev extra carries the bench extra, TRL); tables in
 # bench/results/README.md. make bench BENCH_ARGS="--repeats 5" (or "--model tiny" for a smoke run)

@@ -234,6 +234,21 @@ def run(cfg: Config, run_dir: Path) -> dict:
     sampler = EpochSampler(len(data.train), cfg.trainer.prompts_per_step, cfg.seed, cfg.data.shuffle)
     ckpts = CheckpointManager(run_dir, cfg.trainer.keep_last)
     checkpoint = ckpts.resolve(cfg.resume)
+    summary: dict = {
+        "run_dir": str(run_dir),
+        "start_step": read_state(checkpoint)["step"] if checkpoint else 0,
+        "total_steps": total,
+        "algorithm": cfg.algorithm.name,
+        "model": cfg.model.name,
+        "data": data.summary,
+    }
+    if summary["start_step"] >= total:  # said before any actor is built
+        print(
+            f"run already complete at step {summary['start_step']} of {total}: nothing to train "
+            f"(raise trainer.total_steps, or start over with resume=never or a new run_dir)",
+            flush=True,
+        )
+        return summary
     actors, start = _launch(cfg, run_dir, data, sampler, checkpoint)
     tracker = monitor = None
     try:
@@ -248,21 +263,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
             OmegaConf.to_container(OmegaConf.structured(cfg)),
             resume_step=start,
         )
-        summary: dict = {
-            "run_dir": str(run_dir),
-            "start_step": start,
-            "total_steps": total,
-            "algorithm": cfg.algorithm.name,
-            "model": cfg.model.name,
-            "data": data.summary,
-        }
-        if start >= total:
-            print(
-                f"run already complete at step {start} of {total}: nothing to train "
-                f"(raise trainer.total_steps, or start over with resume=never or a new run_dir)",
-                flush=True,
-            )
-            return summary
         if cfg.eval.at_start and data.evals and start == 0:
             summary["eval_before"] = _evaluate(cfg, actors, data.evals, run_dir, 0, start)
             print(f"held-out before training: {_fmt_eval(summary['eval_before'])}", flush=True)
