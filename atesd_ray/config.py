@@ -429,9 +429,8 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     save_every: int = 10
     keep_last: int = 3
-    weight_transport: str = (
-        "object_store"  # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
-    )
+    # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
+    weight_transport: str = "object_store"
     weight_bucket_mb: int = 512  # collective / cuda_ipc: weights move in buckets of at most this size
     backend: str = "auto"  # torch.distributed backend: auto (gloo on CPU, nccl on GPU), gloo, nccl
     # actor faults (atesd_ray/runtime/faults.py): retries of one step after a replica restart, and
@@ -631,7 +630,7 @@ class Config:
             f"{self.trainer.prompts_per_step} prompts x {self.rollout.n_samples} samples cannot feed "
             f"{self.trainer.ranks} student ranks",
         )
-        if self.controller.kind != "fixed" and self.controller.progress_signal == "probe_nll":
+        if self.controller.scores_decisions and self.controller.progress_signal == "probe_nll":
             _check(
                 self.data.probe_size > 0,
                 "data.probe_size",

@@ -139,7 +139,7 @@ def _launch(
 ) -> tuple[Actors, int]:
     """Build the run's actors and bring them to ``checkpoint`` (or to step 0); returns them and the
     step to train next."""
-    timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.kind != "fixed" else None
+    timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.scores_decisions else None
     actors = build_actors(
         cfg,
         cfg.trainer.total_steps,

@@ -62,7 +62,6 @@ class DistributedStep:
         self.actors: Actors = build_actors(cfg, cfg.trainer.total_steps, name=name)
         ray.get(self.actors.students.call("set_probe", data.probe))
         ray.get(self.actors.weight_sync.sync(version=0))
-        self.probe = data.probe
         self.step_index = 0
 
     def niceness(self) -> dict:

@@ -9,24 +9,9 @@ from pathlib import Path
 import pytest
 
 from atesd_ray.data.records import DataError
+from atesd_ray.soak import COMPARED, metrics
 from atesd_ray.train import RunDirError, prepare_data, prepare_run_dir, run
 from tests.conftest import TINY, make_config
-
-COMPARED = (
-    "loss",
-    "mismatch_kl",
-    "top1_disagree",
-    "confidence",
-    "grad_norm",
-    "probe_nll",
-    "accuracy",
-    "response_len",
-    "tokens",
-)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.ray
@@ -43,7 +28,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tmp_pat
     )
     assert resumed["start_step"] == 2
 
-    a, b = _metrics(straight), _metrics(stopped)
+    a, b = metrics(straight), metrics(stopped)
     assert [m["step"] for m in b] == [0, 1, 2]  # no step lost, none done twice
     assert not any("grounding" in m for m in a + b)  # OPSD's fixed exposure skips the grounding pass
     for key in COMPARED:

@@ -33,9 +33,8 @@ class Completion:
 
 
 class GenerationEngine(Protocol):
-    weight_format: (
-        str  # what a weight sync must carry: "trainable" or "merged" (atesd_ray/runtime/weight_formats.py)
-    )
+    # what a weight sync must carry: "trainable" or "merged" (atesd_ray/runtime/weight_formats.py)
+    weight_format: str
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]: ...
 
