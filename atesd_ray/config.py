@@ -88,7 +88,7 @@ class TinyModelConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    head_dim: int = 16
+    head_dim: int = 32  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 16)
     init_seed: int = 0
 
 
@@ -358,6 +358,36 @@ class ControllerConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """A vLLM engine's settings (``rollout.vllm``, ``teacher.vllm``; used with ``engine: vllm``)."""
+
+    # None: eager on the CPU (torch.compile's warm-up costs ~150 s there for ~10% faster sampling),
+    # compiled with CUDA graphs on a GPU
+    enforce_eager: bool | None = None
+    # KV cache per engine in MiB; null: gpu_memory_utilization x the GPU's memory. vLLM's CPU
+    # backend takes that fraction of host RAM per engine instead, so CPU runs set this.
+    kv_cache_mb: int | None = None
+    gpu_memory_utilization: float = 0.5
+    # longest prompt + response; null: model.max_prompt_tokens + the longest generation configured
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    # weight syncs reset it (KV computed with older weights is never reused)
+    enable_prefix_caching: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.kv_cache_mb is not None:
+            _positive(self.kv_cache_mb, f"{key}.kv_cache_mb")
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            f"{key}.gpu_memory_utilization",
+            f"got {self.gpu_memory_utilization}; must be in (0, 1]",
+        )
+        if self.max_model_len is not None:
+            _positive(self.max_model_len, f"{key}.max_model_len")
+        _positive(self.max_num_seqs, f"{key}.max_num_seqs")
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"
     replicas: int = 1
@@ -369,7 +399,7 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     micro_batch: int = 16  # sequences generated together
     max_staleness: int = 0  # 1: generate batch t+1 while the student trains on batch t
-    gpu_memory_utilization: float = 0.5  # vLLM only
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self, key: str) -> None:
         _one_of(self.engine, f"{key}.engine", ENGINES)
@@ -381,18 +411,20 @@ class RolloutConfig:
         _positive(self.n_samples, f"{key}.n_samples")
         _positive(self.micro_batch, f"{key}.micro_batch")
         _one_of(self.max_staleness, f"{key}.max_staleness", (0, 1))
+        self.vllm.validate(f"{key}.vllm")
 
 
 @dataclass
 class TeacherConfig:
-    # hf: transformers forward pass (any top-k, full vocabulary, any temperature); vllm (GPU): prompt
-    # logprobs of a vLLM engine, top-k only, see workers/vllm_engine.py
+    # hf: transformers forward passes (any top-k, full vocabulary, any temperature); vllm: prompt
+    # logprobs of a vLLM engine (CPU or GPU), top-k only, see workers/vllm_engine.py
     engine: str = "hf"
     replicas: int = 1
     topk: int = 0  # logprobs sent per position; 0 (or >= vocab) sends the full distribution
     weights: str = "frozen"
     ema_decay: float = 0.999
     micro_batch: int = 8
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self, key: str) -> None:
         _one_of(self.engine, f"{key}.engine", ENGINES)
@@ -412,6 +444,7 @@ class TeacherConfig:
             )
         _in_range(self.ema_decay, f"{key}.ema_decay", 0.0, 1.0)
         _positive(self.micro_batch, f"{key}.micro_batch")
+        self.vllm.validate(f"{key}.vllm")
 
 
 @dataclass
@@ -712,6 +745,13 @@ class Config:
                 self.algorithm.name != "grpo",
                 "teacher.engine",
                 "GRPO's KL reference log-probs are computed by forward passes; use teacher.engine=hf",
+            )
+            loss = self.algorithm.loss
+            _check(
+                loss.topk_tail == "renormalize" or loss.temperature == 1.0,
+                "algorithm.loss.topk_tail",
+                f"teacher.engine=vllm gives top-k log-probs at temperature 1; at algorithm.loss.temperature="
+                f"{loss.temperature} the tail mass a 'bucket' needs is unknown: use topk_tail=renormalize",
             )
 
 

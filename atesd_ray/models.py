@@ -90,10 +90,39 @@ def ensure_bundled(package: str, gguf_file: str) -> Path:
     return target
 
 
+def ensure_tiny(cfg: ModelConfig) -> Path:
+    """The random tiny Qwen3 written out once as a model directory (config, safetensors, tokenizer),
+    for engines that load a directory (vLLM); its weights are those :func:`build_tiny` gives."""
+    import dataclasses
+    import hashlib
+    import json
+
+    tokenizer = load_tokenizer(cfg)
+    shape = json.dumps(
+        dataclasses.asdict(cfg.tiny) | {"vocab": len(tokenizer), "dtype": cfg.dtype}, sort_keys=True
+    )
+    target = cache_dir() / "models" / f"tiny-{hashlib.sha1(shape.encode()).hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            build_tiny(cfg, len(tokenizer)).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def pretrained_path(cfg: ModelConfig) -> str:
     """What ``from_pretrained`` gets for this model: a hub id or a local directory."""
     if cfg.source == BUNDLED:
         return str(ensure_bundled(cfg.path, cfg.gguf_file or ""))
+    if cfg.source == "tiny":
+        return str(ensure_tiny(cfg))
     if cfg.source == "path" and not Path(cfg.path).exists():
         raise FileNotFoundError(f"model.path '{cfg.path}' does not exist")
     return cfg.path

@@ -30,17 +30,14 @@ class StaleWeightsError(RuntimeError):
 class WeightReceiver:
     """Mixin for actors that hold a copy of the student (rollout; live or EMA teacher).
 
-    Subclasses implement ``_synced_parameters`` (their own copy of what a sync replaces) and
-    ``_apply_weights`` (called once per object-store sync, once per bucket of a broadcast or CUDA
-    IPC sync). ``weight_format`` says what they load (``atesd_ray/runtime/weight_formats.py``).
+    Subclasses implement ``_apply_weights`` (called once per object-store sync, once per bucket of
+    a broadcast or CUDA IPC sync). ``weight_format`` says what they load
+    (``atesd_ray/runtime/weight_formats.py``).
     Every sync carries a version; ``weight_version`` is the last one fully applied.
     """
 
     weight_version: int = 0
     payload_format: str = "trainable"
-
-    def _synced_parameters(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
 
     def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
         raise NotImplementedError

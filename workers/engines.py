@@ -1,4 +1,4 @@
-"""Generation engines behind one interface: HF transformers (CPU or GPU) and vLLM (GPU, in vllm_engine.py)."""
+"""Generation engines behind one interface: HF transformers and vLLM (``vllm_engine.py``), each on CPU or GPU."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ class GenerationEngine(Protocol):
         """Log-probs of fixed response tokens after each prompt."""
         ...
 
-    def load_weights(self, named: dict[str, torch.Tensor]) -> None: ...
-
-    def synced_parameters(self) -> dict[str, torch.Tensor]: ...
+    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
+        """Tensors of ``weight_format`` by name: a whole sync, or one bucket of it."""
+        ...
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -185,6 +185,3 @@ class HFEngine:
 
     def load_weights(self, named: dict[str, torch.Tensor]) -> None:
         load_into(self.model, named)
-
-    def synced_parameters(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

