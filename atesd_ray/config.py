@@ -40,7 +40,7 @@ def _positive(value: float, key: str, strict: bool = True) -> None:
         _check(value >= 0, key, f"got {value!r}; must be >= 0")
 
 
-MODES = ("train", "eval", "sweep_exposure", "motab_synthesize", "report")
+MODES = ("train", "eval", "sweep_exposure", "motab_synthesize", "report", "export")
 ALGORITHMS = ("opsd", "fixed_exposure", "atesd", "sft", "grpo", "motab", "skd")
 STEPWISE_ALGORITHMS = ("motab", "skd")  # step-wise monitored rollouts (DESIGN §5)
 TEACHER_WEIGHTS = ("frozen", "live", "ema")
@@ -131,7 +131,7 @@ class SyntheticDataConfig:
         _positive(self.n_eval, f"{key}.n_eval", strict=False)
         _check(len(self.levels) > 0, f"{key}.levels", "needs at least one difficulty level")
         for level in self.levels:
-            _one_of(level, f"{key}.levels", (1, 2, 3))
+            _one_of(level, f"{key}.levels", (0, 1, 2, 3))
 
 
 @dataclass
@@ -462,6 +462,8 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     save_every: int = 10
     keep_last: int = 3
+    # each checkpoint also holds huggingface/: the student as a model folder, LoRA merged
+    save_hf: bool = True
     # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
     weight_transport: str = "object_store"
     weight_bucket_mb: int = 512  # collective / cuda_ipc: weights move in buckets of at most this size
@@ -631,6 +633,25 @@ class ReportConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """The console: ``info`` shows the project's own lines and warnings (libraries: errors only, no
+    progress bars inside actors); ``debug`` (or ``--verbose``) everything the libraries log."""
+
+    level: str = "info"
+
+    def validate(self, key: str) -> None:
+        _one_of(self.level, f"{key}.level", ("debug", "info", "warning"))
+
+
+@dataclass
+class ExportConfig:
+    """``mode=export``: a checkpoint of ``run_dir`` as a Hugging Face model folder."""
+
+    step: int | None = None  # None: the latest complete checkpoint
+    out: str | None = None  # None: <checkpoint>/huggingface
+
+
+@dataclass
 class Config:
     mode: str = "train"
     seed: int = 42
@@ -650,6 +671,8 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "mode", MODES)

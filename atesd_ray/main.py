@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from atesd_ray.config import Config, ConfigError, check_override_keys, register_schemas, to_config
+from atesd_ray.console import configure_driver
 
 register_schemas()
 
@@ -37,6 +37,10 @@ def run_mode(cfg: Config, run_dir: Path) -> dict:
         from atesd_ray.report import run
 
         return run(cfg, run_dir)
+    if cfg.mode == "export":
+        from atesd_ray.runtime.hf_export import export
+
+        return {"out": str(export(cfg))}
     raise ConfigError(f"config error at 'mode': mode={cfg.mode} is not available in this build")
 
 
@@ -64,11 +68,13 @@ def place_job(config: Config) -> Path:
 @hydra.main(version_base=None, config_path="pkg://conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
     config = to_config(cfg)
+    configure_driver(config.logging.level)
     run_mode(config, place_job(config))
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if "--verbose" in sys.argv:  # everything the libraries log, as they set it
+        sys.argv = [a for a in sys.argv if a != "--verbose"] + ["logging.level=debug"]
     try:
         check_override_keys(sys.argv[1:])
     except ConfigError as err:

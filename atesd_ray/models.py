@@ -123,8 +123,12 @@ def pretrained_path(cfg: ModelConfig) -> str:
         return str(ensure_bundled(cfg.path, cfg.gguf_file or ""))
     if cfg.source == "tiny":
         return str(ensure_tiny(cfg))
-    if cfg.source == "path" and not Path(cfg.path).exists():
-        raise FileNotFoundError(f"model.path '{cfg.path}' does not exist")
+    if cfg.source == "path":
+        from atesd_ray.runtime.hf_export import model_directory
+
+        if not Path(cfg.path).exists():
+            raise FileNotFoundError(f"model.path '{cfg.path}' does not exist")
+        return str(model_directory(Path(cfg.path)))
     return cfg.path
 
 

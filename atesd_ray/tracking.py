@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class Tracker:
     ):
         self.run_dir = Path(run_dir)
         self.console = "console" in backends
+        self.started, self.logged = time.monotonic(), 0
         self.jsonl = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
         if self.jsonl is not None:
             self._truncate_after(resume_step)
@@ -82,15 +84,18 @@ class Tracker:
                 k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
             }
             self.verl.log(numeric, step)
+        self.logged += 1
         if self.console:
-            print(progress_line(step, metrics), flush=True)
+            per_step = (time.monotonic() - self.started) / self.logged  # evals and checkpoints included
+            remaining = metrics.get("total_steps", step + 1) - step - 1
+            print(progress_line(step, metrics, per_step * remaining), flush=True)
 
     def close(self) -> None:
         if self.verl is not None:
             self.verl.finish()
 
 
-def progress_line(step: int, metrics: dict[str, Any]) -> str:
+def progress_line(step: int, metrics: dict[str, Any], eta_s: float | None = None) -> str:
     total = metrics.get("total_steps")
     head = f"step {step + 1}/{total}" if total else f"step {step + 1}"
     parts = [head]
@@ -98,4 +103,16 @@ def progress_line(step: int, metrics: dict[str, Any]) -> str:
         v = metrics.get(key)
         if isinstance(v, int | float):
             parts.append(f"{key}={v:.4g}")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

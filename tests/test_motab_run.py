@@ -102,12 +102,12 @@ def test_motab_synthesis_with_smollm2_and_its_privileged_self_teacher(ray_cluste
 
 
 def test_skd_synthesis_keeps_student_steps_the_teacher_likes_and_rewrites_the_others(ray_cluster, tmp_path):
-    # gamma = 1: the tiny random Qwen3 gives student and teacher values within a few percent of each other
+    # gamma = 0.97: the tiny random Qwen3 gives teacher values 94-98% of the student's (measured)
     cfg = make_config(
         "mode=motab_synthesize",
         "algorithm=skd",
         "model=tiny",
-        "algorithm.motab.skd_gamma=1.0",
+        "algorithm.motab.skd_gamma=0.97",
         "algorithm.motab.max_step_tokens=6",
         *SMALL,
         f"run_dir={tmp_path}",

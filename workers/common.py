@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 
 import torch
 
 from atesd_ray.config import Config
+from atesd_ray.console import configure_actor
 from atesd_ray.models import set_torch_threads
 from atesd_ray.runtime.broadcast_group import BroadcastGroup
 from atesd_ray.runtime.cuda_ipc import open_shared
@@ -17,7 +17,7 @@ from atesd_ray.runtime.weights import PackedWeights, TensorSpec, bucket_bytes, f
 
 def setup_actor(cfg: Config, role: str) -> int:
     """Logging and thread settings for an actor process; returns its torch thread count."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    configure_actor(role)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.trainer.ranks))
     return set_torch_threads(threads)

@@ -47,6 +47,7 @@ from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
 from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
 from atesd_ray.runtime.cuda_ipc import share
 from atesd_ray.runtime.faults import once_per_step
+from atesd_ray.runtime.hf_export import HF_DIR, save_hf_model
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weights import PackedWeights, TensorSpec, bucket_bytes, flatten, layout, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
@@ -674,6 +675,7 @@ class StudentRank:
         optim_sd = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
         rng = [None] * self.world
         dist.all_gather_object(rng, torch.get_rng_state())
+        merged = dict(self._stream("merged", torch.device("cpu"))) if self.cfg.trainer.save_hf else None
         if self.rank == 0:
             out = Path(directory)
             out.mkdir(parents=True, exist_ok=True)
@@ -688,6 +690,9 @@ class StudentRank:
                 "fingerprint": self._fingerprint(),
             }
             (out / "student_state.json").write_text(json.dumps(state))
+            if merged is not None:  # beside student/: checkpoints/step_<N>/huggingface
+                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                save_hf_model(out.parent / HF_DIR, merged, base, self.tokenizer)
         dist.barrier()
         return True
 

@@ -3,6 +3,8 @@
 Each template draws a short story and writes one reasoning step per paragraph, more steps at
 higher difficulty (level 1: 2-3 steps, level 2: 3-5, level 3: 4-7), then a blank line and
 ``The final answer is \\boxed{N}.``. Answers are positive integers or reduced fractions (``7/2``).
+Level 0 is one operation on numbers up to 20 ("Mia has 7 apples and buys 5 more..."), written in
+two steps: within reach of the bundled 135M model, which the embedded demo trains on.
 
 Every generated record is checked before it is returned (:func:`verify_reference`): each equation
 written in the reference (``4 × 3 = 12``, ``7 ÷ 2 = 7/2``) is re-evaluated with exact fractions,
@@ -24,9 +26,9 @@ from fractions import Fraction
 
 from atesd_ray.data.records import Record
 
-LEVELS = (1, 2, 3)
+LEVELS = (0, 1, 2, 3)
 ANSWER_LINE = "The final answer is \\boxed{{answer}}."
-STEPS_PER_LEVEL = {1: (2, 3), 2: (3, 5), 3: (4, 7)}
+STEPS_PER_LEVEL = {0: (2, 2), 1: (2, 3), 2: (3, 5), 3: (4, 7)}
 
 NAMES = (
     "Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lily", "Ravi",
@@ -320,6 +322,34 @@ def _travel(rng: random.Random, level: int) -> Story:
     return f"{problem} What is its average speed in km per hour?", steps, answer
 
 
+def _one_step(rng: random.Random, level: int) -> Story:
+    """Level 0: one addition, subtraction or multiplication of numbers up to 20."""
+    name = rng.choice(NAMES)
+    item = rng.choice(ITEMS)[0]
+    kind = rng.choice(("add", "sub", "mul"))
+    if kind == "add":
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        problem = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+        steps = [
+            f"{name} starts with {a} {item}.",
+            f"After buying {b} more, {name} has {a} + {b} = {a + b} {item}.",
+        ]
+        return problem, steps, Fraction(a + b)
+    if kind == "sub":
+        a = rng.randint(5, 20)
+        b = rng.randint(1, a - 1)
+        problem = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+        steps = [
+            f"{name} starts with {a} {item}.",
+            f"After giving away {b}, {name} has {a} - {b} = {a - b} {item}.",
+        ]
+        return problem, steps, Fraction(a - b)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    problem = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} does {name} buy?"
+    steps = [f"Each box holds {b} {item}.", f"So {a} boxes hold {a} × {b} = {a * b} {item}."]
+    return problem, steps, Fraction(a * b)
+
+
 TEMPLATES: dict[str, Callable[[random.Random, int], Story]] = {
     "shopping": _shopping,
     "work": _work,
@@ -380,8 +410,9 @@ def verify_reference(reference: str, answer: str) -> None:
 
 def make_record(rng: random.Random, level: int, record_id: str) -> Record:
     """One verified problem of the given level from a template chosen by ``rng``."""
-    name = rng.choice(sorted(TEMPLATES))
-    problem, steps, answer = TEMPLATES[name](rng, level)
+    name = "one_step" if level == 0 else rng.choice(sorted(TEMPLATES))
+    template = _one_step if level == 0 else TEMPLATES[name]
+    problem, steps, answer = template(rng, level)
     lo, hi = STEPS_PER_LEVEL[level]
     if not lo <= len(steps) <= hi or answer <= 0:
         raise RuntimeError(f"template {name} level {level}: {len(steps)} steps, answer {answer}")
@@ -402,7 +433,7 @@ def make_record(rng: random.Random, level: int, record_id: str) -> Record:
     )
 
 
-def generate(n: int, seed: int, levels: Sequence[int] = LEVELS) -> list[Record]:
+def generate(n: int, seed: int, levels: Sequence[int] = (1, 2, 3)) -> list[Record]:
     """``n`` problems with unique texts; record ``i`` has level ``levels[i % len(levels)]`` and id
     ``synth-<seed>-<i>``, and depends only on ``(seed, i, levels)``."""
     if not levels or any(level not in LEVELS for level in levels):
@@ -423,7 +454,7 @@ def generate(n: int, seed: int, levels: Sequence[int] = LEVELS) -> list[Record]:
 
 
 def train_eval_split(
-    n_train: int, n_eval: int, seed: int, levels: Sequence[int] = LEVELS
+    n_train: int, n_eval: int, seed: int, levels: Sequence[int] = (1, 2, 3)
 ) -> tuple[list[Record], list[Record]]:
     """Disjoint train and eval sets: the first ``n_eval`` records of one list are the eval set, so it
     stays the same when ``n_train`` changes, and no problem text is in both."""

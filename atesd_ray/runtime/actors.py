@@ -8,6 +8,7 @@ import ray
 from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
+from atesd_ray.console import actor_env_vars
 from atesd_ray.runtime.cluster import ActorGroup, Placement, merge_bundles, role_bundle
 from atesd_ray.runtime.faults import restart_limit
 from atesd_ray.runtime.weight_sync import WeightSync, make_weight_sync
@@ -115,7 +116,7 @@ def build_actors(
         created.append(teachers)
         controller = (
             ray.remote(ExposureController)
-            .options(name=f"{name}-controller", num_cpus=0)
+            .options(name=f"{name}-controller", num_cpus=0, runtime_env={"env_vars": actor_env_vars()})
             .remote(cfg, total_steps, timeline_path, run)
         )
         created.append(controller)

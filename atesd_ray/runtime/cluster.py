@@ -22,6 +22,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from atesd_ray.config import ClusterConfig, RoleResources
+from atesd_ray.console import actor_env_vars, quiet
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,31 @@ def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
     if address:
         _check_reachable(address, cfg.connect_timeout_s)
         try:
-            ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
+            ray.init(
+                address=address,
+                runtime_env=runtime_env or None,
+                log_to_driver=True,
+                logging_level=_ray_level(),
+            )
         except ConnectionError as err:
             raise ClusterError(f"cannot join the Ray cluster at '{address}': {err}") from err
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
     # Ray's default too, spelled out: the dashboard (and its job-submission API) answers on loopback only
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True, dashboard_host="127.0.0.1")
+    ray.init(
+        num_cpus=num_cpus,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        dashboard_host="127.0.0.1",
+        logging_level=_ray_level(),
+    )
+    log.info("started a local Ray instance: %d CPUs, dashboard http://127.0.0.1:8265", num_cpus)
+
+
+def _ray_level() -> int:
+    """Ray's own driver-side notices (start-up, token authentication) only with logging.level=debug."""
+    return logging.ERROR if quiet() else logging.INFO
 
 
 def merge_bundles(*bundles: dict[str, float]) -> dict[str, float]:
@@ -202,6 +220,7 @@ class ActorGroup:
                 scheduling_strategy=self.placement.strategy(i),
                 max_restarts=max_restarts,
                 max_task_retries=0,
+                runtime_env={"env_vars": actor_env_vars()},
             )
             self.actors.append(remote_cls.options(**options).remote(*args, **kwargs))
 

@@ -1,0 +1,84 @@
+"""Trained students as Hugging Face model folders: ``checkpoints/step_<N>/huggingface/`` and ``mode=export``.
+
+A folder holds ``config.json``, ``generation_config.json``, the tokenizer with its chat template,
+and the weights as safetensors (sharded past 5 GB, with an index) under Hugging Face names, with
+LoRA merged in (W + alpha/r * B A), so ``AutoModelForCausalLM.from_pretrained(folder)``, ``vllm
+serve folder`` and ``model.source=path model.path=folder`` load it with no PEFT involved.
+``model.path`` and ``eval.model`` also take a run directory or a checkpoint and find the folder
+in it (:func:`model_directory`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from atesd_ray.runtime.checkpoint import CheckpointManager, is_checkpoint
+
+HF_DIR = "huggingface"
+
+
+def save_hf_model(out: Path, weights: dict[str, torch.Tensor], model, tokenizer) -> Path:
+    """Write ``weights`` (whole tensors by Hugging Face name) with ``model``'s config and generation
+    config and ``tokenizer`` into ``out``."""
+    from huggingface_hub import save_torch_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_torch_state_dict({n: t.contiguous() for n, t in weights.items()}, out)
+    return out
+
+
+def model_directory(path: Path) -> Path:
+    """A model folder (``config.json`` inside) as given, or the Hugging Face folder of a checkpoint,
+    or of a run directory's latest complete checkpoint."""
+    if (path / "config.json").is_file():
+        return path
+    checkpoint = path if is_checkpoint(path) else None
+    if checkpoint is None and (path / "checkpoints").is_dir():
+        checkpoint = CheckpointManager(path, keep_last=1).latest()
+    if checkpoint is not None and (checkpoint / HF_DIR / "config.json").is_file():
+        return checkpoint / HF_DIR
+    raise FileNotFoundError(
+        f"{path}: not a model folder (config.json), nor a checkpoint or run directory whose checkpoint "
+        f"holds a {HF_DIR}/ folder (written when trainer.save_hf is true)"
+    )
+
+
+def export(cfg) -> Path:
+    """``mode=export``: the student of a checkpoint (``export.step``, default the latest complete one of
+    ``run_dir``) as a Hugging Face folder in ``export.out`` (default ``<checkpoint>/huggingface``).
+    The run's ``model=`` must be given, as for ``eval.model``: the checkpoint holds the tensors that
+    trained, over that model."""
+    from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_parameters
+    from atesd_ray.runtime.checkpoint import fingerprint, read_student_weights
+    from atesd_ray.runtime.weight_formats import stream_weights
+    from atesd_ray.runtime.weights import load_into
+
+    if cfg.run_dir is None:
+        raise ValueError("mode=export needs run_dir=<the training run>")
+    manager = CheckpointManager(Path(cfg.run_dir), keep_last=1)
+    if cfg.export.step is None:
+        checkpoint = manager.latest()
+    else:
+        checkpoint = next((p for n, p in manager.complete() if n == cfg.export.step), None)
+    if checkpoint is None:
+        which = "any" if cfg.export.step is None else f"step {cfg.export.step}'s"
+        raise FileNotFoundError(f"{cfg.run_dir}: no complete checkpoint ({which}) to export")
+    m = cfg.model
+    tokenizer = load_tokenizer(m)
+    student = load_model(m, vocab_size=len(tokenizer))
+    load_into(
+        student,
+        read_student_weights(checkpoint, fingerprint(m.name, m.lora.enabled, synced_parameters(student))),
+    )
+    merged = dict(stream_weights(student, "merged", DTYPES[m.dtype], "cpu", m.lora.alpha / m.lora.r))
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student
+    out = Path(cfg.export.out) if cfg.export.out else checkpoint / HF_DIR
+    save_hf_model(out, merged, base, tokenizer)
+    print(f"exported {checkpoint} -> {out}", flush=True)
+    return out
