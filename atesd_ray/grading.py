@@ -317,6 +317,21 @@ def average_at_k(correct: Sequence[Sequence[bool]]) -> float:
     return math.fsum(sum(row) / len(row) for row in correct) / len(correct)
 
 
+def average_interval(correct: Sequence[Sequence[bool]], z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval for Average@k over the problems: Wilson's score interval for one sample per
+    problem (it stays inside [0, 1] and is not empty at 0% or 100%), else the normal interval of
+    the per-problem means, clipped to [0, 1]."""
+    n = len(correct)
+    means = [sum(row) / len(row) for row in correct]
+    p = math.fsum(means) / n
+    if all(len(row) == 1 for row in correct):
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+    sd = math.sqrt(math.fsum((m - p) ** 2 for m in means) / max(1, n - 1))
+    return max(0.0, p - z * sd / math.sqrt(n)), min(1.0, p + z * sd / math.sqrt(n))
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of Chen et al. (2021), 1 - C(n-c, k) / C(n, k), as a stable product."""
     if not (0 <= c <= n and 1 <= k <= n):
@@ -370,7 +385,8 @@ def summarize(
 ) -> dict[str, float | int]:
     """Summary-JSON metrics for k graded samples per problem.
 
-    Keys: ``n_problems``, ``n_samples`` (in total), ``k``, ``avg@k``, ``pass@j`` for j = 1, 2, 4, ...
+    Keys: ``n_problems``, ``n_samples`` (in total), ``k``, ``avg@k`` and its 95% interval
+    ``avg@k_ci95`` ([low, high], :func:`average_interval`), ``pass@j`` for j = 1, 2, 4, ...
     up to and including k, and ``maj@k``, with the number k written into the metric names
     (``avg@12``).
     """
@@ -383,6 +399,7 @@ def summarize(
         "n_samples": len(grades) * k,
         "k": k,
         f"avg@{k}": average_at_k(correct),
+        f"avg@{k}_ci95": list(average_interval(correct)),
     }
     for j in sorted({2**e for e in range(k.bit_length())} | {k}):
         summary[f"pass@{j}"] = mean_pass_at_k(correct, j)

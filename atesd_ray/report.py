@@ -2,7 +2,8 @@
 
 Rows are methods (Base, +SFT, +GRPO, OPSD, fixed α, ATESD, in that order, then any other), columns
 the benchmarks' Average@k in percent and their mean. Each entry of ``report.runs`` is a directory
-written by ``mode=eval`` (it holds ``eval/summary.json``), optionally labelled ``LABEL=DIR``; an
+written by ``mode=eval`` (it holds ``eval/summary.json``) or a training run that evaluated at its
+end (``eval.at_end``: its ``summary.json``), optionally labelled ``LABEL=DIR``; an
 unlabelled row is named after how its checkpoint was trained (``trained_by`` in the summary), or
 "Base" for an untrained model. ``report.paper_rows`` adds the published rows of DESIGN §4
 (ATESD paper, arXiv 2605.11458, Average@12) for comparison. Writes ``report.md`` and
@@ -61,15 +62,35 @@ def parse_run(entry: str) -> tuple[str | None, Path]:
     return None, Path(entry)
 
 
+def _training_summary(path: Path) -> dict | None:
+    """A training run's final held-out evaluation (``eval.at_end``) in the shape of an eval summary."""
+    from atesd_ray.evaluate import trained_by
+    from atesd_ray.runtime.checkpoint import CheckpointManager
+
+    if not (path / "summary.json").is_file():
+        return None
+    run = json.loads((path / "summary.json").read_text())
+    if "eval_after" not in run:
+        return None
+    return {
+        "model": run["model"],
+        "protocol": {"samples": run["eval_after"]["k"]},
+        "trained_by": trained_by(CheckpointManager(path, keep_last=1).latest()),
+        "sets": {"held-out": run["eval_after"]},
+    }
+
+
 def run_row(entry: str) -> dict:
+    """A table row from a ``mode=eval`` directory (``eval/summary.json``) or a training run that
+    evaluated at its end (``summary.json``)."""
     label, path = parse_run(entry)
     summary_file = path / "eval" / "summary.json"
-    if not summary_file.is_file():
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else _training_summary(path)
+    if summary is None:
         raise ReportError(
-            f"report.runs: '{path}' has no eval/summary.json; evaluate it first, e.g. "
-            f"`atesd-ray mode=eval eval.model=<run>/checkpoints/step_<N> run_dir={path}`"
+            f"report.runs: '{path}' has no eval/summary.json (nor a training summary.json with a final "
+            f"evaluation); evaluate it first, e.g. `atesd-ray mode=eval eval.model=<run>/checkpoints/step_<N> run_dir={path}`"
         )
-    summary = json.loads(summary_file.read_text())
     k = summary["protocol"]["samples"]
     trained = summary.get("trained_by")
     return {
@@ -79,6 +100,11 @@ def run_row(entry: str) -> dict:
         "k": k,
         "step": trained.get("step") if trained else None,
         "values": {name: 100 * s[f"avg@{k}"] for name, s in summary["sets"].items()},
+        "intervals": {
+            name: [100 * v for v in s[f"avg@{k}_ci95"]]
+            for name, s in summary["sets"].items()
+            if f"avg@{k}_ci95" in s
+        },
     }
 
 
@@ -123,7 +149,7 @@ def report_markdown(report: dict) -> str:
         [
             row["model"],
             row["method"],
-            *(row["values"].get(c) for c in columns),
+            *(_entry(row, c) for c in columns),
             row["avg"],
             row["k"],
             row["source"],
@@ -131,10 +157,16 @@ def report_markdown(report: dict) -> str:
         for row in report["rows"]
     ]
     note = (
-        f"Average@k in percent (k = {', '.join(map(str, ks))}); avg is the mean over the columns, "
-        f"shown only for rows that have all of them.\n\n"
+        f"Average@k in percent (k = {', '.join(map(str, ks))}), with its 95% interval where measured; avg is "
+        f"the mean over the columns, shown only for rows that have all of them.\n\n"
     )
     return note + markdown_table(headers, body)
+
+
+def _entry(row: dict, column: str) -> float | str | None:
+    value = row["values"].get(column)
+    interval = row.get("intervals", {}).get(column)
+    return f"{value:.2f} [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else value
 
 
 def run(cfg: Config, run_dir: Path) -> dict:

@@ -7,12 +7,16 @@ those after it (verl's logger truncates the file), and each line must be one fla
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from atesd_ray.console import quiet
 
 CONSOLE_KEYS = (
     "loss",
@@ -54,9 +58,11 @@ class Tracker:
             from verl.utils.tracking import Tracking
 
             os.environ["TENSORBOARD_DIR"] = str(self.run_dir / "tensorboard")
-            self.verl = Tracking(
-                project_name=project, experiment_name=experiment, default_backend=remote, config=config
-            )
+            # verl prints where each backend writes; the summary names the run directory instead
+            with contextlib.redirect_stdout(io.StringIO()) if quiet() else contextlib.nullcontext():
+                self.verl = Tracking(
+                    project_name=project, experiment_name=experiment, default_backend=remote, config=config
+                )
 
     def rewind(self, step: int) -> None:
         """Forget the steps from ``step`` on (the run went back to the checkpoint of ``step``)."""

