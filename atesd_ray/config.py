@@ -228,9 +228,14 @@ class GRPOConfig:
 class SFTConfig:
     # reference tokens trained on per example; longer references are cut (counted as truncated_frac)
     max_response_tokens: int = 4096
+    # the fraction of examples trained after the privileged teacher prompt (at an exposure drawn
+    # uniformly from [0, 1]) instead of the student's: teaches a small model to read a reference, so
+    # that it can be its own privileged teacher afterwards (the embedded demo's warm-up)
+    teacher_prompt_frac: float = 0.0
 
     def validate(self, key: str) -> None:
         _positive(self.max_response_tokens, f"{key}.max_response_tokens")
+        _in_range(self.teacher_prompt_frac, f"{key}.teacher_prompt_frac", 0.0, 1.0)
 
 
 def model_presets() -> tuple[str, ...]:
@@ -523,9 +528,11 @@ class EvalConfig:
     at_start: bool = False  # evaluate before the first training step (mode=train)
     at_end: bool = False  # and after the last
     grade_timeout_s: float = 5.0
+    chunk_problems: int = 32  # problems per rollout call: the unit of progress (and of load balance)
 
     def validate(self, key: str) -> None:
         _positive(self.samples, f"{key}.samples")
+        _positive(self.chunk_problems, f"{key}.chunk_problems")
         _positive(self.temperature, f"{key}.temperature", strict=False)
         _in_range(self.top_p, f"{key}.top_p", 0.0, 1.0)
         _positive(self.max_new_tokens, f"{key}.max_new_tokens")

@@ -150,7 +150,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             t0 = time.perf_counter()
             records = [dataclasses.asdict(r) for r in loaded.records]
             rows = [
-                r | {"set": set_name} for r in generate_and_grade(rollouts, records, cfg.eval, 0, version)
+                r | {"set": set_name}
+                for r in generate_and_grade(rollouts, records, cfg.eval, 0, version, what=set_name)
             ]
             write_rows(run_dir / "eval" / f"{set_name}.jsonl", rows)
             results[set_name] = set_summary(rows, cfg.eval.grade_timeout_s) | {

@@ -27,21 +27,34 @@ def eval_params(cfg: EvalConfig) -> SamplingParams:
 
 
 def generate_and_grade(
-    rollouts: ActorGroup, records: list[dict], cfg: EvalConfig, tag: int, min_version: int
+    rollouts: ActorGroup, records: list[dict], cfg: EvalConfig, tag: int, min_version: int, what: str = "eval"
 ) -> list[dict]:
-    """One row per sample: problem id, sample index, response, extracted answer, correctness."""
-    from atesd_ray.algorithms.distill import split_evenly
+    """One row per sample: problem id, sample index, response, extracted answer, correctness.
+
+    Problems go out in chunks of ``cfg.chunk_problems`` (chunk i to replica i mod R, whose sampling
+    seed depends on (tag, i)), so that a progress bar of problems x samples moves as chunks finish
+    (on a terminal; ``what`` labels it)."""
+    from tqdm import tqdm
 
     params = eval_params(cfg)
-    chunks = split_evenly(records, len(rollouts))
+    size = cfg.chunk_problems
+    chunks = [records[s : s + size] for s in range(0, len(records), size)]
+    replicas = rollouts.actors
     refs = [
-        rollouts.actors[i].generate.remote(
+        replicas[i % len(replicas)].generate.remote(
             chunk, EVAL_SEED_OFFSET + tag, i, min_version, params, cfg.thinking
         )
         for i, chunk in enumerate(chunks)
     ]
+    outputs: dict[ray.ObjectRef, object] = {}
+    with tqdm(total=len(records) * params.n, desc=what, unit="sample", disable=None, leave=False) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            outputs[done[0]] = ray.get(done[0])
+            bar.update(len(outputs[done[0]]))
     rows = []
-    for out in ray.get(refs):
+    for out in (outputs[r] for r in refs):
         nt = out.non_tensor_batch
         for i in range(len(out)):
             rows.append(

@@ -48,7 +48,7 @@ class Tracker:
     ):
         self.run_dir = Path(run_dir)
         self.console = "console" in backends
-        self.started, self.logged = time.monotonic(), 0
+        self.last_log, self.intervals = None, []
         self.jsonl = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
         if self.jsonl is not None:
             self._truncate_after(resume_step)
@@ -90,9 +90,13 @@ class Tracker:
                 k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
             }
             self.verl.log(numeric, step)
-        self.logged += 1
+        now = time.monotonic()
+        # seconds per step: between progress lines (periodic evals and checkpoints included), the
+        # first step's own time until there are two lines
+        self.intervals.append(now - self.last_log if self.last_log else metrics.get("step_time_s", 0.0))
+        self.last_log = now
         if self.console:
-            per_step = (time.monotonic() - self.started) / self.logged  # evals and checkpoints included
+            per_step = sum(self.intervals[-5:]) / len(self.intervals[-5:])
             remaining = metrics.get("total_steps", step + 1) - step - 1
             print(progress_line(step, metrics, per_step * remaining), flush=True)
 

@@ -99,7 +99,9 @@ def _evaluate(
     cfg: Config, actors: Actors, records: list[dict], run_dir: Path, step: int, version: int
 ) -> dict:
     records = records[: cfg.eval.max_problems] if cfg.eval.max_problems else records
-    rows = generate_and_grade(actors.rollouts, records, cfg.eval, step, version)
+    rows = generate_and_grade(
+        actors.rollouts, records, cfg.eval, step, version, what=f"held-out at step {step}"
+    )
     summary = summarize_rows(rows, cfg.eval.grade_timeout_s)
     write_rows(run_dir / "eval" / f"step_{step}.jsonl", rows)
     return summary
@@ -363,7 +365,7 @@ def summary_text(summary: dict, first: dict | None) -> str:
     if init:
         lines.append(f"started from:   {init['run_dir']} ({init['algorithm']}, {init['total_steps']} steps)")
         if "eval_before" in init:
-            lines.append(f"held-out accuracy of the model it started from: {_fmt_eval(init['eval_before'])}")
+            lines.append(f"held-out accuracy before {init['algorithm']}: {_fmt_eval(init['eval_before'])}")
     if "eval_before" in summary:
         lines.append(f"held-out accuracy before: {_fmt_eval(summary['eval_before'])}")
     if "eval_after" in summary:

@@ -99,3 +99,27 @@ def test_driver_killed_mid_step_resumes_from_the_last_complete_checkpoint(ray_cl
     assert resumed["start_step"] == 1
     assert not partial.exists()
     assert differences(reference, metrics(out)) == []  # steps 0..2 once each, as if never killed
+
+
+VLLM = [*FAULTY, "rollout.engine=vllm", "teacher.engine=vllm", "teacher.topk=16"]
+
+
+@pytest.mark.vllm
+def test_killed_vllm_rollout_and_teacher_are_restarted_resynced_and_retried(ray_cluster, tmp_path, capsys):
+    """Both engines on vLLM: the killed rollout replica comes back with a new engine and the
+    student's weights, the killed teacher with its frozen weights, and every step equals the
+    unkilled run's."""
+    reference = tmp_path / "reference"
+    run(make_config(*VLLM, f"run_dir={reference}"), reference)
+    out = tmp_path / "restarted"
+    plan = [(1, "rollout", "sigkill"), (2, "teacher", "ray.kill")]
+    with FaultInjector(out, plan) as injector:
+        summary = run(make_config(*VLLM, f"run_dir={out}"), out)
+    assert not injector.errors
+    assert [(k["role"], k["how"]) for k in injector.killed] == [
+        ("rollout", "sigkill"),
+        ("teacher", "ray.kill"),
+    ]
+    assert "rollbacks" not in summary
+    assert capsys.readouterr().out.count("an actor died") >= 2
+    assert differences(metrics(reference), metrics(out)) == []

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from atesd_ray.losses import (
     policy_gradient_sum,
 )
 from atesd_ray.models import DTYPES, load_model, load_tokenizer
-from atesd_ray.prompts import render_chat, student_messages
+from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
 from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
 from atesd_ray.runtime.cuda_ipc import share
@@ -453,7 +454,7 @@ class StudentRank:
             self.tokenizer(r["reference"], add_special_tokens=False)["input_ids"] + [eos] for r in records
         ]
         truncated = sum(len(r) > limit for r in refs)
-        p_ids, p_mask = left_pad(self._prompts([r["problem"] for r in records]), self.tokenizer.pad_token_id)
+        p_ids, p_mask = left_pad(self._sft_prompts(step, records), self.tokenizer.pad_token_id)
         r_ids, r_mask = right_pad([r[:limit] for r in refs], self.tokenizer.pad_token_id)
         data = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
         self.policy.train()
@@ -477,6 +478,23 @@ class StudentRank:
             **self._apply_update(step, loss_sum),
             "time_update_s": time.perf_counter() - t0,
         }
+
+    def _sft_prompts(self, step: int, records: list[dict]) -> list[list[int]]:
+        """The student prompt, or for ``algorithm.sft.teacher_prompt_frac`` of the examples the
+        teacher's privileged prompt at a uniform random exposure (seeded by run seed and step)."""
+        rng = random.Random(f"sft-prompts/{self.cfg.seed}/{step}")
+        frac, m = self.cfg.algorithm.sft.teacher_prompt_frac, self.cfg.model
+        prompts = []
+        for r in records:
+            if frac and rng.random() < frac:
+                messages = teacher_messages(
+                    r["problem"], r["reference"], r["answer"], rng.random(), self.cfg.prompts
+                )
+                text = render_chat(self.tokenizer, messages, m.teacher_thinking)
+                prompts.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                prompts += self._prompts([r["problem"]])
+        return prompts
 
     @once_per_step
     def grpo_step(self, step: int, rollout_refs: list, reference_refs: list | None) -> dict:
