@@ -113,4 +113,19 @@ def render(out: Path) -> str:
     for label, d in _versions(out, "memory"):
         for name, rss in d["peak_rss_bytes"].items():
             lines.append(f"| {label} | {name} | {rss / 1e6:.0f} |")
+
+    lines += _table(
+        "(f) Engines: HF against vLLM (alternating in one run)",
+        ["run", "engine", "rollout start s", "teacher start s", "rollout tokens/s", "teacher scoring s"],
+    )
+    for label, d in _versions(out, "engines"):
+        for e in ("hf", "vllm"):
+            lines.append(
+                f"| {label} | {e} | {_s(d['start_s']['rollout'][e])} | {_s(d['start_s']['teacher'][e])} | "
+                f"{d['rollout_tokens_per_s'][e]['median']:.1f} | {_s(d['teacher_scoring_s'][e]['median'])} |"
+            )
+        lines.append(
+            f"| {label} | vLLM / HF | | | {d['ratio_rollout_vllm_over_hf']:.2f}x | "
+            f"{d['ratio_scoring_hf_over_vllm']:.2f}x faster |"
+        )
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
     python -m bench.run [--model smollm2_135m|tiny] [--repeats 3] [--out bench/results] [--prefix baseline_]
 
 Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
-(c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e) and the tables in ``README.md``.
+(c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
+against vLLM) and the tables in ``README.md``.
 (a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's GKD
 step in turn (ABCABC...), so load from other processes on the machine falls on all three alike;
 the first round is a warm-up and is not counted.
@@ -21,7 +22,7 @@ import ray
 import torch
 
 from atesd_ray.config import Config
-from bench import memory, report, weight_sync
+from bench import engines, memory, report, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
 from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
 from bench.single_process import SingleProcessStep
@@ -136,7 +137,12 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_e["peak_rss_bytes"] = memory.peak_memory(dist)
     results_e["load_average"] = load_average()
     _write(out, f"{prefix}memory.json", results_e)
+    batch = dist.batch
     dist.shutdown()
+
+    results_f = context | engines.measure(model, batch, repeats)
+    results_f["load_average"] = load_average()
+    _write(out, f"{prefix}engines.json", results_f)
 
     parts = {
         "step_breakdown": results_a,
@@ -144,6 +150,7 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
         "peer_trl": results_c,
         "weight_sync": results_d,
         "memory": results_e,
+        "engines": results_f,
     }
     (out / "README.md").write_text(report.render(out))
     return parts
