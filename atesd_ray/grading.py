@@ -318,18 +318,15 @@ def average_at_k(correct: Sequence[Sequence[bool]]) -> float:
 
 
 def average_interval(correct: Sequence[Sequence[bool]], z: float = 1.96) -> tuple[float, float]:
-    """A 95% interval for Average@k over the problems: Wilson's score interval for one sample per
-    problem (it stays inside [0, 1] and is not empty at 0% or 100%), else the normal interval of
-    the per-problem means, clipped to [0, 1]."""
+    """A 95% interval for Average@k over the problems: Wilson's score interval with one trial per
+    problem. For one sample per problem it is the usual one; for k samples it is conservative (a
+    per-problem mean in [0, 1] varies at most as a Bernoulli of the same mean would), and unlike the
+    normal interval it is neither empty at 0% or 100% nor outside [0, 1]."""
     n = len(correct)
-    means = [sum(row) / len(row) for row in correct]
-    p = math.fsum(means) / n
-    if all(len(row) == 1 for row in correct):
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
-    sd = math.sqrt(math.fsum((m - p) ** 2 for m in means) / max(1, n - 1))
-    return max(0.0, p - z * sd / math.sqrt(n)), min(1.0, p + z * sd / math.sqrt(n))
+    p = average_at_k(correct)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -123,6 +123,27 @@ def paper_rows(models: list[str]) -> list[dict]:
     ]
 
 
+def _merge(rows: list[dict]) -> list[dict]:
+    """Rows of the same model, method and k from different evaluations (one per benchmark, say)
+    become one row; a benchmark measured twice for one row is an error."""
+    merged: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["model"], row["method"], row["k"])
+        if key not in merged:
+            merged[key] = row | {"values": dict(row["values"]), "intervals": dict(row["intervals"])}
+            continue
+        into = merged[key]
+        twice = set(into["values"]) & set(row["values"])
+        if twice:
+            raise ReportError(
+                f"report.runs: {sorted(twice)} of {row['method']} ({row['model']}) is in both {into['source']} and {row['source']}"
+            )
+        into["values"] |= row["values"]
+        into["intervals"] |= row["intervals"]
+        into["source"] += f", {row['source']}"
+    return list(merged.values())
+
+
 def _order(row: dict) -> tuple:
     rank = next((i for i, m in enumerate(METHOD_ORDER) if row["method"].startswith(m)), len(METHOD_ORDER))
     return row["model"], row["source"] == PAPER, rank
@@ -131,7 +152,7 @@ def _order(row: dict) -> tuple:
 def build_report(runs: list[str], paper_models: list[str]) -> dict:
     """Rows (sorted by model, then paper rows after measured ones, then method order) and columns
     (the paper's benchmarks, MATH-500, then other sets as first seen)."""
-    rows = [run_row(entry) for entry in runs] + paper_rows(paper_models)
+    rows = _merge([run_row(entry) for entry in runs]) + paper_rows(paper_models)
     seen = [name for row in rows for name in row["values"]]
     known = [*PAPER_SETS, "math500"]
     columns = [s for s in known if s in seen] + [s for s in dict.fromkeys(seen) if s not in known]

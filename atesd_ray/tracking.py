@@ -70,14 +70,21 @@ class Tracker:
             self._truncate_after(step)
 
     def _truncate_after(self, step: int) -> None:
-        """Keep the lines of steps before ``step`` (a resumed run rewrites the rest)."""
+        """Keep the lines of steps before ``step`` (a resumed run rewrites the rest). A last line cut
+        short (the run was killed while writing it) is dropped: its step is after the checkpoint."""
         if not self.jsonl.exists():
             return
-        kept = [
-            line
-            for line in self.jsonl.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) < step
-        ]
+        lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append((line, json.loads(line)))
+            except json.JSONDecodeError as err:
+                if i < len(lines) - 1:
+                    raise ValueError(
+                        f"{self.jsonl}: line {i + 1} is not JSON ({err}); only a last line may be cut"
+                    ) from err
+        kept = [line for line, row in rows if row.get("step", 0) < step]
         self.jsonl.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -192,9 +193,15 @@ def _after_step(
     next_batch: list[dict] | None,
     metrics: dict,
     summary: dict,
+    record: Callable[[dict], None],
 ) -> Path | None:
-    """The held-out evaluation and the checkpoint due after ``step`` (each retried after an actor
-    fault); returns the checkpoint written, if one was due."""
+    """The held-out evaluation due after ``step``, then ``record`` (the step's metrics line), then
+    the checkpoint due (eval and checkpoint each retried after an actor fault); returns the
+    checkpoint written, if one was due.
+
+    The line is written before the checkpoint: a run killed in between resumes from the checkpoint
+    before and rewrites the line, and a line cut short by a kill belongs to a step no checkpoint
+    holds yet, so no step's line is lost or written twice."""
     done, total = step + 1, cfg.trainer.total_steps
     periodic = cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0
     if data.evals and (periodic or (done == total and cfg.eval.at_end)):
@@ -208,6 +215,7 @@ def _after_step(
         print(f"held-out after step {done}: {_fmt_eval(ev)}", flush=True)
         if done == total:
             summary["eval_after"] = ev
+    record(metrics)
     if done % cfg.trainer.save_every == 0 or done == total:
         # the batch drawn for the next step is given back, so a resume draws it again
         given_back = len(next_batch) if next_batch else 0
@@ -275,6 +283,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         batch = [records[i] for i in sampler.next_indices()]
         prefetched, metrics, first_metrics = None, {}, None
         step, rollbacks = start, 0
+
+        def record(metrics: dict) -> None:
+            tracker.log(step, metrics)
+            monitor.record(step, metrics)
+
         while step < total:
             try:
                 next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
@@ -282,7 +295,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 metrics.update(total_steps=total, epoch=sampler.epoch)
                 checkpoint = (
                     _after_step(
-                        cfg, actors, data, run_dir, ckpts, sampler, step, next_batch, metrics, summary
+                        cfg, actors, data, run_dir, ckpts, sampler, step, next_batch, metrics, summary, record
                     )
                     or checkpoint
                 )
@@ -298,8 +311,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 tracker.rewind(step)
                 batch, prefetched = [records[i] for i in sampler.next_indices()], None
                 continue
-            tracker.log(step, metrics)
-            monitor.record(step, metrics)
             first_metrics = first_metrics or dict(metrics)
             batch, step, rollbacks = next_batch, step + 1, 0
         monitor.render()

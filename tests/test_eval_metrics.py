@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -44,11 +45,16 @@ def test_summarize_rows_by_hand():
     # per problem: correct 2/4, 0/4, 3/4
     # pass@2 = 1 - C(n-c, 2)/C(4, 2): p1 1 - 1/6, p2 0, p3 1 (only one wrong sample)
     # maj@4: p1 "5" (2 votes) right; p2 "7" wrong; p3 1/2 = \frac{1}{2} = 0.5 (3 votes) right
+    # interval: Wilson's for p = 5/12 over 3 problems (z = 1.96)
+    z, n, p = 1.96, 3, 5 / 12
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     assert summary == {
         "n_problems": 3,
         "n_samples": 12,
         "k": 4,
         "avg@4": pytest.approx((0.5 + 0 + 0.75) / 3),
+        "avg@4_ci95": [pytest.approx(centre - half), pytest.approx(centre + half)],
         "pass@1": pytest.approx((0.5 + 0 + 0.75) / 3),
         "pass@2": pytest.approx((5 / 6 + 0 + 1) / 3),
         "pass@4": pytest.approx(2 / 3),

@@ -101,25 +101,21 @@ def test_driver_killed_mid_step_resumes_from_the_last_complete_checkpoint(ray_cl
     assert differences(reference, metrics(out)) == []  # steps 0..2 once each, as if never killed
 
 
-VLLM = [*FAULTY, "rollout.engine=vllm", "teacher.engine=vllm", "teacher.topk=16"]
+VLLM = [*FAULTY, "rollout.engine=vllm"]
 
 
 @pytest.mark.vllm
-def test_killed_vllm_rollout_and_teacher_are_restarted_resynced_and_retried(ray_cluster, tmp_path, capsys):
-    """Both engines on vLLM: the killed rollout replica comes back with a new engine and the
-    student's weights, the killed teacher with its frozen weights, and every step equals the
-    unkilled run's."""
+def test_a_killed_vllm_rollout_is_restarted_resynced_and_its_step_retried(ray_cluster, tmp_path, capsys):
+    """The rollout on vLLM, SIGKILLed in step 1: it comes back with a new engine, takes the
+    student's weights again, the step is retried, and every step equals the unkilled run's."""
     reference = tmp_path / "reference"
     run(make_config(*VLLM, f"run_dir={reference}"), reference)
     out = tmp_path / "restarted"
-    plan = [(1, "rollout", "sigkill"), (2, "teacher", "ray.kill")]
-    with FaultInjector(out, plan) as injector:
+    with FaultInjector(out, [(1, "rollout", "sigkill")]) as injector:
         summary = run(make_config(*VLLM, f"run_dir={out}"), out)
-    assert not injector.errors
-    assert [(k["role"], k["how"]) for k in injector.killed] == [
-        ("rollout", "sigkill"),
-        ("teacher", "ray.kill"),
+    assert not injector.errors and [(k["role"], k["how"]) for k in injector.killed] == [
+        ("rollout", "sigkill")
     ]
     assert "rollbacks" not in summary
-    assert capsys.readouterr().out.count("an actor died") >= 2
+    assert capsys.readouterr().out.count("an actor died") >= 1
     assert differences(metrics(reference), metrics(out)) == []

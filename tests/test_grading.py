@@ -16,6 +16,7 @@ from atesd_ray.grading import (
     Grade,
     answers_match,
     average_at_k,
+    average_interval,
     extract_boxed,
     grade,
     grade_many,
@@ -173,6 +174,8 @@ def test_summarize():
         "n_samples": 6,
         "k": 3,
         "avg@3": pytest.approx(1 / 3),
+        # Wilson's interval for p = 1/3 over 2 problems
+        "avg@3_ci95": [pytest.approx(0.0453, abs=1e-4), pytest.approx(0.8406, abs=1e-4)],
         "pass@1": pytest.approx(1 / 3),
         "pass@2": pytest.approx(0.5),
         "pass@3": 0.5,
@@ -180,3 +183,11 @@ def test_summarize():
     }
     with pytest.raises(ValueError):
         summarize([[Grade("1", True)], []], ["1", "2"])
+
+
+def test_one_sample_per_problem_gets_wilsons_interval():
+    # 0 of 128 right: Wilson's upper end z^2 / (n + z^2), not the empty interval [0, 0]
+    low, high = average_interval([[False]] * 128)
+    assert low == 0.0 and high == pytest.approx(1.96**2 / (128 + 1.96**2))
+    low, high = average_interval([[True]] * 70 + [[False]] * 30)
+    assert low == pytest.approx(0.6042, abs=1e-4) and high == pytest.approx(0.7810, abs=1e-4)

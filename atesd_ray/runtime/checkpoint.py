@@ -9,10 +9,13 @@ named ``step_<N>`` is therefore always complete, and a run killed while saving l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
@@ -53,14 +56,24 @@ class CheckpointManager:
         return done[-1][1] if done else None
 
     def resolve(self, resume: str) -> Path | None:
-        """The checkpoint ``resume`` (auto | never | <dir>) points to, or None to start fresh."""
+        """The checkpoint ``resume`` (auto | never | <dir>) points to, or None to start fresh.
+
+        ``auto`` takes the newest complete checkpoint whose files read back (:func:`verify`); one
+        that does not is skipped, with a warning naming the file, for the one before it."""
         if resume == "never":
             return None
         if resume == "auto":
-            return self.latest()
+            for _, checkpoint in reversed(self.complete()):
+                try:
+                    verify(checkpoint)
+                    return checkpoint
+                except CheckpointError as err:
+                    log.warning("%s; resuming from the checkpoint before it", err)
+            return None
         path = Path(resume)
         if not is_checkpoint(path):
             raise CheckpointError(f"resume={resume}: not a complete checkpoint (no {MARKER} or {STATE})")
+        verify(path)
         return path
 
     def begin(self, step: int) -> Path:
@@ -89,6 +102,30 @@ class CheckpointManager:
         done = self.complete()
         for _, d in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def verify(checkpoint: Path) -> None:
+    """Read back every file of a checkpoint without loading it: the JSON states parse, safetensors
+    headers match their files' sizes, ``torch.save`` archives pass their CRC checks. Raises
+    :class:`CheckpointError` naming the first file that does not."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as fh:
+                    fh.keys()
+            elif path.suffix == ".pt":
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"member {bad} fails its CRC check")
+        except Exception as err:  # noqa: BLE001 - any failure to read back is a corrupt file
+            raise CheckpointError(f"checkpoint {checkpoint.name} is corrupt: {path}: {err}") from err
 
 
 def read_state(checkpoint: Path) -> dict:
