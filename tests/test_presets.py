@@ -153,3 +153,9 @@ def test_demo_runs_atesd_on_the_bundled_model_unclipped() -> None:
     assert (cfg.model.name, cfg.algorithm.name, cfg.controller.kind) == ("smollm2_135m", "atesd", "atesd")
     assert cfg.algorithm.loss.clip is None  # the bundled model's profile (conf/model/smollm2_135m.yaml)
     assert make_config("experiment=demo", "algorithm.loss.clip=0.05").algorithm.loss.clip == 0.05
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_file_parses(path):
+    """Each group option is valid YAML (a flow mapping holding ``???`` unquoted is not)."""
+    assert isinstance(yaml.safe_load(path.read_text()), dict | None)
