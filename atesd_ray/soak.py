@@ -85,8 +85,9 @@ def steps_logged(run_dir: Path) -> int:
 @dataclass
 class FaultInjector:
     """Kills actors of the run in ``run_dir`` while it trains: ``plan`` holds (steps logged, role,
-    how); each kill happens once ``metrics.jsonl`` has that many steps, i.e. while the next one
-    runs (kills due at the same count, in plan order, back to back)."""
+    how); each kill happens once ``metrics.jsonl`` has that many steps, i.e. while the last one's
+    checkpoint is written or the next step runs (kills due at the same count, in plan order, back
+    to back)."""
 
     run_dir: Path
     plan: list[tuple[int, str, str]]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+import torch
 from omegaconf import OmegaConf
 
 from atesd_ray.algorithms.distill import distill_step
@@ -23,7 +24,7 @@ from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.models import load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.actors import Actors, build_actors
-from atesd_ray.runtime.checkpoint import CheckpointManager, read_state
+from atesd_ray.runtime.checkpoint import PREFETCHED, CheckpointManager, read_state
 from atesd_ray.runtime.cluster import connect
 from atesd_ray.runtime.faults import Rollback, retrying
 from atesd_ray.tracking import Tracker
@@ -109,14 +110,28 @@ def _evaluate(
 
 
 def _save(
-    cfg: Config, actors: Actors, ckpts: CheckpointManager, step: int, sampler: EpochSampler, metrics: dict
+    cfg: Config,
+    actors: Actors,
+    ckpts: CheckpointManager,
+    step: int,
+    sampler: EpochSampler,
+    metrics: dict,
+    prefetched: list[ray.ObjectRef] | None,
 ) -> Path:
+    """Checkpoint ``step``: the actors' states, the trainer state and, with one-step-off rollouts,
+    the rollouts already generated for the next step, so that a resume trains on them as the
+    uninterrupted run does (its weights are gone once the student has updated)."""
     tmp = ckpts.begin(step)
-    (tmp / "student").mkdir()
-    refs = actors.students.call("save", str(tmp / "student"))
-    refs += [actors.teachers.actors[0].save.remote(str(tmp))]
-    refs += [actors.controller.save.remote(str(tmp))]
-    ray.get(refs)
+    try:
+        (tmp / "student").mkdir()
+        refs = actors.students.call("save", str(tmp / "student"))
+        refs += [actors.teachers.actors[0].save.remote(str(tmp))]
+        refs += [actors.controller.save.remote(str(tmp))]
+        ray.get(refs)
+        if prefetched:
+            torch.save(ray.get(prefetched), tmp / PREFETCHED)
+    except (OSError, ray.exceptions.RayTaskError) as err:  # a full disk, a quota, a lost mount
+        raise ckpts.abandon(step, tmp, err) from err
     state = {
         "step": step,
         "consumed": sampler.consumed,
@@ -125,23 +140,32 @@ def _save(
         "time": time.time(),
         "last_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
     }
-    return ckpts.commit(step, tmp, state)
+    try:
+        return ckpts.commit(step, tmp, state)
+    except OSError as err:
+        raise ckpts.abandon(step, tmp, err) from err
 
 
-def _restore(actors: Actors, checkpoint: Path, sampler: EpochSampler) -> int:
+def _restore(
+    actors: Actors, checkpoint: Path, sampler: EpochSampler
+) -> tuple[int, list[ray.ObjectRef] | None]:
+    """Bring the actors and the sampler to ``checkpoint``; returns its step and the next step's
+    rollouts when the checkpoint holds them (one-step-off rollouts)."""
     state = read_state(checkpoint)
     ray.get(actors.students.call("load", str(checkpoint / "student")))
     ray.get(actors.teachers.call("load", str(checkpoint), state["weight_version"]))
     ray.get(actors.controller.load.remote(str(checkpoint)))
     sampler.consumed = state["consumed"]
-    return state["step"]
+    held = checkpoint / PREFETCHED
+    prefetched = [ray.put(r) for r in torch.load(held, weights_only=False)] if held.exists() else None
+    return state["step"], prefetched
 
 
 def _launch(
     cfg: Config, run_dir: Path, data: Prepared, sampler: EpochSampler, checkpoint: Path | None
-) -> tuple[Actors, int]:
-    """Build the run's actors and bring them to ``checkpoint`` (or to step 0); returns them and the
-    step to train next."""
+) -> tuple[Actors, int, list[ray.ObjectRef] | None]:
+    """Build the run's actors and bring them to ``checkpoint`` (or to step 0); returns them, the
+    step to train next and the rollouts the checkpoint holds for it, if any."""
     timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.scores_decisions else None
     actors = build_actors(
         cfg,
@@ -154,14 +178,14 @@ def _launch(
         (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
         ray.get(actors.students.call("set_probe", data.probe))
         sampler.consumed = 0
-        start = _restore(actors, checkpoint, sampler) if checkpoint else 0
+        start, prefetched = _restore(actors, checkpoint, sampler) if checkpoint else (0, None)
         ray.get(actors.weight_sync.sync(version=start))
         if start == 0:
             ray.get(actors.controller.baseline.remote(0, actors.students.call("probe_nll")[0]))
     except BaseException:
         actors.shutdown()
         raise
-    return actors, start
+    return actors, start, prefetched
 
 
 def _step(
@@ -191,6 +215,7 @@ def _after_step(
     sampler: EpochSampler,
     step: int,
     next_batch: list[dict] | None,
+    prefetched: list[ray.ObjectRef] | None,
     metrics: dict,
     summary: dict,
     record: Callable[[dict], None],
@@ -221,7 +246,10 @@ def _after_step(
         given_back = len(next_batch) if next_batch else 0
         sampler.consumed -= given_back
         saved = retrying(
-            cfg, actors, f"checkpoint {done}", lambda _: _save(cfg, actors, ckpts, done, sampler, metrics)
+            cfg,
+            actors,
+            f"checkpoint {done}",
+            lambda _: _save(cfg, actors, ckpts, done, sampler, metrics, prefetched),
         )
         sampler.consumed += given_back
         return saved
@@ -260,7 +288,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             flush=True,
         )
         return summary
-    actors, start = _launch(cfg, run_dir, data, sampler, checkpoint)
+    actors, start, held = _launch(cfg, run_dir, data, sampler, checkpoint)
     tracker = monitor = None
     try:
         monitor = RunMonitor(cfg, run_dir)
@@ -281,7 +309,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         step_fn = STEP_FUNCTIONS[cfg.algorithm.name]
         records = data.train
         batch = [records[i] for i in sampler.next_indices()]
-        prefetched, metrics, first_metrics = None, {}, None
+        prefetched, metrics, first_metrics = held, {}, None
         step, rollbacks = start, 0
 
         def record(metrics: dict) -> None:
@@ -295,7 +323,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 metrics.update(total_steps=total, epoch=sampler.epoch)
                 checkpoint = (
                     _after_step(
-                        cfg, actors, data, run_dir, ckpts, sampler, step, next_batch, metrics, summary, record
+                        cfg,
+                        actors,
+                        data,
+                        run_dir,
+                        ckpts,
+                        sampler,
+                        step,
+                        next_batch,
+                        prefetched,
+                        metrics,
+                        summary,
+                        record,
                     )
                     or checkpoint
                 )
@@ -307,9 +346,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 print(f"step {step}: {fault}; rolling back to {checkpoint or 'the start'}", flush=True)
                 actors.shutdown()
                 # this run's last checkpoint (or the one it resumed from): never one an older run left
-                actors, step = _launch(cfg, run_dir, data, sampler, checkpoint)
+                actors, step, prefetched = _launch(cfg, run_dir, data, sampler, checkpoint)
                 tracker.rewind(step)
-                batch, prefetched = [records[i] for i in sampler.next_indices()], None
+                batch = [records[i] for i in sampler.next_indices()]
                 continue
             first_metrics = first_metrics or dict(metrics)
             batch, step, rollbacks = next_batch, step + 1, 0

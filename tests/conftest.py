@@ -50,3 +50,25 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's own exit status once every result is reported, skipping interpreter
+    teardown: a CI run that had printed its summary died there with SIGSEGV (in the libraries'
+    shutdown, after every Ray cluster of the session was already shut down), and a crash after the
+    results must not change them. ``make test`` runs Python with ``-X faulthandler``, so a crash
+    during the tests themselves still prints its traceback."""
+    import sys
+
+    if _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[0])

@@ -13,7 +13,7 @@ from bench.run import TOPK, run
 @pytest.mark.ray
 def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     parts = run("tiny", 1, tmp_path)
-    for name in ("step_breakdown", "overhead", "peer_trl", "weight_sync", "memory"):
+    for name in ("step_breakdown", "overhead", "peer_trl", "weight_sync", "memory", "engines"):
         assert json.loads((tmp_path / f"{name}.json").read_text()) == json.loads(json.dumps(parts[name]))
         assert parts[name]["machine"]["cores"] >= 1
 
@@ -42,6 +42,13 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     assert e[f"top{TOPK}"]["bytes"] < e["full_vocab"]["bytes"]
     assert e["full_vocab"]["bytes"] >= rows * width * vocab * 4
     assert all(rss > 0 for rss in parts["memory"]["peak_rss_bytes"].values())
+
+    f = parts["engines"]
+    for engine in ("hf", "vllm"):
+        assert (
+            f["rollout_tokens_per_s"][engine]["median"] > 0 and f["teacher_scoring_s"][engine]["median"] > 0
+        )
+    assert f["ratio_rollout_vllm_over_hf"] > 0 and f["ratio_scoring_hf_over_vllm"] > 0
 
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table

@@ -9,6 +9,7 @@ would change the α sequence and every metric after it."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -61,14 +62,15 @@ def test_killed_rollout_and_teacher_are_restarted_and_their_steps_retried(refere
 
 def test_dead_student_rank_and_controller_roll_back_to_the_last_checkpoint(reference, tmp_path, capsys):
     out = tmp_path / "rolled-back"
-    plan = [(1, "student", "ray.kill"), (1, "controller", "sigkill")]  # back to back: one rollback, mostly
+    # back to back (one rollback, mostly), while step 2's checkpoint is written or step 3 runs
+    plan = [(2, "student", "ray.kill"), (2, "controller", "sigkill")]
     with FaultInjector(out, plan) as injector:
         summary = run(make_config(*FAULTY, f"run_dir={out}"), out)
     assert not injector.errors and [k["role"] for k in injector.killed] == ["student", "controller"]
     assert summary["rollbacks"] in (1, 2)  # two when the driver saw one death before the other
     rolled = [line for line in capsys.readouterr().out.splitlines() if "rolling back to" in line]
     assert "student 0" in "".join(rolled) and "controller" in "".join(rolled)
-    assert all("checkpoints/step_1" in line for line in rolled)
+    assert all(re.search(r"checkpoints/step_[12]$", line) for line in rolled), rolled
     assert differences(reference, metrics(out)) == []
 
 

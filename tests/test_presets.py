@@ -155,7 +155,9 @@ def test_demo_runs_atesd_on_the_bundled_model_unclipped() -> None:
     assert make_config("experiment=demo", "algorithm.loss.clip=0.05").algorithm.loss.clip == 0.05
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "conf").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_every_config_file_parses(path):
     """Each group option is valid YAML (a flow mapping holding ``???`` unquoted is not)."""
     assert isinstance(yaml.safe_load(path.read_text()), dict | None)

@@ -1,12 +1,15 @@
-"""Nothing lost to bad files: a corrupt file in the newest checkpoint is refused, naming the file, and
-``resume=auto`` takes the checkpoint before it; a metrics line cut short by a kill is dropped and its
-step trained again, so every step is logged once."""
+"""Nothing lost to bad files or a full disk: a corrupt file in the newest checkpoint is refused, naming
+the file, and ``resume=auto`` takes the checkpoint before it; a metrics line cut short by a kill is
+dropped and its step trained again, so every step is logged once; a checkpoint that does not fit on
+the disk fails naming its path, leaves the last complete one loadable, and the run resumes from it."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -79,3 +82,46 @@ def test_a_metrics_line_cut_short_is_dropped_and_its_step_trained_again(three_ch
     assert _steps(run_dir) == [0, 1, 2]
     rewritten = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[2])
     assert rewritten["loss"] == pytest.approx(json.loads(lines[2])["loss"], rel=1e-5)  # exact resume
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 MiB tmpfs of its own (needs the right to mount, as root in CI's container has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _free(path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_path_and_the_run_resumes(ray_cluster, small_disk):
+    run_dir = small_disk / "run"
+    saved = [*SAVED, "trainer.keep_last=1", f"run_dir={run_dir}"]
+    run(make_config(*saved, "trainer.total_steps=2"), run_dir)
+    ballast = small_disk / "ballast"
+    with open(ballast, "wb") as fh:  # the disk fills: 2-3 MiB stay free, a checkpoint needs ~40
+        while _free(small_disk) > 3 * 2**20:
+            fh.write(b"\1" * 2**20)
+            fh.flush()
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint of step 3 could not be written to .*\.tmp-step_3"
+    ) as err:
+        run(make_config(*saved, "trainer.total_steps=3"), run_dir)
+    assert "No space left on device" in str(err.value) and "step_2" in str(err.value)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # the partial files are gone
+    kept = CheckpointManager(run_dir, keep_last=1).resolve("auto")
+    assert kept == run_dir / "checkpoints" / "step_2"
+    verify(kept)
+
+    ballast.unlink()
+    summary = run(make_config(*saved, "trainer.total_steps=3"), run_dir)
+    assert summary["start_step"] == 2 and _steps(run_dir) == [0, 1, 2]

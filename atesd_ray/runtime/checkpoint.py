@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 STUDENT_DIR = "student"  # inside checkpoints/step_<N>/: the student's part
+PREFETCHED = "prefetched_rollouts.pt"  # the next step's rollouts, generated one step off
 STUDENT_WEIGHTS = "student.safetensors"  # the trainable tensors, with the model's parameter names
 STUDENT_STATE = "student_state.json"  # step, scheduler, and the fingerprint of the model it fits
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -97,6 +98,22 @@ class CheckpointManager:
         _fsync_dir(self.root)
         self._prune()
         return final
+
+    def abandon(self, step: int, tmp: Path, err: Exception) -> CheckpointError:
+        """The error for a checkpoint that could not be written: its partial files are removed
+        (they would fill the disk further) and the message names the path and what still holds."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = self.latest()
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        return CheckpointError(
+            f"checkpoint of step {step} could not be written to {tmp}: {cause}. "
+            + (
+                f"The last complete checkpoint, {kept}, is kept; "
+                if kept
+                else "No earlier checkpoint exists; "
+            )
+            + "free space and run again with resume=auto to continue from it."
+        )
 
     def _prune(self) -> None:
         done = self.complete()
