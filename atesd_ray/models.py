@@ -137,6 +137,10 @@ def tokenizer_path(cfg: ModelConfig) -> str:
         return str(ensure_bundled(ModelConfig.path, ModelConfig.gguf_file or ""))
     if cfg.tokenizer is not None:
         return cfg.tokenizer
+    if cfg.source == "path":
+        from atesd_ray.runtime.hf_export import check_tokenizer_folder
+
+        return str(check_tokenizer_folder(Path(pretrained_path(cfg))))
     return pretrained_path(cfg)
 
 

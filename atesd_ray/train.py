@@ -21,7 +21,7 @@ from atesd_ray.config import Config
 from atesd_ray.data.loaders import load_data
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
-from atesd_ray.models import load_tokenizer
+from atesd_ray.models import load_tokenizer, pretrained_path
 from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import PREFETCHED, CheckpointManager, read_state
@@ -72,6 +72,7 @@ def prepare_data(cfg: Config) -> Prepared:
     """Load the records and drop (and count) problems whose longest prompt exceeds the limit:
     a prompt is never silently cut."""
     train, evals, report = load_data(cfg.data, cfg.seed)
+    pretrained_path(cfg.model)  # a local model folder that cannot load fails here, naming its file
     tokenizer = load_tokenizer(cfg.model)
     limit = cfg.model.max_prompt_tokens
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,45 @@ def test_the_ray_dashboard_of_a_local_cluster_answers_on_loopback_only():
     line = next(line for line in out.stdout.splitlines() if line.startswith("DASHBOARD"))
     _, url, hosts = line.split(" ", 2)
     assert url.startswith("127.0.0.1:") and hosts == "['127.0.0.1']", out.stdout + out.stderr[-2000:]
+
+
+def _model_folder(tmp_path: Path, name: str) -> Path:
+    """A copy of the tiny model's folder (config, safetensors, tokenizer), to damage."""
+    from atesd_ray.models import ensure_tiny
+
+    folder = tmp_path / name
+    shutil.copytree(ensure_tiny(make_config(*TINY).model), folder)
+    return folder
+
+
+def test_a_model_folder_without_a_tokenizer_or_with_a_bad_config_is_named_before_any_actor(tmp_path):
+    bare = _model_folder(tmp_path, "no-tokenizer")
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    on_it = [*TINY, "model.source=path", f"model.path={bare}", "model.tokenizer=null"]
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(bare))}: no tokenizer \(tokenizer.json"):
+        prepare_data(make_config(*on_it))
+    assert prepare_data(make_config(*on_it[:-1], "model.tokenizer=bundled")).train  # one named instead
+
+    wrong = _model_folder(tmp_path, "wrong-config")
+    config = wrong / "config.json"
+    config.write_text(config.read_text().replace('"model_type": "qwen3"', '"model_type": "qwen77"'))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: not a model config .*qwen77"):
+        prepare_data(make_config(*TINY, "model.source=path", f"model.path={wrong}"))
+    config.write_text("{ not json")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: not a model config"):
+        prepare_data(make_config(*TINY, "model.source=path", f"model.path={wrong}"))
+
+    (wrong / "config.json").write_text((bare / "config.json").read_text())
+    (wrong / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(wrong))}: no weights"):
+        prepare_data(make_config(*TINY, "model.source=path", f"model.path={wrong}"))
+
+
+def test_a_data_file_with_a_duplicate_id_names_the_row(tmp_path):
+    rows = [GOOD | {"id": "a"}, GOOD | {"id": "b", "problem": "Bo has 2 pens."}, GOOD | {"id": "a"}]
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config(*TINY, "data.source=jsonl", f"data.path={path}", "data.on_bad_row=fail")
+    with pytest.raises(Exception, match=rf"{re.escape(str(path))}.*line 3.*duplicate id 'a'"):
+        prepare_data(cfg)

@@ -38,20 +38,50 @@ def save_hf_model(out: Path, weights: dict[str, torch.Tensor], model, tokenizer)
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def model_directory(path: Path) -> Path:
     """A model folder (``config.json`` inside) as given, or the Hugging Face folder of a checkpoint,
-    or of a run directory's latest complete checkpoint."""
+    or of a run directory's latest complete checkpoint; checked by :func:`check_model_folder`."""
     if (path / "config.json").is_file():
-        return path
+        return check_model_folder(path)
     checkpoint = path if is_checkpoint(path) else None
     if checkpoint is None and (path / "checkpoints").is_dir():
         checkpoint = CheckpointManager(path, keep_last=1).latest()
     if checkpoint is not None and (checkpoint / HF_DIR / "config.json").is_file():
-        return checkpoint / HF_DIR
+        return check_model_folder(checkpoint / HF_DIR)
     raise FileNotFoundError(
         f"{path}: not a model folder (config.json), nor a checkpoint or run directory whose checkpoint "
         f"holds a {HF_DIR}/ folder (written when trainer.save_hf is true)"
     )
+
+
+def check_model_folder(folder: Path) -> Path:
+    """A model folder transformers can build and fill: ``config.json`` parses as a known
+    architecture and weights are there. Fails naming the file, wherever it is first read (the
+    driver reads it before any actor starts)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - json, unknown model_type, bad fields: one message
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{folder / 'config.json'}: not a model config transformers can read: {reason}"
+        ) from err
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{folder}: no weights (*.safetensors or *.bin) beside config.json")
+    return folder
+
+
+def check_tokenizer_folder(folder: Path) -> Path:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); write the folder with mode=export, "
+            "or name one with model.tokenizer=<hub id or directory>"
+        )
+    return folder
 
 
 def export(cfg) -> Path:
