@@ -700,6 +700,21 @@ class Config:
                 f"controller.kind={self.controller.kind} measures progress on the probe set, which is empty; "
                 "set data.probe_size > 0 or controller.progress_signal=loss",
             )
+        # the algorithm's name is what runs and reports say: a controller must not change it
+        if self.algorithm.name in ("opsd", "fixed_exposure"):
+            _check(
+                self.controller.kind == "fixed",
+                "controller.kind",
+                f"algorithm={self.algorithm.name} holds its exposure fixed; controller.kind={self.controller.kind} "
+                "would choose it, so the run would not be what it is called: use algorithm=atesd",
+            )
+        if self.algorithm.name == "atesd":
+            _check(
+                self.controller.kind != "fixed",
+                "controller.kind",
+                "algorithm=atesd chooses the exposure (controller.kind=atesd, or random / linear as baselines); "
+                "for one fixed exposure use algorithm=fixed_exposure algorithm.alpha=<alpha>",
+            )
         if self.mode == "motab_synthesize":
             _one_of(self.algorithm.name, "algorithm", STEPWISE_ALGORITHMS)
         if self.algorithm.name in STEPWISE_ALGORITHMS:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from atesd_ray.config import Config, ConfigError, ControllerConfig, DataConfig
+from atesd_ray.config import AlgorithmConfig, Config, ConfigError, ControllerConfig, DataConfig
 from controller.actor import ExposureController
 from controller.core import Controller
 from controller.policy import BetaPolicy, entropy_penalty, reinforce_loss
@@ -27,6 +27,8 @@ EXPECTED = {
     "lp_only": (G_LP, None, G_LP),
     "full": (G_LP, G_GT, G_LP + 0.2 * G_GT),
 }
+
+ATESD = AlgorithmConfig(name="atesd")  # the algorithm whose exposure the controller chooses
 
 
 def controller_config(**overrides) -> ControllerConfig:
@@ -65,7 +67,7 @@ def test_reward_kinds_by_hand(kind):
 def test_controller_scores_with_the_documented_indices(kind):
     """ℓ_{t0} is the baseline probe NLL, ℓ_{t0+i} the probe after step t0+i-1, g_{t0+i} the
     grounding of step t0+i-1; the decision is scored once its hold window and span are done."""
-    ctl = Controller(Config(controller=controller_config(reward=kind)), total_steps=10)
+    ctl = Controller(Config(algorithm=ATESD, controller=controller_config(reward=kind)), total_steps=10)
     span = {"immediate": 1, "short": 2, "lp_only": 4, "full": 4}[kind]
     ctl.baseline(0, SIGNAL[0])
     for step in range(5):
@@ -81,7 +83,8 @@ def test_controller_scores_with_the_documented_indices(kind):
 def test_loss_signal_indices():
     """progress_signal=loss: ℓ_{t0+i} is the loss of step t0+i (on the weights after i updates)."""
     ctl = Controller(
-        Config(controller=controller_config(reward="lp_only", progress_signal="loss")), total_steps=10
+        Config(algorithm=ATESD, controller=controller_config(reward="lp_only", progress_signal="loss")),
+        total_steps=10,
     )
     for step in range(5):
         ctl.observe(step, step_stats(ctl.exposure(step), loss=SIGNAL[step]), float("nan"))
@@ -91,6 +94,7 @@ def test_loss_signal_indices():
 def run_bandit(peak: float, steps: int, seed: int = 0) -> tuple[Controller, list[dict]]:
     """Each step's probe NLL falls by a learning progress that peaks at α = ``peak``."""
     cfg = Config(
+        algorithm=ATESD,
         seed=seed,
         controller=ControllerConfig(kind="atesd", hold=1, lookahead=1, batch_decisions=4, reward="lp_only"),
     )
@@ -137,7 +141,7 @@ def test_entropy_penalty_is_one_sided():
 
 @pytest.mark.parametrize("kind", ["atesd", "random"])
 def test_hold_window(kind):
-    ctl = Controller(Config(controller=controller_config(kind=kind, hold=3)), total_steps=8)
+    ctl = Controller(Config(algorithm=ATESD, controller=controller_config(kind=kind, hold=3)), total_steps=8)
     ctl.baseline(0, 5.0)
     alphas = []
     for step in range(8):
@@ -151,7 +155,9 @@ def test_hold_window(kind):
 
 
 def test_per_example_exposure_is_held_per_problem():
-    ctl = Controller(Config(controller=controller_config(hold=2, granularity="example")), total_steps=4)
+    ctl = Controller(
+        Config(algorithm=ATESD, controller=controller_config(hold=2, granularity="example")), total_steps=4
+    )
     first = ctl.exposure(0, ["p1", "p2"])
     second = ctl.exposure(1, ["p3", "p1"])
     assert second["p1"] == first["p1"] and len({first["p1"], first["p2"], second["p3"]}) == 3
@@ -180,7 +186,9 @@ def drive(controller: ExposureController, steps: range, per_example: bool) -> li
 
 @pytest.mark.parametrize("granularity", ["batch", "example"])
 def test_save_mid_window_and_load_continue_identically(tmp_path, granularity):
-    cfg = Config(seed=3, controller=controller_config(hold=3, lookahead=2, granularity=granularity))
+    cfg = Config(
+        algorithm=ATESD, seed=3, controller=controller_config(hold=3, lookahead=2, granularity=granularity)
+    )
     per_example = granularity == "example"
     original = ExposureController(cfg, total_steps=30)
     original.baseline(0, 5.0)
@@ -202,7 +210,9 @@ def test_save_mid_window_and_load_continue_identically(tmp_path, granularity):
 def test_timeline_file_follows_the_decisions(tmp_path):
     path = tmp_path / "controller_timeline.jsonl"
     ctl = ExposureController(
-        Config(controller=controller_config(hold=1, lookahead=1, reward="full")), 6, str(path)
+        Config(algorithm=ATESD, controller=controller_config(hold=1, lookahead=1, reward="full")),
+        6,
+        str(path),
     )
     ctl.baseline(0, 5.0)
     ctl.exposure(0)
@@ -214,7 +224,11 @@ def test_timeline_file_follows_the_decisions(tmp_path):
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="granularity=example"):
-        Config(controller=ControllerConfig(kind="linear", granularity="example"))
+        Config(algorithm=ATESD, controller=ControllerConfig(kind="linear", granularity="example"))
     with pytest.raises(ConfigError, match="data.probe_size"):
-        Config(controller=ControllerConfig(kind="atesd"), data=DataConfig(probe_size=0))
-    Config(controller=ControllerConfig(kind="atesd", progress_signal="loss"), data=DataConfig(probe_size=0))
+        Config(algorithm=ATESD, controller=ControllerConfig(kind="atesd"), data=DataConfig(probe_size=0))
+    Config(
+        algorithm=ATESD,
+        controller=ControllerConfig(kind="atesd", progress_signal="loss"),
+        data=DataConfig(probe_size=0),
+    )

@@ -142,6 +142,10 @@ def test_cluster_options_validate() -> None:
         ("teacher.engine=vllm",): "teacher.topk",
         ("teacher.engine=vllm", "teacher.topk=20", "teacher.weights=ema"): "teacher.weights",
         ("model.attn_implementation=flash",): "model.attn_implementation",
+        # a controller that would change what the algorithm's name says runs
+        ("algorithm=opsd", "controller.kind=atesd"): "controller.kind",
+        ("algorithm=fixed_exposure", "controller.kind=random"): "controller.kind",
+        ("algorithm=atesd", "controller.kind=fixed"): "controller.kind",
     }
     for overrides, key in bad.items():
         with pytest.raises(Exception, match=key.replace(".", r"\.")):

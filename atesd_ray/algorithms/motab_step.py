@@ -3,7 +3,7 @@
 exposure (controller) -> monitored rollouts -> targets as training rows -> teacher scoring ->
 student update (distillation on the accepted student steps, teacher-forced NLL on the teacher's
 tokens) -> weight sync -> controller. The self-teacher's exposure comes from the controller actor,
-so ``controller.kind=atesd`` drives MOTAB's teacher as it drives OPSD's.
+so ``controller.kind=atesd`` drives MOTAB's teacher as it drives ATESD's.
 
 The driver builds the rows from the trajectories it holds (token ids), puts one chunk per teacher
 replica in the object store, and passes refs on from there.
