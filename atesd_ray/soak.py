@@ -1,8 +1,8 @@
 """``make soak``: a long tiny-model run with actors killed from outside while it trains, checked
 against an unkilled run with the same seed.
 
-``python -m atesd_ray.soak [--steps 200] [--kill-every 20] [--out runs/soak]`` trains the reference
-run, then the same run while a :class:`FaultInjector` kills one actor every ``--kill-every`` steps,
+``python -m atesd_ray.soak [--steps 200] [--kill-every 20] [--out runs/soak] [OVERRIDE ...]`` trains
+the reference run, then the same run (both with the Hydra overrides given, e.g. ``rollout.engine=vllm``) while a :class:`FaultInjector` kills one actor every ``--kill-every`` steps,
 cycling over rollout and teacher replicas (restarted, the step retried), student ranks and the
 controller (rolled back to the last checkpoint), by ``ray.kill`` and by SIGKILL of the process.
 It passes when every step is logged once and every step's metrics equal the reference's.
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--kill-every", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/soak"))
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # extra: Hydra overrides of both runs
 
     from hydra import compose, initialize_config_module
 
@@ -201,7 +201,7 @@ def main() -> None:
 
     def config(run_dir: Path):
         with initialize_config_module("conf", version_base=None):
-            return to_config(compose("config", overrides=overrides(args.steps, run_dir)))
+            return to_config(compose("config", overrides=[*overrides(args.steps, run_dir), *extra]))
 
     reference_dir, faulty_dir = args.out / "reference", args.out / "faulty"
     t0 = time.monotonic()

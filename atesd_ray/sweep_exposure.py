@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from tqdm import tqdm
 
 from atesd_ray.algorithms.distill import launch_rollouts
 from atesd_ray.config import Config
@@ -151,17 +152,22 @@ def run(cfg: Config, run_dir: Path) -> dict:
     try:
         rollouts = launch_rollouts(actors, records, step=0, min_version=0)
         teachers = actors.teachers.actors
-        for alpha in cfg.sweep.alphas:
-            t0 = time.perf_counter()
-            scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rollouts)]
-            rows = ray.get(actors.students.call("mismatch", rollouts, scored))[0]
-            results.append(summarize_alpha(alpha, rows) | {"time_s": time.perf_counter() - t0})
-            r = results[-1]
-            print(
-                f"α={alpha:.2f}: mean KL {r['kl_mean']:.4f}, p95 {r['kl_p95']:.4f}, max {r['kl_max']:.4f}, "
-                f"top-1 disagree {r['top1_disagree']:.4f} over {r['tokens']} tokens",
-                flush=True,
-            )
+        per_alpha = len(records) * cfg.rollout.n_samples
+        # on a terminal: problems x samples scored, over all alphas (the rollouts are sampled once)
+        with tqdm(
+            total=len(cfg.sweep.alphas) * per_alpha, desc="α sweep", unit="sample", disable=None, leave=False
+        ) as bar:
+            for alpha in cfg.sweep.alphas:
+                t0 = time.perf_counter()
+                scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rollouts)]
+                rows = ray.get(actors.students.call("mismatch", rollouts, scored))[0]
+                results.append(summarize_alpha(alpha, rows) | {"time_s": time.perf_counter() - t0})
+                r = results[-1]
+                bar.update(per_alpha)
+                bar.write(
+                    f"α={alpha:.2f}: mean KL {r['kl_mean']:.4f}, p95 {r['kl_p95']:.4f}, max {r['kl_max']:.4f}, "
+                    f"top-1 disagree {r['top1_disagree']:.4f} over {r['tokens']} tokens"
+                )
     finally:
         actors.shutdown()
     monotonic = rises_with_alpha(results)
