@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
-import torch
 from omegaconf import OmegaConf
 
 from atesd_ray.algorithms.distill import distill_step
@@ -24,7 +23,13 @@ from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.models import load_tokenizer, pretrained_path
 from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.actors import Actors, build_actors
-from atesd_ray.runtime.checkpoint import PREFETCHED, CheckpointManager, read_state
+from atesd_ray.runtime.checkpoint import (
+    PREFETCHED,
+    CheckpointManager,
+    load_rollouts,
+    read_state,
+    save_rollouts,
+)
 from atesd_ray.runtime.cluster import connect
 from atesd_ray.runtime.faults import Rollback, retrying
 from atesd_ray.tracking import Tracker
@@ -130,7 +135,7 @@ def _save(
         refs += [actors.controller.save.remote(str(tmp))]
         ray.get(refs)
         if prefetched:
-            torch.save(ray.get(prefetched), tmp / PREFETCHED)
+            save_rollouts(ray.get(prefetched), tmp / PREFETCHED)
     except (OSError, ray.exceptions.RayTaskError) as err:  # a full disk, a quota, a lost mount
         raise ckpts.abandon(step, tmp, err) from err
     state = {
@@ -158,7 +163,7 @@ def _restore(
     ray.get(actors.controller.load.remote(str(checkpoint)))
     sampler.consumed = state["consumed"]
     held = checkpoint / PREFETCHED
-    prefetched = [ray.put(r) for r in torch.load(held, weights_only=False)] if held.exists() else None
+    prefetched = [ray.put(r) for r in load_rollouts(held)] if held.exists() else None
     return state["step"], prefetched
 
 

@@ -27,8 +27,10 @@ from atesd_ray.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
     fingerprint,
+    load_rollouts,
     load_tensors,
     read_student_weights,
+    save_rollouts,
 )
 from atesd_ray.train import prepare_data
 from tests.conftest import TINY, make_config
@@ -169,6 +171,43 @@ def test_a_checkpoint_file_carrying_pickled_code_is_refused_without_running_it(t
     with pytest.raises(CheckpointError, match="optimizer.pt holds more than tensors") as err:
         load_tensors(hostile)
     assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    assert not marker.exists()
+
+
+def test_held_rollouts_round_trip_as_tensors_and_json_and_a_pickle_in_their_place_is_refused(tmp_path):
+    """The rollouts a checkpoint holds for the next step are read back equal, without unpickling:
+    a torch.save file put in their place is refused, naming it, and its code never runs."""
+    import numpy as np
+    from verl import DataProto
+
+    rollouts = [
+        DataProto.from_dict(
+            tensors={"response_ids": torch.arange(6).view(2, 3), "reward": torch.tensor([0.0, 1.0])},
+            non_tensors={
+                "uid": np.array(["a", "b"], dtype=object),
+                "difficulty": np.array([2, None], dtype=object),
+                "problem": np.array(["x \\boxed{1}", "naïve ∑"], dtype=object),
+            },
+            meta_info={"weight_version": 3, "step": 4, "time_s": 0.5},
+        )
+        for _ in range(2)
+    ]
+    save_rollouts(rollouts, tmp_path / "held.safetensors")
+    back = load_rollouts(tmp_path / "held.safetensors")
+    assert len(back) == 2
+    for a, b in zip(rollouts, back, strict=True):
+        assert set(a.batch.keys()) == set(b.batch.keys())
+        for key in a.batch.keys():
+            assert torch.equal(a.batch[key], b.batch[key]) and a.batch[key].dtype == b.batch[key].dtype
+        assert {k: v.tolist() for k, v in a.non_tensor_batch.items()} == {
+            k: v.tolist() for k, v in b.non_tensor_batch.items()
+        }
+        assert a.meta_info == b.meta_info
+
+    marker = tmp_path / "created-by-the-checkpoint"
+    hostile = _hostile_optimizer_file(tmp_path / "prefetched_rollouts.safetensors", marker)
+    with pytest.raises(CheckpointError, match="prefetched_rollouts.safetensors is not a rollouts file"):
+        load_rollouts(hostile)
     assert not marker.exists()
 
 

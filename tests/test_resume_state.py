@@ -28,7 +28,7 @@ from atesd_ray.config import ConfigError
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.data.synthetic import generate
 from atesd_ray.runtime.actors import build_actors
-from atesd_ray.runtime.checkpoint import PREFETCHED, read_state
+from atesd_ray.runtime.checkpoint import PREFETCHED, load_rollouts, read_state
 from atesd_ray.soak import FaultInjector, differences, metrics
 from atesd_ray.train import prepare_data, run
 from tests.conftest import TINY, make_config
@@ -97,7 +97,7 @@ def test_a_checkpoint_holds_the_next_steps_rollouts_for_the_problems_it_gave_bac
         sampler = EpochSampler(len(train), cfg.trainer.prompts_per_step, cfg.seed, cfg.data.shuffle)
         sampler.consumed = read_state(checkpoint)["consumed"]
         drawn = [train[i]["id"] for i in sampler.next_indices()]
-        held = torch.load(checkpoint / PREFETCHED, weights_only=False)
+        held = load_rollouts(checkpoint / PREFETCHED)
         assert sorted({u for r in held for u in r.non_tensor_batch["uid"]}) == sorted(drawn)
         assert {r.meta_info["weight_version"] for r in held} == {n - 1}
         assert {r.meta_info["step"] for r in held} == {n}

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 STUDENT_DIR = "student"  # inside checkpoints/step_<N>/: the student's part
-PREFETCHED = "prefetched_rollouts.pt"  # the next step's rollouts, generated one step off
+PREFETCHED = "prefetched_rollouts.safetensors"  # the next step's rollouts, generated one step off
 STUDENT_WEIGHTS = "student.safetensors"  # the trainable tensors, with the model's parameter names
 STUDENT_STATE = "student_state.json"  # step, scheduler, and the fingerprint of the model it fits
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -188,6 +188,51 @@ def load_tensors(path: Path) -> dict:
             f"{path} holds more than tensors (pickled objects or code); refused to load it: "
             f"{str(err).splitlines()[0]}"
         ) from err
+
+
+def save_rollouts(rollouts: list, path: Path) -> None:
+    """Rollouts (``DataProto``) as one safetensors file: tensors under ``<i>/<key>``, the
+    per-sample strings and numbers and the meta info as JSON in its header. Nothing in it is
+    pickled, so loading it cannot run code."""
+    from safetensors.torch import save_file
+
+    tensors, header = {}, []
+    for i, rollout in enumerate(rollouts):
+        tensors |= {f"{i}/{k}": v.contiguous() for k, v in rollout.batch.items()}
+        header.append(
+            {
+                "non_tensors": {k: v.tolist() for k, v in rollout.non_tensor_batch.items()},
+                "meta_info": rollout.meta_info,
+            }
+        )
+    save_file(tensors, str(path), metadata={"rollouts": json.dumps(header)})
+
+
+def load_rollouts(path: Path) -> list:
+    """The rollouts :func:`save_rollouts` wrote; a file that is not such a file is refused, naming it."""
+    import numpy as np
+    from safetensors import SafetensorError, safe_open
+    from verl import DataProto
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["rollouts"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not a rollouts file of this version ({type(err).__name__}: {err})"
+        ) from err
+    rollouts = []
+    for i, part in enumerate(header):
+        prefix = f"{i}/"
+        rollouts.append(
+            DataProto.from_dict(
+                tensors={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+                non_tensors={k: np.array(v, dtype=object) for k, v in part["non_tensors"].items()},
+                meta_info=part["meta_info"],
+            )
+        )
+    return rollouts
 
 
 def is_checkpoint(path: Path) -> bool:
