@@ -262,8 +262,10 @@ def _after_step(
     return None
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
-    """Train; returns the summary (also written to ``summary.json``)."""
+def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train; returns the summary (also written to ``summary.json``). ``on_step(step, metrics)``
+    is called in the driver once each step's metrics are recorded (a notebook can plot there; a
+    test can hold the run there while it looks at the live page)."""
     prepare_run_dir(run_dir, cfg)
     # join (or start) the cluster first: a wrong address fails in seconds, before data loading
     connect(
@@ -321,6 +323,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         def record(metrics: dict) -> None:
             tracker.log(step, metrics)
             monitor.record(step, metrics)
+            if on_step is not None:
+                on_step(step, metrics)
 
         while step < total:
             try:

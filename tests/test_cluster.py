@@ -1,6 +1,6 @@
 """Ray across nodes, on this machine: two ``ray start`` nodes on 127.0.0.1 (tests/local_cluster.py).
 
-- joining: an unreachable address fails within seconds, naming the address;
+- joining: an unreachable address is refused before ray.init (which retries for minutes), naming it;
 - placement: ranks in node order, STRICT_SPREAD over both nodes, the same order on a new placement,
   colocated roles sharing bundles;
 - ``ray job submit --working-dir . --runtime-env runtime_env.yaml``: the packages and Hydra's
@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,19 +77,18 @@ class Where:
 
 
 CONNECT = """
-import json, os, sys, time
+import json, os, sys
 from atesd_ray.config import ClusterConfig
 from atesd_ray.runtime.cluster import ClusterError, connect
 out = {}
 for case, address in (("address", sys.argv[1]), ("dashboard", "http://127.0.0.1:8265"), ("env", None)):
     if address is None:
         os.environ["RAY_ADDRESS"] = sys.argv[1]
-    t0 = time.monotonic()
     try:
         connect(ClusterConfig(address=address, connect_timeout_s=5))
         out[case] = {"error": None}
     except ClusterError as err:
-        out[case] = {"error": str(err), "seconds": time.monotonic() - t0}
+        out[case] = {"error": str(err)}
 print(json.dumps(out))
 """
 
@@ -103,7 +101,7 @@ def _dead_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"  # free once the socket closes: nothing listens
 
 
-def test_unreachable_address_fails_within_seconds(tmp_path):
+def test_unreachable_address_fails_at_once_naming_the_address(tmp_path):
     address = _dead_address()
     out = subprocess.run(
         [sys.executable, "-c", CONNECT, address], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -111,10 +109,10 @@ def test_unreachable_address_fails_within_seconds(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     cases = json.loads(out.stdout.strip().splitlines()[-1])
     for case in ("address", "env"):
-        assert address in cases[case]["error"] and cases[case]["seconds"] < 5.0, cases[case]
+        # refused by the socket check before ray.init (which retries for minutes): no wait involved
+        assert address in cases[case]["error"] and "Connection refused" in cases[case]["error"], cases[case]
     assert "dashboard" in cases["dashboard"]["error"] and "ray job submit" in cases["dashboard"]["error"]
 
-    t0 = time.monotonic()
     entry = subprocess.run(
         [sys.executable, "-m", "atesd_ray.main", *TINY, f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}",
          f"cluster.address={address}"],
@@ -122,8 +120,8 @@ def test_unreachable_address_fails_within_seconds(tmp_path):
     )  # fmt: skip
     assert entry.returncode != 0
     assert f"cannot reach the Ray cluster at '{address}'" in entry.stderr
-    # the entry point connects before loading data or building actors: only Python start-up precedes it
-    assert time.monotonic() - t0 < 120
+    # the entry point connects before loading data or building actors
+    assert "data synthetic" not in entry.stdout + entry.stderr and "RolloutWorker" not in entry.stderr
 
 
 def test_placement_orders_ranks_by_node_and_spreads(cluster):

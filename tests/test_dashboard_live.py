@@ -38,6 +38,7 @@ RUN = [*TINY, f"trainer.total_steps={STEPS}", "trainer.save_every=100", "algorit
        "controller.lookahead=1", "controller.batch_decisions=2", "dashboard.enabled=true", "dashboard.port=0",
        "tracking.backends=[console,jsonl,tensorboard]"]  # fmt: skip
 EXPECTED = {s.prometheus for s in SERIES}
+HOLD_S = 300
 GRAFANA = Path(__file__).resolve().parents[1] / "controller" / "dashboard" / "grafana_atesd.json"
 PAGE_STATE = """(() => {
   const alpha = document.getElementById("alpha-chart");
@@ -105,6 +106,7 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.out, self.base, self.chromium, self.agent = out, base, chromium, agent
         self.finished = threading.Event()
+        self.done = threading.Event()  # the page was checked and every series seen (or it failed)
         self.error: BaseException | None = None
         self.page: dict | None = None
         self.seen: dict[str, list[tuple[str, float]]] = {}
@@ -117,6 +119,15 @@ class Watcher(threading.Thread):
             self.watch()
         except BaseException as err:  # re-raised by the fixture
             self.error = err
+        finally:
+            self.done.set()
+
+    def hold_last_step(self, step: int, metrics: dict) -> None:
+        """The run's ``on_step``: after its last step's metrics are recorded, with every actor still
+        alive, the run waits until the page has been checked and every series scraped, so what is
+        seen is seen during the run however slow the machine (the wait is a liveness bound only)."""
+        if step == STEPS - 1 and not self.done.wait(timeout=HOLD_S) and self.error is None:
+            self.error = AssertionError(f"page and series not all seen within {HOLD_S} s of the last step")
 
     def wait_for_url(self) -> str:
         while not self.finished.is_set():
@@ -171,7 +182,7 @@ def live(ray_cluster, tmp_path_factory):
     started = time.time()
     try:
         with contextlib.redirect_stdout(out):
-            summary = run(cfg, run_dir)
+            summary = run(cfg, run_dir, on_step=watcher.hold_last_step)
             elapsed = time.time() - started
     finally:
         watcher.finished.set()

@@ -28,7 +28,9 @@ from atesd_ray.grading import (
 )
 
 TIMEOUT_S = 1.0
-BOUND_S = TIMEOUT_S + HARD_GRACE_S + 0.5  # the hard deadline plus scheduling slack
+# the hard deadline plus slack for a busy machine: a liveness bound (an unbounded grader would hang),
+# not a speed target; the helper's kill at its deadline is asserted directly where it applies
+BOUND_S = TIMEOUT_S + HARD_GRACE_S + 10.0
 
 
 @pytest.fixture(scope="module", autouse=True)
