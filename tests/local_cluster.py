@@ -46,6 +46,22 @@ class NodeStartError(RuntimeError):
     pass
 
 
+# A node's Python without this project: the editable install's import hook is taken out at start-up
+# (sitecustomize runs after site-packages' .pth files), as on a machine whose image lacks the package.
+WITHOUT_PACKAGE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p]
+"""
+
+
+def python_without_package(directory: Path) -> dict[str, str]:
+    """Environment variables that give a node's Python no import path to this project."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(WITHOUT_PACKAGE)
+    return {"PYTHONPATH": str(directory)}
+
+
 # A raylet aborts when its dashboard agent has not reported its ports within its wait budget, and
 # `ray start` gives up when the node has not registered within 30 s. On a machine shared with busy
 # neighbours the agent's start-up can miss both: a node starts at a raised priority (where allowed)
@@ -78,8 +94,16 @@ def _renice(pid: int, value: int) -> None:
 
 
 class LocalCluster:
-    def __init__(self, nodes: dict[str, float], cpus_per_node: int = 3, object_store_mb: int = 300):
+    def __init__(
+        self,
+        nodes: dict[str, float],
+        cpus_per_node: int = 3,
+        object_store_mb: int = 300,
+        node_env: dict[str, dict[str, str]] | None = None,
+    ):
+        """``node_env``: extra environment variables for the named nodes' processes."""
         self.nodes = nodes
+        self.node_env = node_env or {}
         self.cpus = cpus_per_node
         self.object_store = object_store_mb * 1024 * 1024
         self.procs: list[subprocess.Popen] = []
@@ -161,9 +185,14 @@ class LocalCluster:
     def _start_node(self, index: int, name: str) -> subprocess.Popen:
         log = open(self.temp_dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         cmd = [RAY, "start", *self._node_args(index), f"--resources={json.dumps({name: self.nodes[name]})}"]
+        # each node runs in a directory of its own, not the caller's: a job driver's working directory
+        # goes on every worker's sys.path, which on one machine would hand this checkout to them all
+        home = self.temp_dir / f"{name}-cwd"
+        home.mkdir(exist_ok=True)
         proc = subprocess.Popen(
             cmd,
-            env=self.env,
+            cwd=home,
+            env=self.env | self.node_env.get(name, {}),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -25,7 +25,7 @@ from ray.util.state import list_actors, list_placement_groups
 from atesd_ray.config import RoleResources
 from atesd_ray.runtime.cluster import ActorGroup, Placement, _runtime_env_for_checkout
 from tests.conftest import TINY
-from tests.local_cluster import LocalCluster
+from tests.local_cluster import LocalCluster, python_without_package
 
 pytestmark = pytest.mark.ray
 
@@ -34,9 +34,12 @@ RUN_CLASSES = {"StudentRank", "RolloutWorker", "TeacherWorker", "ExposureControl
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two nodes (3 CPUs each, resources node_a / node_b) and this process as a driver on them."""
-    nodes = LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3)
+def cluster(tmp_path_factory):
+    """Two nodes (3 CPUs each, resources node_a / node_b) and this process as a driver on them.
+    node_b's Python has no path to this project, as a machine whose image lacks it: only what a
+    job's runtime env carries (the uploaded working dir) gives its workers the code."""
+    bare = python_without_package(tmp_path_factory.mktemp("python-without-package"))
+    nodes = LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3, node_env={"node_b": bare})
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     try:
         nodes.start()
@@ -232,3 +235,20 @@ def test_multirun_on_two_nodes_leaves_nothing_behind(cluster, tmp_path):
         if g["name"].startswith("atesd-")
     ]
     assert len(groups) >= 2 * 3 and [g for g in groups if g["state"] != "REMOVED"] == []
+
+
+def test_a_job_whose_runtime_env_lacks_the_package_is_refused_naming_the_node(cluster, tmp_path):
+    """Submitted without ``--working-dir``: the driver on the head imports the installed copy, but
+    node_b has none; the run stops before building an actor, naming node_b and the fix."""
+    node_b = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_b" in n["Resources"])
+    cmd = [
+        str(Path(sys.executable).with_name("ray")), "job", "submit", f"--address={cluster.dashboard_url}",
+        "--", "python", "-m", "atesd_ray.main", *TINY, f"run_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    out = cluster.run(*cmd, cwd=tmp_path, timeout_s=300)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0, said[-3000:]
+    assert "cannot import this code" in said and f"(id {node_b[:12]})" in said, said[-3000:]
+    assert "No module named 'atesd_ray'" in said and "--working-dir . --runtime-env runtime_env.yaml" in said
+    assert "node_a" not in said.split("cannot import this code")[1].split(". The job")[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -77,6 +77,46 @@ def in_submitted_job() -> bool:
     return JOB_CONFIG_ENV_VAR in os.environ
 
 
+CODE_PACKAGES = ("atesd_ray", "workers", "controller")
+
+
+def _import_code() -> dict[str, str]:
+    import importlib
+
+    return {name: str(importlib.import_module(name).__file__) for name in CODE_PACKAGES}
+
+
+def check_code_on_nodes() -> None:
+    """Fail before any actor is built, naming the node, when a node's workers cannot import this
+    code (a job whose runtime env lacks the package, on a node whose image lacks it): otherwise the
+    first actor placed there dies in Ray's unpickling, far from the cause."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_import_code)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    refs = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes
+    ]
+    lacking = []
+    for node, ref in zip(nodes, refs, strict=True):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            cause = next((line for line in reversed(str(err).splitlines()) if "Error" in line), str(err))
+            lacking.append(f"node {node['NodeManagerAddress']} (id {node['NodeID'][:12]}): {cause.strip()}")
+    if lacking:
+        raise ClusterError(
+            "the Ray workers of these nodes cannot import this code ("
+            + ", ".join(CODE_PACKAGES)
+            + "): "
+            + "; ".join(lacking)
+            + ". The job's runtime env must carry it: submit from the checkout with `ray job submit "
+            "--working-dir . --runtime-env runtime_env.yaml -- python -m atesd_ray.main ...`, or install "
+            "atesd-ray on every node (the images in docker/ do)"
+        )
+
+
 def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
     """Join ``cluster.address`` or $RAY_ADDRESS if set (``ray job submit`` sets it for the driver);
     otherwise start a local instance sized to the machine."""
@@ -96,6 +136,7 @@ def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
         except ConnectionError as err:
             raise ClusterError(f"cannot join the Ray cluster at '{address}': {err}") from err
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
+        check_code_on_nodes()
         return
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
     # Ray's default too, spelled out: the dashboard (and its job-submission API) answers on loopback only
