@@ -173,44 +173,9 @@ def student_logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
 # --- per-token losses on logits ---------------------------------------------------------------
 
 
-def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logprobs: Tensor,
-    beta: float,
-    temperature: float = 1.0,
-    clip: float | None = None,
-) -> Tensor:
-    """[N] JSD_β(p_T, p_S) over the full vocabulary; teacher_logprobs is [N, V]."""
-    log_s = student_logprobs(student_logits, temperature)
-    return _clipped_sum(_jsd_terms(log_s, teacher_logprobs.to(log_s.dtype), beta), clip)
-
-
-def topk_jsd(
-    student_logits: Tensor,
-    teacher_logprobs: Tensor,
-    teacher_indices: Tensor,
-    beta: float,
-    temperature: float = 1.0,
-    clip: float | None = None,
-    tail: str = "renormalize",
-) -> Tensor:
-    """[N] JSD_β on the teacher's top-k ids (teacher_* are [N, k]); ``tail`` as in the module doc."""
-    log_s_k = student_logprobs(student_logits, temperature).gather(-1, teacher_indices)
-    log_s, log_t = _on_teacher_support(log_s_k, teacher_logprobs.to(log_s_k.dtype), tail)
-    return _clipped_sum(_jsd_terms(log_s, log_t, beta), clip)
-
-
 def _sampled_token(log_s_y: Tensor, teacher_logprob_y: Tensor) -> Tensor:
     advantage = (teacher_logprob_y.to(log_s_y.dtype) - log_s_y).detach()
     return -advantage * log_s_y
-
-
-def sampled_token_loss(
-    student_logits: Tensor, tokens: Tensor, teacher_sampled_logprob: Tensor, temperature: float = 1.0
-) -> Tensor:
-    """[N] -A · log p_S(y) with A = sg(log p_T(y) - log p_S(y)): a policy gradient with reward log p_T/p_S."""
-    log_s_y = student_logprobs(student_logits, temperature).gather(-1, tokens[:, None]).squeeze(-1)
-    return _sampled_token(log_s_y, teacher_sampled_logprob)
 
 
 # --- the chunked driver -------------------------------------------------------------------------
@@ -340,19 +305,6 @@ def distill_loss(
     loss, kl, disagree, confidence = _over_chunks(fn, student, rows, project, cfg.chunk_size)
     count = torch.tensor(float(student.shape[0]), device=loss.device, dtype=loss.dtype)
     return loss, DistillStats(loss.detach(), kl, disagree, confidence, count)
-
-
-def distill_loss_mean(
-    student: Tensor,
-    teacher: TeacherTargets,
-    cfg: LossConfig,
-    *,
-    tokens: Tensor | None = None,
-    project: Project | None = None,
-) -> tuple[Tensor, DistillStats]:
-    """Token-mean :func:`distill_loss`, for a single batch (no accumulation across batches or ranks)."""
-    loss, stats = distill_loss(student, teacher, cfg, tokens=tokens, project=project)
-    return loss / max(student.shape[0], 1), stats
 
 
 def _nll_chunk(logits: Tensor, targets: Tensor) -> tuple[Tensor]:

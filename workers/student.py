@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -47,12 +48,11 @@ from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.broadcast_group import BroadcastGroup, free_port
 from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
 from atesd_ray.runtime.cuda_ipc import share
-from atesd_ray.runtime.faults import once_per_step
 from atesd_ray.runtime.hf_export import HF_DIR, save_hf_model
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weights import PackedWeights, TensorSpec, bucket_bytes, flatten, layout, pack
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
-from workers.common import send_buckets, setup_actor, take_bucket
+from workers.common import once_per_step, send_buckets, setup_actor, take_bucket
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +319,32 @@ class StudentRank:
         count = self._max(math.ceil(len(mine) / mb))
         return [mine[i * mb : (i + 1) * mb] for i in range(count)]
 
+    def _total_over_ranks(self, mask: torch.Tensor) -> float:
+        """The sum of ``mask`` over the rows each rank trains on, all ranks together."""
+        mine = list(_shard(mask.shape[0], self.rank, self.world))
+        return float(self._sum(torch.tensor([float(mask[mine].sum())]))[0])
+
     def _to_device(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in rows.items()}
+
+    def _accumulate(
+        self, n_rows: int, width: int, forward: Callable[[list[int]], tuple], train: bool = True
+    ) -> torch.Tensor:
+        """The one micro-batch loop: ``forward(rows)`` -> (loss, [width] statistics) per micro-batch
+        of this rank's rows; with ``train``, backward of each loss (gradients synced on the last
+        micro-batch only). A rank short of rows repeats row 0 at weight 0, so every rank runs the
+        same number of FSDP forwards. Returns the statistics summed over micro-batches and ranks."""
+        batches = self._micro_batches(n_rows)
+        total = torch.zeros(width, dtype=torch.float64)
+        for i, idx in enumerate(batches):
+            weight = 1.0 if idx else 0.0
+            if train:
+                self.policy.set_requires_gradient_sync(i == len(batches) - 1)
+            loss, stats = forward(idx or [0])
+            if train:
+                (loss * weight).backward()
+            total += stats.detach().cpu().to(torch.float64) * weight
+        return self._sum(total)
 
     # -- training --------------------------------------------------------------------------------
     @once_per_step
@@ -331,22 +355,17 @@ class StudentRank:
         teacher, teacher_meta = concat(ray.get(teacher_refs))
         t_fetch = time.perf_counter() - t0
         self.policy.train()
-        batches = self._micro_batches(len(rollout))
-        local_tokens = sum(int(rollout.batch["response_mask"][b].sum()) for b in batches if b)
-        global_tokens = float(self._sum(torch.tensor([local_tokens]))[0])
+        global_tokens = self._total_over_ranks(rollout.batch["response_mask"])
         scale = self.world / max(global_tokens, 1.0)
-        stats = torch.zeros(5, dtype=torch.float64)
-        loss_cfg = self.cfg.algorithm.loss
-        for i, idx in enumerate(batches):
-            weight = 1.0 if idx else 0.0
-            idx = idx or [0]
+
+        def forward(idx: list[int]) -> tuple:
             rows = self._to_device(_rows(rollout, ROLLOUT_KEYS, idx))
             targets = self._teacher_targets(teacher, idx, rows["response_mask"])
-            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
-            loss, batch_stats = self.policy(rows, "distill", loss_cfg, targets)
-            (loss * scale * weight).backward()
-            stats += batch_stats.detach().cpu().to(torch.float64) * weight
-        metrics = self._finish_step(step, DistillStats.from_tensor(self._sum(stats)), t0, t_fetch)
+            loss, stats = self.policy(rows, "distill", self.cfg.algorithm.loss, targets)
+            return loss * scale, stats
+
+        stats = self._accumulate(len(rollout), len(DistillStats.FIELDS), forward)
+        metrics = self._finish_step(step, DistillStats.from_tensor(stats), t0, t_fetch)
         if self.cfg.controller.granularity == "example":
             metrics["per_example"] = example_stats(rollout, teacher)
         return metrics | batch_metrics(step, rollout, rollout_meta, teacher, teacher_meta)
@@ -364,21 +383,16 @@ class StudentRank:
         teacher, teacher_meta = concat(ray.get(teacher_refs))
         t_fetch = time.perf_counter() - t0
         self.policy.train()
-        batches = self._micro_batches(len(rollout))
-        trained = rollout.batch["distill_mask"] + rollout.batch["nll_mask"]
-        global_tokens = float(self._sum(torch.tensor([sum(int(trained[b].sum()) for b in batches if b)]))[0])
+        global_tokens = self._total_over_ranks(rollout.batch["distill_mask"] + rollout.batch["nll_mask"])
         scale = self.world / max(global_tokens, 1.0)
-        stats = torch.zeros(7, dtype=torch.float64)
-        for i, idx in enumerate(batches):
-            weight = 1.0 if idx else 0.0
-            idx = idx or [0]
+
+        def forward(idx: list[int]) -> tuple:
             rows = self._to_device(_rows(rollout, ROLLOUT_KEYS + ("distill_mask", "nll_mask"), idx))
             targets = self._teacher_targets(teacher, idx, rows["distill_mask"])
-            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
-            distill, nll, batch_stats = self.policy(rows, "distill_nll", self.cfg.algorithm.loss, targets)
-            ((prefix_weight * distill + suffix_weight * nll) * scale * weight).backward()
-            stats += batch_stats.detach().cpu() * weight
-        stats = self._sum(stats)
+            distill, nll, stats = self.policy(rows, "distill_nll", self.cfg.algorithm.loss, targets)
+            return (prefix_weight * distill + suffix_weight * nll) * scale, stats
+
+        stats = self._accumulate(len(rollout), len(DistillStats.FIELDS) + 2, forward)
         prefix = DistillStats.from_tensor(stats[:5])
         nll_sum, nll_tokens = float(stats[5]), float(stats[6])
         metrics = self._finish_step(step, prefix, t0, t_fetch)
@@ -458,18 +472,14 @@ class StudentRank:
         r_ids, r_mask = right_pad([r[:limit] for r in refs], self.tokenizer.pad_token_id)
         data = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
         self.policy.train()
-        batches = self._micro_batches(len(records))
         global_tokens = float(r_mask.sum())
         scale = self.world / max(global_tokens, 1.0)
-        total = torch.zeros(1, dtype=torch.float64)
-        for i, idx in enumerate(batches):
-            weight = 1.0 if idx else 0.0
-            rows = self._to_device({k: v[idx or [0]] for k, v in data.items()})
-            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
-            loss, _ = self.policy(rows, "nll")
-            (loss * scale * weight).backward()
-            total += loss.detach().cpu().double() * weight
-        loss_sum = float(self._sum(total)[0])
+
+        def forward(idx: list[int]) -> tuple:
+            loss, _ = self.policy(self._to_device({k: v[idx] for k, v in data.items()}), "nll")
+            return loss * scale, loss.detach()[None]
+
+        loss_sum = float(self._accumulate(len(records), 1, forward)[0])
         return {
             "loss": loss_sum / max(global_tokens, 1.0),
             "tokens": int(global_tokens),
@@ -515,24 +525,20 @@ class StudentRank:
         else:
             weights = mask / lengths.clamp(min=1.0)[:, None] * self.world / len(rollout)
         self.policy.train()
-        batches = self._micro_batches(len(rollout))
-        stats = torch.zeros(4, dtype=torch.float64)
-        objective = torch.zeros(1, dtype=torch.float64)
-        for i, idx in enumerate(batches):
-            weight = 1.0 if idx else 0.0
-            idx = idx or [0]
+        keep = torch.zeros(len(rollout))
+        keep[list(_shard(len(rollout), self.rank, self.world))] = 1.0  # the rows this rank trains on
+
+        def forward(idx: list[int]) -> tuple:
             rows = _rows(rollout, ROLLOUT_KEYS + ("rollout_logprobs",), idx)
-            rows.update(advantages=advantages[idx], token_weights=weights[idx] * weight)
+            rows.update(advantages=advantages[idx], token_weights=weights[idx] * keep[idx, None])
             if reference is not None:
                 rows["ref_logprobs"] = reference.batch["ref_logprobs"][idx]
-            self.policy.set_requires_gradient_sync(i == len(batches) - 1)
-            loss, batch_stats = self.policy(
+            loss, stats = self.policy(
                 self._to_device(rows), "pg", g, temperature=self.cfg.rollout.temperature
             )
-            loss.backward()
-            stats += batch_stats.detach().cpu() * weight
-            objective += loss.detach().cpu().double() / self.world
-        stats, objective = self._sum(stats), float(self._sum(objective)[0])
+            return loss, torch.cat([stats.double().cpu(), loss.detach().double().cpu()[None] / self.world])
+
+        *stats, objective = self._accumulate(len(rollout), 5, forward).tolist()
         tokens = max(float(stats[3]), 1.0)
         rewards = rollout.batch["reward"].float()
         groups: dict[str, list[int]] = {}
@@ -594,27 +600,23 @@ class StudentRank:
         if self.probe is None:
             return float("nan")
         self.policy.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for idx in self._micro_batches(self.probe["prompt_ids"].shape[0]):
-            weight = 1.0 if idx else 0.0
-            rows = self._to_device({k: v[idx or [0]] for k, v in self.probe.items()})
-            loss, count = self.policy(rows, "nll")
-            total += torch.stack([loss.detach().cpu().double(), count.double()]) * weight
-        total = self._sum(total)
+
+        def forward(idx: list[int]) -> tuple:
+            loss, count = self.policy(self._to_device({k: v[idx] for k, v in self.probe.items()}), "nll")
+            return loss, torch.stack([loss.double(), count.double()])
+
+        total = self._accumulate(self.probe["prompt_ids"].shape[0], 2, forward, train=False)
         return float(total[0] / total[1].clamp(min=1))
 
     @torch.no_grad()
-    def score(
-        self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
-    ) -> list[list[float]]:
-        """Per-token log-probs of fixed responses under the current student (every rank returns all)."""
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs (temperature 1) of fixed responses under the current student (every
+        rank returns all)."""
         p_ids, p_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         r_ids, r_mask = right_pad(responses, self.tokenizer.pad_token_id)
         rows = self._to_device(
             {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
         )
-        if temperature != 1.0:
-            raise ValueError("student.score computes temperature-1 log-probs")
         flat = self.policy(rows, "logprobs").cpu()
         out, offset = [], 0
         for r in responses:

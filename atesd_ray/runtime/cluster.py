@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -279,9 +279,6 @@ class ActorGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-
-    def call_each(self, method: str, per_actor_args: Sequence[tuple]) -> list[ray.ObjectRef]:
-        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor_args, strict=True)]
 
     def shutdown(self) -> None:
         for a in self.actors:

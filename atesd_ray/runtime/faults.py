@@ -7,7 +7,7 @@ Two ways back, chosen by what died:
   driver waits for it, re-sends the student's current weights to every receiver and runs the
   failed step again (:func:`retrying`). A retried step gives the result of the unkilled one:
   rollout seeds depend on (seed, step, chunk) only, and the actors whose state a step changes (the
-  student ranks, the controller) apply each step once (:func:`once_per_step`), answering a repeat
+  student ranks, the controller) apply each step once (``workers.common.once_per_step``), answering a repeat
   with the result they already have.
 - A student rank (FSDP ranks cannot rejoin a process group), the controller, or an EMA teacher
   (its average exists nowhere else): :class:`Rollback`. The training loop tears every actor down,
@@ -18,7 +18,6 @@ Algorithm code knows nothing of this: ``train.py`` wraps each step in :func:`ret
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -57,22 +56,6 @@ def is_actor_fault(err: BaseException) -> bool:
             return True
         err = getattr(err, "cause", None) or err.__cause__
     return False
-
-
-def once_per_step(method: Callable) -> Callable:
-    """For actor methods ``method(self, step, ...)`` that change state: a second call for the step
-    last applied (a retried step) returns the first call's result instead of applying it again."""
-
-    @functools.wraps(method)
-    def wrapper(self, step: int, *args, **kwargs):
-        done = self.__dict__.setdefault("_applied_steps", {})
-        if method.__name__ in done and done[method.__name__][0] == step:
-            return done[method.__name__][1]
-        result = method(self, step, *args, **kwargs)
-        done[method.__name__] = (step, result)
-        return result
-
-    return wrapper
 
 
 def _alive(handles: dict[str, ActorHandle], timeout_s: float) -> list[str]:
