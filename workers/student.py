@@ -525,18 +525,16 @@ class StudentRank:
         else:
             weights = mask / lengths.clamp(min=1.0)[:, None] * self.world / len(rollout)
         self.policy.train()
-        keep = torch.zeros(len(rollout))
-        keep[list(_shard(len(rollout), self.rank, self.world))] = 1.0  # the rows this rank trains on
 
         def forward(idx: list[int]) -> tuple:
             rows = _rows(rollout, ROLLOUT_KEYS + ("rollout_logprobs",), idx)
-            rows.update(advantages=advantages[idx], token_weights=weights[idx] * keep[idx, None])
+            rows.update(advantages=advantages[idx], token_weights=weights[idx])
             if reference is not None:
                 rows["ref_logprobs"] = reference.batch["ref_logprobs"][idx]
             loss, stats = self.policy(
                 self._to_device(rows), "pg", g, temperature=self.cfg.rollout.temperature
             )
-            return loss, torch.cat([stats.double().cpu(), loss.detach().double().cpu()[None] / self.world])
+            return loss, torch.cat([stats, loss.detach().double()[None] / self.world])
 
         *stats, objective = self._accumulate(len(rollout), 5, forward).tolist()
         tokens = max(float(stats[3]), 1.0)

@@ -80,10 +80,11 @@ def in_submitted_job() -> bool:
 CODE_PACKAGES = ("atesd_ray", "workers", "controller")
 
 
-def _import_code() -> dict[str, str]:
+def _import_code() -> None:
     import importlib
 
-    return {name: str(importlib.import_module(name).__file__) for name in CODE_PACKAGES}
+    for name in CODE_PACKAGES:
+        importlib.import_module(name)
 
 
 def check_code_on_nodes() -> None:
