@@ -1,4 +1,5 @@
-"""Losses: on-policy distillation (OPSD / ATESD / MOTAB), NLL (SFT, probe, teacher-forced suffix), GRPO.
+"""Losses: on-policy distillation (OPSD / ATESD / MOTAB / OPD) and NLL (SFT, probe, teacher-forced
+suffix); GRPO's policy gradient is in its algorithm module, on the same chunked driver.
 
 Distillation compares the student's distribution at each valid response position with what the
 teacher actor sent for that position (:class:`TeacherTargets`). Everything is flattened over
@@ -50,7 +51,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
-    from atesd_ray.config import LossConfig
+    from atesd_ray.sections import LossConfig
 
 Project = Callable[[Tensor], Tensor]
 
@@ -181,7 +182,7 @@ def _sampled_token(log_s_y: Tensor, teacher_logprob_y: Tensor) -> Tensor:
 # --- the chunked driver -------------------------------------------------------------------------
 
 
-def _over_chunks(
+def over_chunks(
     fn: Callable[..., tuple[Tensor, ...]],
     student: Tensor,
     rows: Sequence[Tensor | None],
@@ -302,7 +303,7 @@ def distill_loss(
         teacher.sampled_logprob.detach(),
         tokens,
     )
-    loss, kl, disagree, confidence = _over_chunks(fn, student, rows, project, cfg.chunk_size)
+    loss, kl, disagree, confidence = over_chunks(fn, student, rows, project, cfg.chunk_size)
     count = torch.tensor(float(student.shape[0]), device=loss.device, dtype=loss.dtype)
     return loss, DistillStats(loss.detach(), kl, disagree, confidence, count)
 
@@ -319,115 +320,5 @@ def nll_loss(
     student: Tensor, targets: Tensor, *, project: Project | None = None, chunk_size: int = 256
 ) -> Tensor:
     """SUM of -log p(target) at temperature 1; ``student``/``project`` as in :func:`distill_loss`."""
-    (total,) = _over_chunks(_nll_chunk, student, (targets,), project, chunk_size)
+    (total,) = over_chunks(_nll_chunk, student, (targets,), project, chunk_size)
     return total
-
-
-# --- GRPO -------------------------------------------------------------------------------------
-
-
-def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
-    """[G, n] rewards -> r - mean over the group, divided by (std + eps) when ``scale`` (unbiased std, as TRL)."""
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
-    return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
-
-
-def advantages_by_group(group_ids: Sequence[str], rewards: Tensor, scale: bool = True) -> Tensor:
-    """[B] group-normalized advantages of responses listed in any order; ``group_ids[i]`` names the
-    prompt of response ``i`` (its uid), and every group is normalized on its own."""
-    groups: dict[str, list[int]] = {}
-    for i, gid in enumerate(group_ids):
-        groups.setdefault(gid, []).append(i)
-    out = torch.zeros_like(rewards, dtype=torch.float32)
-    for idx in groups.values():
-        if len(idx) < 2:
-            raise ValueError(f"group '{group_ids[idx[0]]}' has one response; group advantages need >= 2")
-        out[idx] = group_advantages(rewards[idx].float()[None], scale)[0]
-    return out
-
-
-def policy_gradient_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    clip_eps: float,
-    ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-) -> Tensor:
-    """Per-token PPO-clipped policy-gradient loss, plus kl_coef · k3 KL estimate to a reference.
-
-    All inputs are [N] (advantages already broadcast to tokens). k3 = exp(r) - r - 1 with
-    r = log p_ref - log p (Schulman's unbiased, non-negative estimator of KL(p || p_ref)).
-    """
-    ratio = (logprobs - old_logprobs.detach()).exp()
-    advantages = advantages.detach()
-    loss = -torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages)
-    if kl_coef:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs")
-        log_ratio = ref_logprobs.detach() - logprobs
-        loss = loss + kl_coef * (log_ratio.exp() - log_ratio - 1.0)
-    return loss
-
-
-def _pg_chunk(
-    logits: Tensor,
-    tokens: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    weights: Tensor,
-    ref_logprobs: Tensor | None,
-    *,
-    clip_eps: float,
-    kl_coef: float,
-    temperature: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(weighted loss, loss, k3 KL to the reference, clipped tokens), summed over the chunk."""
-    logprobs = student_logprobs(logits, temperature).gather(-1, tokens[:, None]).squeeze(-1)
-    per_token = policy_gradient_loss(logprobs, old_logprobs, advantages, clip_eps, ref_logprobs, kl_coef)
-    with torch.no_grad():
-        lp = logprobs.detach()
-        ratio = (lp - old_logprobs).exp()
-        clipped = ((advantages > 0) & (ratio > 1 + clip_eps)) | ((advantages < 0) & (ratio < 1 - clip_eps))
-        if ref_logprobs is None:
-            kl = lp.new_zeros(())
-        else:
-            log_ratio = ref_logprobs - lp
-            kl = (log_ratio.exp() - log_ratio - 1.0).sum()
-    return (per_token * weights).sum(), per_token.detach().sum(), kl, clipped.sum().to(lp.dtype)
-
-
-def policy_gradient_sum(
-    student: Tensor,
-    tokens: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    weights: Tensor,
-    *,
-    clip_eps: float,
-    temperature: float,
-    ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
-    project: Project | None = None,
-    chunk_size: int = 256,
-) -> tuple[Tensor, Tensor]:
-    """Σ weights · :func:`policy_gradient_loss` over tokens, and [4] statistics sums (that loss
-    unweighted, k3 KL to the reference, clipped tokens, tokens).
-
-    All token inputs are [N] over valid response positions. ``weights`` sets the aggregation
-    (1 / global tokens: token mean; 1 / (length · sequences): mean over sequences of the token
-    mean). The student's log-probs are taken at ``temperature``, the rollout's sampling temperature,
-    so the ratio compares like with like (the rollout log-probs are at that temperature too).
-    ``student``/``project`` as in :func:`distill_loss`: chunked under activation checkpointing.
-    """
-    fn = partial(_pg_chunk, clip_eps=clip_eps, kl_coef=kl_coef, temperature=temperature)
-    rows = (
-        tokens,
-        old_logprobs.detach(),
-        advantages.detach(),
-        weights.detach(),
-        None if ref_logprobs is None else ref_logprobs.detach(),
-    )
-    loss, plain, kl, clipped = _over_chunks(fn, student, rows, project, chunk_size)
-    count = torch.tensor(float(student.shape[0]), device=loss.device, dtype=torch.float64)
-    return loss, torch.stack([plain.detach().double(), kl.double(), clipped.double(), count])

@@ -1,4 +1,7 @@
-"""Entry point: ``atesd-ray`` == ``python -m atesd_ray.main``, a Hydra app; ``mode=`` picks the job."""
+"""Entry point: ``atesd-ray`` == ``python -m atesd_ray.main``, a Hydra app; ``mode=`` picks the job.
+
+The one place that puts the parts together: the library below it imports neither the dashboard nor
+the workers' internals, so the training job's live page is started here."""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ register_schemas()
 def run_mode(cfg: Config, run_dir: Path) -> dict:
     if cfg.mode == "train":
         from atesd_ray.train import run
+        from controller.dashboard.live import RunMonitor
 
-        return run(cfg, run_dir)
+        with RunMonitor(cfg, run_dir) as monitor:
+            return run(cfg, run_dir, watchers=[monitor])
     if cfg.mode == "motab_synthesize":
         from atesd_ray.motab_synthesize import run
 

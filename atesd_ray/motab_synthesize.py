@@ -1,7 +1,7 @@
 """``mode=motab_synthesize``: MOTAB's offline pipeline (DESIGN §5a), or SKD's with ``algorithm=skd``.
 
 For every training problem, ``motab.n_trajectories`` monitored trajectories (rollout and teacher
-actors, :mod:`atesd_ray.algorithms.monitored`), ``trainer.prompts_per_step`` problems at a time,
+actors, :mod:`atesd_ray.monitored`), ``trainer.prompts_per_step`` problems at a time,
 appended to ``<run_dir>/synthesized.jsonl`` as each batch finishes. Each line is a record that
 ``data=jsonl`` reads (``id``, ``problem``, ``reference`` = the stitched target, ``answer``,
 ``source``, ``difficulty``) plus ``trajectory``: the steps with V, H and ε, the breach step, t*,
@@ -21,19 +21,19 @@ from pathlib import Path
 
 import ray
 
-from atesd_ray.algorithms.monitored import monitored_rollouts
-from atesd_ray.algorithms.motab import Trajectory, summarize
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
+from atesd_ray.job import prepare_data, prepare_run_dir
+from atesd_ray.monitored import monitored_rollouts
 from atesd_ray.runtime.cluster import ActorGroup, connect
-from atesd_ray.train import prepare_data, prepare_run_dir
+from atesd_ray.trajectories import Trajectory, summarize
 
 OUTPUT = "synthesized.jsonl"
 
 
 def synthesized_record(cfg: Config, t: Trajectory, correct: bool, alpha: float) -> dict:
     r = t.record
-    teacher = cfg.algorithm.motab.teacher_model or f"self (alpha={alpha:g})"
+    teacher = cfg.teacher.model or f"self (alpha={alpha:g})"
     return {
         "id": f"{r['id']}#{t.sample}",
         "problem": r["problem"],
@@ -109,8 +109,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         for batch_index, start in enumerate(range(0, len(data.train), size)):
             batch = monitored_rollouts(
                 cfg,
-                rollouts.actors,
-                teachers.actors,
+                rollouts,
+                teachers,
                 data.train[start : start + size],
                 alpha,
                 step=batch_index,

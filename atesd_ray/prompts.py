@@ -30,7 +30,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from atesd_ray.config import PromptConfig
+from atesd_ray.sections import PromptConfig
 
 Messages = list[dict[str, str]]
 
@@ -203,3 +203,8 @@ def render_chat(
         )
     text = "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
     return text + "Assistant:\n" if add_generation_prompt else text
+
+
+def encode_chat(tokenizer: Any, messages: Messages, thinking: bool) -> list[int]:
+    """The token ids of :func:`render_chat`'s prompt (the template adds any special tokens itself)."""
+    return tokenizer(render_chat(tokenizer, messages, thinking), add_special_tokens=False)["input_ids"]

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from atesd_ray.config import Config
+from atesd_ray.job import prepare_run_dir
 from atesd_ray.tables import markdown_table
-from atesd_ray.train import prepare_run_dir
 
 PAPER = "ATESD paper (arXiv 2605.11458)"
 PAPER_SETS = ("aime24", "aime25", "hmmt25")

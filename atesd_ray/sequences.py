@@ -60,3 +60,33 @@ def response_slice(hidden: torch.Tensor, response_start: int, response_len: int)
 
 def rows_to_lists(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+def slices(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``n`` rows (micro-batches)."""
+    return [slice(s, s + size) for s in range(0, n, size)]
+
+
+def response_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score fixed responses after their prompts: log-softmax(logits / ``temperature``) [B, W, V] at
+    the positions that predict each response token, and the responses padded to ``width`` (default:
+    the longest), ids and mask [B, W]. Only the logits of those positions are computed."""
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    r_ids, r_mask = right_pad(responses, pad_id, width)
+    ids, mask, pos, _ = join(p_ids, p_mask, r_ids, r_mask)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1
+    ).logits
+    return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1), r_ids, r_mask
+
+
+def token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, W] log-probs of ``ids`` [B, W] under ``logprobs`` [B, W, V]."""
+    return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)

@@ -26,12 +26,12 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from atesd_ray.algorithms.distill import launch_rollouts
+from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.config import Config
+from atesd_ray.job import prepare_data, prepare_run_dir
 from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.cluster import connect
 from atesd_ray.tables import markdown_table
-from atesd_ray.train import prepare_data, prepare_run_dir
 
 
 def mismatch_summary(rows: list[dict]) -> dict:
@@ -147,11 +147,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
         + cfg.rollout.replicas * c.rollout.cpus
         + cfg.teacher.replicas * c.teacher.cpus,
     )
-    actors = build_actors(cfg, 1, name=f"atesd-sweep-{run_dir.resolve().name}-{int(time.time())}")
+    # the sweep reports g per exposure: its teachers measure it whatever the controller
+    name = f"atesd-sweep-{run_dir.resolve().name}-{int(time.time())}"
+    actors = build_actors(cfg, 1, name=name, signals=frozenset({"grounding"}))
     results = []
     try:
         rollouts = launch_rollouts(actors, records, step=0, min_version=0)
-        teachers = actors.teachers.actors
         per_alpha = len(records) * cfg.rollout.n_samples
         # on a terminal: problems x samples scored, over all alphas (the rollouts are sampled once)
         with tqdm(
@@ -159,8 +160,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         ) as bar:
             for alpha in cfg.sweep.alphas:
                 t0 = time.perf_counter()
-                scored = [teachers[i % len(teachers)].score.remote(r, alpha) for i, r in enumerate(rollouts)]
-                rows = ray.get(actors.students.call("mismatch", rollouts, scored))[0]
+                scored = actors.teachers.round_robin("score", rollouts, alpha)
+                rows = ray.get(actors.students.collective("mismatch", rollouts, scored))
                 results.append(summarize_alpha(alpha, rows) | {"time_s": time.perf_counter() - t0})
                 r = results[-1]
                 bar.update(per_alpha)

@@ -1,27 +1,28 @@
-"""``mode=train``: data, actors, resume, the step loop, checkpoints, tracking, the final summary."""
+"""``mode=train``: data, actors, resume, the step loop, checkpoints, tracking, the final summary.
+
+Each step is the algorithm's (``atesd_ray/algorithms/``), run by ``run_step`` and retried after an
+actor fault (``runtime/faults.py``); what the run reports as it goes reaches the tracker and the
+``watchers`` (the entry point adds the live page: ``controller.dashboard.live.RunMonitor``).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import ray
 from omegaconf import OmegaConf
 
-from atesd_ray.algorithms.distill import distill_step
-from atesd_ray.algorithms.grpo import grpo_step
-from atesd_ray.algorithms.motab_step import motab_step
-from atesd_ray.algorithms.sft import sft_step
+from atesd_ray import algorithms
+from atesd_ray.algorithms.base import run_step
 from atesd_ray.config import Config
-from atesd_ray.data.loaders import load_data
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
-from atesd_ray.models import load_tokenizer, pretrained_path
-from atesd_ray.prompts import render_chat, student_messages, teacher_messages
+from atesd_ray.job import RunData, prepare_data, prepare_run_dir
+from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
 from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import (
     PREFETCHED,
@@ -33,74 +34,16 @@ from atesd_ray.runtime.checkpoint import (
 from atesd_ray.runtime.cluster import connect
 from atesd_ray.runtime.faults import Rollback, retrying
 from atesd_ray.tracking import Tracker
-from controller.dashboard.live import RunMonitor
-
-log = logging.getLogger(__name__)
-
-STEP_FUNCTIONS = {
-    "opsd": distill_step,
-    "fixed_exposure": distill_step,
-    "atesd": distill_step,
-    "motab": motab_step,
-    "skd": motab_step,
-    "sft": sft_step,
-    "grpo": grpo_step,
-}
 
 
-class RunDirError(RuntimeError):
-    pass
+class Watcher(Protocol):
+    """Told about the run as it trains: each step's metrics once recorded, and the end."""
 
+    def record(self, step: int, metrics: dict) -> None: ...
 
-def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Create the run directory and fail now, not after an hour, if it cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunDirError(f"run_dir '{run_dir}' is not writable: {err}") from err
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-@dataclasses.dataclass
-class Prepared:
-    train: list[dict]
-    evals: list[dict]
-    probe: list[dict]
-    too_long: int
-    summary: str
-
-
-def prepare_data(cfg: Config) -> Prepared:
-    """Load the records and drop (and count) problems whose longest prompt exceeds the limit:
-    a prompt is never silently cut."""
-    train, evals, report = load_data(cfg.data, cfg.seed)
-    pretrained_path(cfg.model)  # a local model folder that cannot load fails here, naming its file
-    tokenizer = load_tokenizer(cfg.model)
-    limit = cfg.model.max_prompt_tokens
-
-    def fits(r) -> bool:
-        student = render_chat(tokenizer, student_messages(r.problem, cfg.prompts), cfg.model.student_thinking)
-        teacher = render_chat(
-            tokenizer,
-            teacher_messages(r.problem, r.reference, r.answer, 1.0, cfg.prompts),
-            cfg.model.teacher_thinking,
-        )
-        return (
-            max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (student, teacher)) <= limit
-        )
-
-    kept = [dataclasses.asdict(r) for r in train if fits(r)]
-    too_long = len(train) - len(kept)
-    if not kept:
-        raise ValueError(f"every training prompt exceeds model.max_prompt_tokens={limit}")
-    held = [dataclasses.asdict(r) for r in evals if fits(r)]
-    summary = report.summary() + (
-        f"; {too_long} train prompts over {limit} tokens skipped" if too_long else ""
-    )
-    return Prepared(kept, held, held[: cfg.data.probe_size], too_long, summary)
+    def finish(self) -> dict:
+        """After the last step; returns what it adds to the run's summary."""
+        ...
 
 
 def _evaluate(
@@ -168,16 +111,15 @@ def _restore(
 
 
 def _launch(
-    cfg: Config, run_dir: Path, data: Prepared, sampler: EpochSampler, checkpoint: Path | None
+    cfg: Config, run_dir: Path, data: RunData, sampler: EpochSampler, checkpoint: Path | None
 ) -> tuple[Actors, int, list[ray.ObjectRef] | None]:
     """Build the run's actors and bring them to ``checkpoint`` (or to step 0); returns them, the
     step to train next and the rollouts the checkpoint holds for it, if any."""
-    timeline = str(run_dir / "controller_timeline.jsonl") if cfg.controller.scores_decisions else None
     actors = build_actors(
         cfg,
         cfg.trainer.total_steps,
         name=f"atesd-{run_dir.resolve().name}-{int(time.time())}",
-        timeline_path=timeline,
+        timeline_path=str(run_dir / "controller_timeline.jsonl"),
         run=run_dir.resolve().name,
     )
     try:
@@ -187,7 +129,7 @@ def _launch(
         start, prefetched = _restore(actors, checkpoint, sampler) if checkpoint else (0, None)
         ray.get(actors.weight_sync.sync(version=start))
         if start == 0:
-            ray.get(actors.controller.baseline.remote(0, actors.students.call("probe_nll")[0]))
+            ray.get(actors.controller.baseline.remote(0, actors.students.collective("probe_nll")))
     except BaseException:
         actors.shutdown()
         raise
@@ -197,25 +139,27 @@ def _launch(
 def _step(
     cfg: Config,
     actors: Actors,
-    step_fn,
     step: int,
     batch: list[dict],
     next_batch: list[dict] | None,
     prefetched: list | None,
 ) -> tuple[dict, list | None]:
-    """``step_fn`` on ``step``, run again after an actor fault (rollouts launched ahead are redone)."""
+    """The algorithm's step ``step``, run again after an actor fault (rollouts launched ahead are redone)."""
+    algorithm = algorithms.get(cfg.algorithm.name)
     return retrying(
         cfg,
         actors,
         f"step {step}",
-        lambda retry: step_fn(cfg, actors, step, batch, next_batch, None if retry else prefetched),
+        lambda retry: run_step(
+            algorithm, cfg, actors, step, batch, next_batch, None if retry else prefetched
+        ),
     )
 
 
 def _after_step(
     cfg: Config,
     actors: Actors,
-    data: Prepared,
+    data: RunData,
     run_dir: Path,
     ckpts: CheckpointManager,
     sampler: EpochSampler,
@@ -243,7 +187,7 @@ def _after_step(
             lambda _: _evaluate(cfg, actors, data.evals, run_dir, done, done),
         )
         metrics.update({f"eval/{k}": v for k, v in ev.items()})
-        print(f"held-out after step {done}: {_fmt_eval(ev)}", flush=True)
+        print(f"held-out after step {done}: {fmt_eval(ev)}", flush=True)
         if done == total:
             summary["eval_after"] = ev
     record(metrics)
@@ -262,10 +206,10 @@ def _after_step(
     return None
 
 
-def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train; returns the summary (also written to ``summary.json``). ``on_step(step, metrics)``
-    is called in the driver once each step's metrics are recorded (a notebook can plot there; a
-    test can hold the run there while it looks at the live page)."""
+def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
+    """Train; returns the summary (also written to ``summary.json``). ``watchers`` are told each
+    step's metrics once recorded, in the driver (a notebook can plot there; a test can hold the run
+    there while it looks at the live page), and the end of the run."""
     prepare_run_dir(run_dir, cfg)
     # join (or start) the cluster first: a wrong address fails in seconds, before data loading
     connect(
@@ -297,10 +241,8 @@ def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None 
         )
         return summary
     actors, start, held = _launch(cfg, run_dir, data, sampler, checkpoint)
-    tracker = monitor = None
+    tracker = None
     try:
-        monitor = RunMonitor(cfg, run_dir)
-        summary["dashboard"] = monitor.url
         if checkpoint:
             print(f"resumed from {checkpoint} at step {start}", flush=True)
         tracker = Tracker(
@@ -313,8 +255,7 @@ def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None 
         )
         if cfg.eval.at_start and data.evals and start == 0:
             summary["eval_before"] = _evaluate(cfg, actors, data.evals, run_dir, 0, start)
-            print(f"held-out before training: {_fmt_eval(summary['eval_before'])}", flush=True)
-        step_fn = STEP_FUNCTIONS[cfg.algorithm.name]
+            print(f"held-out before training: {fmt_eval(summary['eval_before'])}", flush=True)
         records = data.train
         batch = [records[i] for i in sampler.next_indices()]
         prefetched, metrics, first_metrics = held, {}, None
@@ -322,14 +263,13 @@ def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None 
 
         def record(metrics: dict) -> None:
             tracker.log(step, metrics)
-            monitor.record(step, metrics)
-            if on_step is not None:
-                on_step(step, metrics)
+            for watcher in watchers:
+                watcher.record(step, metrics)
 
         while step < total:
             try:
                 next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
-                metrics, prefetched = _step(cfg, actors, step_fn, step, batch, next_batch, prefetched)
+                metrics, prefetched = _step(cfg, actors, step, batch, next_batch, prefetched)
                 metrics.update(total_steps=total, epoch=sampler.epoch)
                 checkpoint = (
                     _after_step(
@@ -362,7 +302,8 @@ def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None 
                 continue
             first_metrics = first_metrics or dict(metrics)
             batch, step, rollbacks = next_batch, step + 1, 0
-        monitor.render()
+        for watcher in watchers:
+            summary.update(watcher.finish())
         summary.update(
             final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
             checkpoint=str(ckpts.latest()),
@@ -373,78 +314,4 @@ def run(cfg: Config, run_dir: Path, on_step: Callable[[int, dict], None] | None 
     finally:
         if tracker is not None:
             tracker.close()
-        if monitor is not None:
-            monitor.close()
         actors.shutdown()
-
-
-def _fmt_eval(summary: dict) -> str:
-    k = summary["k"]
-    lo, hi = summary.get(f"avg@{k}_ci95", (None, None))
-    interval = f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""
-    return f"avg@{k}={summary[f'avg@{k}']:.3f}{interval} over {summary['n_problems']} problems"
-
-
-def init_provenance(cfg: Config) -> dict | None:
-    """Where a model loaded from a run directory came from (``model.path=<run>``): that run's
-    algorithm, steps and held-out accuracy before it trained."""
-    if cfg.model.source != "path" or not (Path(cfg.model.path) / "summary.json").is_file():
-        return None
-    earlier = json.loads((Path(cfg.model.path) / "summary.json").read_text())
-    keep = ("run_dir", "algorithm", "total_steps", "eval_before", "eval_after")
-    return {k: earlier[k] for k in keep if k in earlier}
-
-
-def _decision_lines(timeline: Path) -> list[str]:
-    """One line per controller decision: its steps, α, and reward (with G_lp and G_gt) once scored."""
-    if not timeline.is_file():
-        return []
-    lines = []
-    for row in map(json.loads, timeline.read_text().splitlines()):
-        steps = f"steps {row['first_step'] + 1}-{row['last_step'] + 1}"
-        scored = row["status"] != "open"
-        reward = (
-            f"reward {row['reward']:+.4f} (G_lp {row['g_lp']:+.4f}, G_gt {row['g_gt']:+.3f})"
-            if scored
-            else "not scored yet (its look-ahead runs past the last step)"
-        )
-        lines.append(f"  decision {row['decision']}: {steps}, alpha={row['alpha']:.3f}, {reward}")
-    return lines
-
-
-def summary_text(summary: dict, first: dict | None) -> str:
-    """The end-of-run block: what changed, what the controller chose, where the run lives, how to
-    continue it."""
-    last = summary.get("final_metrics", {})
-    lines = [
-        "",
-        "=" * 72,
-        f"{summary['algorithm']} on {summary['model']}: steps {summary['start_step']}..{summary['total_steps']}",
-    ]
-    init = summary.get("init")
-    if init:
-        lines.append(f"started from:   {init['run_dir']} ({init['algorithm']}, {init['total_steps']} steps)")
-        if "eval_before" in init:
-            lines.append(f"held-out accuracy before {init['algorithm']}: {_fmt_eval(init['eval_before'])}")
-    if "eval_before" in summary:
-        lines.append(f"held-out accuracy before: {_fmt_eval(summary['eval_before'])}")
-    if "eval_after" in summary:
-        lines.append(f"held-out accuracy after:  {_fmt_eval(summary['eval_after'])}")
-    if first:
-        for key in ("loss", "mismatch_kl", "probe_nll", "accuracy"):
-            if key in first and key in last:
-                lines.append(f"{key:>12}: {first[key]:.4f} (first step) -> {last[key]:.4f} (last step)")
-    run_dir = Path(summary["run_dir"])
-    decisions = _decision_lines(run_dir / "controller_timeline.jsonl")
-    if decisions:
-        lines += ["controller decisions (controller_timeline.jsonl):", *decisions]
-    if summary.get("dashboard"):
-        lines.append(
-            f"live page:     {summary['dashboard']}  (python -m controller.dashboard {run_dir} after the run)"
-        )
-    lines += [
-        f"run directory: {run_dir}  (metrics.jsonl, tensorboard/, checkpoints/ with huggingface/ folders, summary.json)",
-        f"continue it:   atesd-ray <same overrides> run_dir={run_dir} trainer.total_steps=<more> (resume=auto is the default)",
-        "=" * 72,
-    ]
-    return "\n".join(lines)

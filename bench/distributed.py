@@ -1,4 +1,4 @@
-"""The distributed step under measurement: the real actors and ``distill_step``, one fixed batch.
+"""The distributed step under measurement: the real actors and ``run_step`` of OPSD, one fixed batch.
 
 Where a step's time goes is read from Ray's task timeline (every actor method's start and
 duration), so the step code is measured as it runs in training, without instrumenting it. The
@@ -14,21 +14,23 @@ import time
 
 import ray
 
-from atesd_ray.algorithms.distill import distill_step
+from atesd_ray import algorithms
+from atesd_ray.algorithms.base import run_step
 from atesd_ray.config import Config
+from atesd_ray.job import prepare_data
 from atesd_ray.runtime.actors import Actors, build_actors
-from atesd_ray.runtime.cluster import _runtime_env_for_checkout
-from atesd_ray.train import prepare_data
+from atesd_ray.runtime.cluster import ActorGroup, _runtime_env_for_checkout
 
 # the actor methods of a distillation step, by stage
 STAGES = {
     "rollout": ("RolloutWorker.generate",),
     "teacher": ("TeacherWorker.score",),
+    # every transport's sender and receiver sides run through these (atesd_ray/runtime/weight_sync/)
     "weight_sync": (
-        "StudentRank.export_weights",
-        "RolloutWorker.receive_weights",
-        "StudentRank.broadcast_weights",
-        "RolloutWorker.receive_broadcast",
+        "StudentRank.holds_version",
+        "StudentRank.weight_transfer",
+        "RolloutWorker.weight_transfer",
+        "TeacherWorker.weight_transfer",
     ),
     "probe_nll": ("StudentRank.probe_nll",),
     "controller": ("ExposureController.exposure", "ExposureController.observe"),
@@ -71,20 +73,35 @@ class DistributedStep:
         return {"actors": actors, "driver": _niceness(None)}
 
     def use_controller(self, cfg: Config, name: str) -> None:
-        """Swap in the exposure controller of another algorithm (ATESD) on the same workers."""
-        from controller.actor import ExposureController
+        """Swap in the exposure controller of another algorithm (ATESD) on the same workers, with
+        teachers that measure what it declares it needs (the grounding signal g)."""
+        from controller.actor import ExposureController, needed_signals
+        from workers.teacher import TeacherWorker
 
+        c = cfg.cluster
+        signals = needed_signals(cfg)
+        teachers = ActorGroup(
+            TeacherWorker,
+            cfg.teacher.replicas,
+            c.teacher,
+            c.teacher_strategy,
+            f"{name}-teacher",
+            lambda i: ((cfg, i, signals), {}),
+        )
         controller = (
             ray.remote(ExposureController).options(name=name, num_cpus=0).remote(cfg, cfg.trainer.total_steps)
         )
-        ray.get(controller.baseline.remote(self.step_index, self.actors.students.call("probe_nll")[0]))
-        self.actors = dataclasses.replace(self.actors, controller=controller)
+        ray.get(controller.baseline.remote(self.step_index, self.actors.students.collective("probe_nll")))
+        self.actors.teachers.shutdown()
+        ray.kill(self.actors.controller, no_restart=True)
+        self.actors = dataclasses.replace(self.actors, controller=controller, teachers=teachers)
         self.cfg = cfg
 
     def run(self) -> dict:
         """One training step on the fixed batch; its metrics plus its wall-clock window."""
         start = time.time()
-        metrics, _ = distill_step(self.cfg, self.actors, self.step_index, self.batch, None, None)
+        algorithm = algorithms.get(self.cfg.algorithm.name)
+        metrics, _ = run_step(algorithm, self.cfg, self.actors, self.step_index, self.batch, None, None)
         metrics["window"] = (start, time.time())
         self.step_index += 1
         return metrics

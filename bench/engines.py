@@ -28,7 +28,7 @@ def _start(cls, cfg, name: str) -> tuple[ActorGroup, float]:
 
 
 def measure(model: str, records: list[dict], repeats: int) -> dict:
-    from workers.engines import SamplingParams
+    from atesd_ray.sampling import SamplingParams
     from workers.rollout import RolloutWorker
     from workers.teacher import TeacherWorker
 
@@ -57,7 +57,7 @@ def measure(model: str, records: list[dict], repeats: int) -> dict:
             shared = ray.put(out)  # the last engine's rollout, scored by both teachers
             for e in engines:
                 with Stopwatch() as clock:
-                    ray.get(teachers[e].actors[0].score.remote(shared, 1.0, False))
+                    ray.get(teachers[e].actors[0].score.remote(shared, 1.0))
                 if i:
                     scoring_s[e].append(clock.seconds)
     finally:

@@ -21,8 +21,8 @@ from atesd_ray.config import Config
 from atesd_ray.losses import TeacherTargets, distill_loss
 from atesd_ray.models import eos_token_ids, load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages, teacher_messages
+from atesd_ray.sampling import rollout_seed
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
-from workers.rollout import rollout_seed
 
 
 class SingleProcessStep:

@@ -17,7 +17,8 @@ import time
 import ray
 
 from atesd_ray.models import load_model, load_tokenizer
-from atesd_ray.runtime.weight_sync import CollectiveSync, ObjectStoreSync
+from atesd_ray.runtime.weight_sync.collective import CollectiveSync
+from atesd_ray.runtime.weight_sync.object_store import ObjectStoreSync
 from bench.common import summary
 from bench.distributed import DistributedStep
 
@@ -31,7 +32,7 @@ def measure(dist: DistributedStep, repeats: int) -> dict:
     actors = dist.actors
     backend = actors.topology[0]["backend"]
     transports = {
-        "object_store": ObjectStoreSync(actors.students, actors.rollouts.actors),
+        "object_store": ObjectStoreSync(actors.students, actors.rollouts.actors, backend),
         "collective": CollectiveSync(actors.students, actors.rollouts.actors, backend),
     }
     for sync in transports.values():

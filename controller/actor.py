@@ -29,10 +29,23 @@ STATE_FILE = "controller.json"
 TENSOR_FILE = "controller_policy.pt"
 
 
+def needed_signals(cfg: Config) -> frozenset[str]:
+    """What the controller reads from a step besides the student's loss statistics, declared once
+    when the run's actors are built: the teacher's grounding signal g when it scores its decisions,
+    and per-problem statistics from the student when it acts per problem."""
+    c = cfg.controller
+    signals = {"grounding"} if c.scores_decisions else set()
+    if c.granularity == "example":
+        signals.add("per_example")
+    return frozenset(signals)
+
+
 class ExposureController:
     def __init__(self, cfg: Config, total_steps: int, timeline_path: str | None = None, run: str = ""):
+        """``timeline_path``: where to keep the decision timeline (kinds that take no decisions, a
+        fixed exposure, keep none)."""
         self.controller = Controller(cfg, total_steps)
-        self.timeline_path = Path(timeline_path) if timeline_path else None
+        self.timeline_path = Path(timeline_path) if timeline_path and self.controller.tracks else None
         self.metrics = ControllerMetrics(run, cfg.model.name)
 
     def exposure(self, step: int, uids: list[str] | None = None) -> float | dict[str, float]:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from atesd_ray.config import ConfigError, DashboardConfig, check_override_keys
+from atesd_ray.job import prepare_data
 from atesd_ray.runtime.checkpoint import (
     MARKER,
     STATE,
@@ -32,7 +33,6 @@ from atesd_ray.runtime.checkpoint import (
     read_student_weights,
     save_rollouts,
 )
-from atesd_ray.train import prepare_data
 from tests.conftest import TINY, make_config
 
 GOOD = {

@@ -7,15 +7,9 @@ import math
 import pytest
 import torch
 
+from atesd_ray.algorithms.grpo import advantages_by_group, policy_gradient_loss, policy_gradient_sum
 from atesd_ray.config import LossConfig
-from atesd_ray.losses import (
-    TeacherTargets,
-    advantages_by_group,
-    distill_loss,
-    mismatch_per_token,
-    policy_gradient_loss,
-    policy_gradient_sum,
-)
+from atesd_ray.losses import TeacherTargets, distill_loss, mismatch_per_token
 
 N, V, H = 29, 40, 12
 f64 = torch.float64

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from verl import DataProto
 
+from atesd_ray.objective import concat
 from atesd_ray.sequences import left_pad, right_pad, rows_to_lists
-from workers.student import concat
 
 
 def _chunk(prompts: list[list[int]], responses: list[list[int]], k: int = 3) -> tuple[DataProto, DataProto]:

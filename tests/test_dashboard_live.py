@@ -25,6 +25,7 @@ import pytest
 import ray
 
 from atesd_ray.train import run
+from controller.dashboard.live import RunMonitor
 from controller.metrics import SERIES
 from tests.browser import Chromium, find_chromium
 from tests.conftest import TINY, make_config
@@ -122,12 +123,15 @@ class Watcher(threading.Thread):
         finally:
             self.done.set()
 
-    def hold_last_step(self, step: int, metrics: dict) -> None:
-        """The run's ``on_step``: after its last step's metrics are recorded, with every actor still
+    def record(self, step: int, metrics: dict) -> None:
+        """As the run's watcher: after its last step's metrics are recorded, with every actor still
         alive, the run waits until the page has been checked and every series scraped, so what is
         seen is seen during the run however slow the machine (the wait is a liveness bound only)."""
         if step == STEPS - 1 and not self.done.wait(timeout=HOLD_S) and self.error is None:
             self.error = AssertionError(f"page and series not all seen within {HOLD_S} s of the last step")
+
+    def finish(self) -> dict:
+        return {}
 
     def wait_for_url(self) -> str:
         while not self.finished.is_set():
@@ -181,8 +185,9 @@ def live(ray_cluster, tmp_path_factory):
     watcher.start()
     started = time.time()
     try:
-        with contextlib.redirect_stdout(out):
-            summary = run(cfg, run_dir, on_step=watcher.hold_last_step)
+        # as `atesd-ray` runs a training job: with the live page (its monitor) as a watcher
+        with contextlib.redirect_stdout(out), RunMonitor(cfg, run_dir) as monitor:
+            summary = run(cfg, run_dir, watchers=[monitor, watcher])
             elapsed = time.time() - started
     finally:
         watcher.finished.set()

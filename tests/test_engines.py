@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from atesd_ray.models import load_model, load_tokenizer
+from atesd_ray.sampling import SamplingParams
 from tests.conftest import make_config
-from workers.engines import HFEngine, SamplingParams
+from workers.engines import HFEngine
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (1.3, 20, 0.9)])

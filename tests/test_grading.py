@@ -11,21 +11,16 @@ from collections.abc import Callable
 import pytest
 
 from atesd_ray import grading
-from atesd_ray.grading import (
-    HARD_GRACE_S,
-    Grade,
-    answers_match,
+from atesd_ray.evaluation import (
     average_at_k,
     average_interval,
-    extract_boxed,
-    grade,
-    grade_many,
     maj_at_k,
     majority_answer,
     mean_pass_at_k,
     pass_at_k,
     summarize,
 )
+from atesd_ray.grading import HARD_GRACE_S, Grade, answers_match, extract_boxed, grade, grade_many
 
 TIMEOUT_S = 1.0
 # the hard deadline plus slack for a busy machine: a liveness bound (an unbounded grader would hang),

@@ -7,15 +7,9 @@ import math
 import pytest
 import torch
 
+from atesd_ray.algorithms.grpo import group_advantages, policy_gradient_loss
 from atesd_ray.config import LossConfig
-from atesd_ray.losses import (
-    DistillStats,
-    TeacherTargets,
-    distill_loss,
-    group_advantages,
-    nll_loss,
-    policy_gradient_loss,
-)
+from atesd_ray.losses import DistillStats, TeacherTargets, distill_loss, nll_loss
 
 N, V, H, K, T = 37, 50, 16, 7, 1.1
 BETAS = [0.0, 0.3, 0.5, 1.0]

@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atesd_ray.algorithms.motab import (
+from atesd_ray.config import ConfigError
+from atesd_ray.data.synthetic import generate
+from atesd_ray.losses import TeacherTargets, distill_loss
+from atesd_ray.models import load_model, load_tokenizer
+from atesd_ray.prompts import render_chat, student_messages, teacher_messages
+from atesd_ray.sampling import SamplingParams
+from atesd_ray.sequences import join, response_slice
+from atesd_ray.trajectories import (
     STUDENT,
     TEACHER,
     Step,
@@ -23,14 +30,7 @@ from atesd_ray.algorithms.motab import (
     skd_accept,
     stitch,
 )
-from atesd_ray.config import ConfigError
-from atesd_ray.data.synthetic import generate
-from atesd_ray.losses import TeacherTargets, distill_loss
-from atesd_ray.models import load_model, load_tokenizer
-from atesd_ray.prompts import render_chat, student_messages, teacher_messages
-from atesd_ray.sequences import join, response_slice
 from tests.conftest import make_config
-from workers.engines import SamplingParams
 
 REVISE = "\n\nHowever,\n\n"
 
@@ -58,7 +58,7 @@ TEACHERS = {
     # the privileged self-teacher at exposure 0.5
     "self": ("algorithm=motab",),
     # a separate model as the teacher of the tiny student: it sees the student's prompt
-    "separate": ("algorithm=motab", "model=tiny", "algorithm.motab.teacher_model=smollm2_135m"),
+    "separate": ("algorithm=motab", "model=tiny", "teacher.model=smollm2_135m"),
 }
 
 
@@ -224,20 +224,18 @@ def test_skd_accepts_a_step_when_the_teacher_likes_it_more_than_gamma_times_the_
 
 def test_config_checks_the_teacher_model_and_the_synthesis_algorithm():
     assert (
-        make_config(
-            "algorithm=motab", "algorithm.motab.teacher_model=smollm2_135m", "model=tiny"
-        ).algorithm.motab.teacher_model
+        make_config("algorithm=motab", "teacher.model=smollm2_135m", "model=tiny").teacher.model
         == "smollm2_135m"
     )
-    with pytest.raises(ConfigError, match="teacher_model.*allowed values"):
-        make_config("algorithm=motab", "algorithm.motab.teacher_model=gpt5")
+    with pytest.raises(ConfigError, match="teacher.model.*allowed values"):
+        make_config("algorithm=motab", "teacher.model=gpt5")
     with pytest.raises(ConfigError, match="is the student"):
-        make_config("algorithm=motab", "algorithm.motab.teacher_model=smollm2_135m")
+        make_config("algorithm=motab", "teacher.model=smollm2_135m")
     with pytest.raises(ConfigError, match="teacher.weights"):
         make_config(
             "algorithm=skd",
             "model=tiny",
-            "algorithm.motab.teacher_model=smollm2_135m",
+            "teacher.model=smollm2_135m",
             "teacher.weights=live",
         )
     with pytest.raises(ConfigError, match="'algorithm'.*motab, skd"):
@@ -247,7 +245,9 @@ def test_config_checks_the_teacher_model_and_the_synthesis_algorithm():
 
 
 def test_student_objective_mixes_distillation_and_nll_by_token_masks():
-    """StudentPolicy's "distill_nll" against a direct computation on the tiny Qwen3's logits."""
+    """MOTAB's objective through the student's FSDP root (``StudentPolicy``) against a direct
+    computation on the tiny Qwen3's logits."""
+    from atesd_ray.algorithms.motab import distill_and_nll
     from workers.student import StudentPolicy
 
     cfg = make_config("model=tiny", "algorithm=motab")
@@ -280,7 +280,14 @@ def test_student_objective_mixes_distillation_and_nll_by_token_masks():
     on = distill_mask.bool()
     targets = TeacherTargets(t_logp[on], None, t_logp[on].gather(-1, response_ids[on][:, None]).squeeze(-1))
 
-    distill, nll, stats = StudentPolicy(student)(batch, "distill_nll", loss_cfg, targets)
+    # the teacher's targets travel per row, as the student's rows hold them
+    batch |= {
+        "teacher_logprobs": t_logp,
+        "teacher_sampled_logprob": t_logp.gather(-1, response_ids[..., None]).squeeze(-1),
+    }
+    distill, nll, stats = StudentPolicy(student)(
+        batch, lambda out, rows: distill_and_nll(out, rows, loss_cfg)
+    )
     (distill + nll).backward()
     assert student.get_input_embeddings().weight.grad.abs().sum() > 0
     distill, nll = float(distill.detach()), float(nll.detach())

@@ -27,12 +27,13 @@ from safetensors.torch import load_file
 from atesd_ray.config import ConfigError
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.data.synthetic import generate
+from atesd_ray.job import prepare_data
 from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.checkpoint import PREFETCHED, load_rollouts, read_state
+from atesd_ray.runtime.weight_sync import StaleWeightsError
 from atesd_ray.soak import FaultInjector, differences, metrics
-from atesd_ray.train import prepare_data, run
+from atesd_ray.train import run
 from tests.conftest import TINY, make_config
-from workers.common import StaleWeightsError
 
 pytestmark = pytest.mark.ray
 

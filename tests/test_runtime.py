@@ -9,15 +9,18 @@ import pytest
 import ray
 import torch
 
-from atesd_ray.algorithms.distill import launch_rollouts
+from atesd_ray import algorithms
+from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.data.synthetic import generate
 from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.cluster import ActorGroup
-from atesd_ray.runtime.weight_sync import CollectiveSync
+from atesd_ray.runtime.weight_sync import object_store
+from atesd_ray.runtime.weight_sync.collective import CollectiveSync
 from atesd_ray.runtime.weights import unpack
 from atesd_ray.sequences import rows_to_lists
 from tests.conftest import TINY, make_config
 from workers.student import StudentRank
+from workers.teacher import TeacherWorker
 
 pytestmark = pytest.mark.ray
 
@@ -28,7 +31,7 @@ RECORDS = [dataclasses.asdict(r) for r in generate(4, seed=7)]
 def run(ray_cluster):
     # a large learning rate so one update visibly moves the weights
     cfg = make_config(*TINY, "trainer.lr=1e-2", "trainer.grad_clip=10")
-    actors = build_actors(cfg, total_steps=4, name="test-runtime")
+    actors = build_actors(cfg, total_steps=4, name="test-runtime", signals=frozenset({"grounding"}))
     ray.get(actors.students.call("set_probe", RECORDS[:2]))
     yield cfg, actors
     actors.shutdown()
@@ -41,7 +44,10 @@ def _batch(actors, step: int, alpha: float = 1.0):
 
 
 def _student_group(cfg, ranks: int, name: str) -> ActorGroup:
-    group = ActorGroup(StudentRank, ranks, cfg.cluster.student, "PACK", name, lambda i: ((cfg, i, ranks), {}))
+    objective = algorithms.get(cfg.algorithm.name).objective(cfg, frozenset())
+    group = ActorGroup(
+        StudentRank, ranks, cfg.cluster.student, "PACK", name, lambda i: ((cfg, i, ranks, objective), {})
+    )
     address, port = ray.get(group.actors[0].master_address.remote())
     ray.get(group.call("init_distributed", address, port))
     return group
@@ -49,7 +55,8 @@ def _student_group(cfg, ranks: int, name: str) -> ActorGroup:
 
 def _weights(group: ActorGroup) -> dict[str, torch.Tensor]:
     version = ray.get(group.actors[0].updates.remote())  # an export is tagged with the student's update count
-    return {k: v.clone() for k, v in unpack(ray.get(group.call("export_weights", version)[0])).items()}
+    packed = group.call("weight_transfer", object_store.export, version, "trainable", True)[0]
+    return {k: v.clone() for k, v in unpack(ray.get(packed)).items()}
 
 
 def test_two_fsdp_ranks_match_one_rank(run):
@@ -123,8 +130,15 @@ def test_teacher_prompt_and_scores_depend_on_exposure(run):
     assert gap > 1e-4
     assert list(at1.non_tensor_batch["alpha"]) == [1.0] * len(RECORDS)
     assert (at1.batch["grounding"] < 0).all()  # g is a mean log-prob
-    # a fixed exposure skips the grounding forward pass: same targets, no g
-    bare = ray.get(teacher.score.remote(rollout, 1.0, grounding=False))
+    # a teacher built without the grounding signal (a fixed exposure's) skips that forward pass:
+    # same targets, no g
+    plain = ActorGroup(
+        TeacherWorker, 1, cfg.cluster.teacher, "PACK", "test-runtime-plain", lambda i: ((cfg, i), {})
+    )
+    try:
+        bare = ray.get(plain.actors[0].score.remote(rollout, 1.0))
+    finally:
+        plain.shutdown()
     assert "grounding" not in bare.batch.keys()
     assert torch.equal(bare.batch["teacher_logprobs"], at1.batch["teacher_logprobs"])
 

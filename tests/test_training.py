@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from atesd_ray.data.records import DataError
+from atesd_ray.job import RunDirError, prepare_data, prepare_run_dir
 from atesd_ray.soak import COMPARED, metrics
-from atesd_ray.train import RunDirError, prepare_data, prepare_run_dir, run
+from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 

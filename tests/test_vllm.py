@@ -12,15 +12,15 @@ import pytest
 import ray
 import torch
 
-from atesd_ray.algorithms.distill import launch_rollouts
+from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.data.synthetic import generate
 from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.cluster import ActorGroup
-from atesd_ray.runtime.weight_sync import CollectiveSync
+from atesd_ray.runtime.weight_sync.collective import CollectiveSync
+from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import rows_to_lists
 from atesd_ray.train import run
 from tests.conftest import TINY, make_config
-from workers.engines import SamplingParams
 from workers.rollout import RolloutWorker
 from workers.teacher import TeacherWorker
 from workers.vllm_engine import temper
@@ -108,8 +108,9 @@ def test_vllm_teacher_targets_equal_the_hf_teachers(ray_cluster):
     hf_cfg, vllm_cfg = make_config(*common), make_config(*common, "teacher.engine=vllm")
     res = hf_cfg.cluster.teacher
     rollouts = ActorGroup(RolloutWorker, 1, res, "PACK", "test-vllm-t-rollout", lambda i: ((hf_cfg, i), {}))
-    hf = ActorGroup(TeacherWorker, 1, res, "PACK", "test-vllm-t-hf", lambda i: ((hf_cfg, i), {}))
-    vl = ActorGroup(TeacherWorker, 1, res, "PACK", "test-vllm-t-vllm", lambda i: ((vllm_cfg, i), {}))
+    g = frozenset({"grounding"})  # both teachers measure the grounding signal too
+    hf = ActorGroup(TeacherWorker, 1, res, "PACK", "test-vllm-t-hf", lambda i: ((hf_cfg, i, g), {}))
+    vl = ActorGroup(TeacherWorker, 1, res, "PACK", "test-vllm-t-vllm", lambda i: ((vllm_cfg, i, g), {}))
     try:
         rollout = rollouts.actors[0].generate.remote(RECORDS[:3], 0, 0, 0)
         a, b = ray.get([hf.actors[0].score.remote(rollout, 0.5), vl.actors[0].score.remote(rollout, 0.5)])

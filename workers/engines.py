@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -11,25 +10,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from atesd_ray.models import eos_token_ids
 from atesd_ray.runtime.weights import load_into
-from atesd_ray.sequences import join, left_pad, right_pad
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
-    n: int = 1  # samples per prompt, returned prompt-major: [p0s0, p0s1, ..., p1s0, ...]
-    logprobs: bool = True  # return each sampled token's log-prob under softmax(logits / temperature)
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    logprobs: list[float] | None = None
+from atesd_ray.sampling import Completion, SamplingParams
+from atesd_ray.sequences import left_pad, response_logprobs, slices, token_logprobs
 
 
 class GenerationEngine(Protocol):
@@ -166,21 +148,11 @@ class HFEngine:
         self, prompts: list[list[int]], responses: list[list[int]], temperature: float
     ) -> list[list[float]]:
         result: list[list[float]] = []
-        for start in range(0, len(prompts), self.score_micro_batch):
-            p_ids, p_mask = left_pad(prompts[start : start + self.score_micro_batch], self.pad_id)
-            r_rows = responses[start : start + self.score_micro_batch]
-            r_ids, r_mask = right_pad(r_rows, self.pad_id)
-            ids, mask, pos, p_len = join(p_ids, p_mask, r_ids, r_mask)
-            width = r_ids.shape[1]
-            if width == 0:
-                result.extend([] for _ in r_rows)
-                continue
-            logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1
-            ).logits
-            logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-            token_lp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
-            result.extend(token_lp[i, : len(r)].tolist() for i, r in enumerate(r_rows))
+        for part in slices(len(prompts), self.score_micro_batch):
+            rows = responses[part]
+            logp, r_ids, _ = response_logprobs(self.model, prompts[part], rows, self.pad_id, temperature)
+            token_lp = token_logprobs(logp, r_ids)
+            result.extend(token_lp[i, : len(r)].tolist() for i, r in enumerate(rows))
         return result
 
     def load_weights(self, named: dict[str, torch.Tensor]) -> None:

@@ -10,24 +10,20 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from atesd_ray.algorithms.motab import step_end, step_value
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_parameters
-from atesd_ray.prompts import render_chat, student_messages
+from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.runtime.checkpoint import fingerprint, read_state, read_student_weights
 from atesd_ray.runtime.weight_formats import stream_weights
+from atesd_ray.runtime.weight_sync import StaleWeightsError, WeightReceiver
 from atesd_ray.runtime.weights import load_into
+from atesd_ray.sampling import SamplingParams, rollout_seed
 from atesd_ray.sequences import left_pad, right_pad
-from workers.common import StaleWeightsError, WeightReceiver, setup_actor
-from workers.engines import SamplingParams
+from atesd_ray.trajectories import step_end, step_value
+from workers.common import setup_actor
 
 log = logging.getLogger(__name__)
-
-
-def rollout_seed(seed: int, step: int, chunk: int) -> int:
-    """Sampling seed of one chunk of one step: independent of which replica runs it."""
-    return (seed * 1_000_003 + step * 7_919 + chunk) % (2**31 - 1)
 
 
 def sampling_params(cfg: Config) -> SamplingParams:
@@ -60,7 +56,7 @@ class RolloutWorker(WeightReceiver):
         self.payload_format = self.engine.weight_format
 
     # -- weights ---------------------------------------------------------------------------------
-    def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+    def apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
         self.engine.load_weights(named)
 
     def load_checkpoint(self, checkpoint: str) -> int:
@@ -87,10 +83,9 @@ class RolloutWorker(WeightReceiver):
     # -- generation ------------------------------------------------------------------------------
     def prompt_ids(self, problems: list[str], thinking: bool | None = None) -> list[list[int]]:
         thinking = self.cfg.model.student_thinking if thinking is None else thinking
-        texts = [
-            render_chat(self.tokenizer, student_messages(p, self.cfg.prompts), thinking) for p in problems
+        return [
+            encode_chat(self.tokenizer, student_messages(p, self.cfg.prompts), thinking) for p in problems
         ]
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def generate(
         self,

@@ -5,15 +5,18 @@ vocabulary when ``teacher.topk`` is 0 or >= vocab) at the loss temperature, the 
 token the student sampled, and per sequence the teacher-grounded signal g of DESIGN §4: the mean
 log-prob the exposure-α teacher gives the reference's answer line when that line is withheld.
 
+g is computed only when one of the run's consumers declared it (the exposure controller, when it
+scores its decisions; the exposure sweep): ``signals`` at construction.
+
 Teacher weights (``teacher.weights``): ``frozen`` keeps the step-0 model (with LoRA: the same
 network with the adapter switched off); ``live`` takes every student sync; ``ema`` keeps an
 exponential moving average of the synced weights.
 
-MOTAB and SKD (DESIGN §5) also ask the teacher for the value and entropy of candidate steps
-(:meth:`TeacherWorker.step_values`) and to write on from a state (:meth:`TeacherWorker.continue_from`).
-Their teacher is the privileged self-teacher, or a separate model (``algorithm.motab.teacher_model``)
-that sees the student's problem-only prompt, as in MOTAB's release. States and steps travel in the
-student's tokens; a separate teacher with another vocabulary works on their text instead.
+The teacher is the privileged self-teacher, or a separate model (``teacher.model``, a preset) that
+sees the student's problem-only prompt. MOTAB and SKD (DESIGN §5) also ask it for the value and
+entropy of candidate steps (:meth:`TeacherWorker.step_values`) and to write on from a state
+(:meth:`TeacherWorker.continue_from`). States and steps travel in the student's tokens; a separate
+teacher with another vocabulary works on their text instead.
 """
 
 from __future__ import annotations
@@ -27,22 +30,25 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from atesd_ray.algorithms.motab import step_end, topk_entropy
-from atesd_ray.config import Config, teacher_model_config
+from atesd_ray.config import Config
 from atesd_ray.models import base_weights, load_model, load_tokenizer
-from atesd_ray.prompts import grounding_messages, render_chat, student_messages, teacher_messages
+from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
+from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import load_into
-from atesd_ray.sequences import join, left_pad, right_pad, rows_to_lists
-from workers.common import WeightReceiver, setup_actor
-from workers.engines import HFEngine, SamplingParams
+from atesd_ray.sampling import SamplingParams
+from atesd_ray.sequences import response_logprobs, rows_to_lists, slices, token_logprobs
+from atesd_ray.trajectories import step_end, topk_entropy
+from workers.common import setup_actor
+from workers.engines import HFEngine
 
 
 class TeacherWorker(WeightReceiver):
-    def __init__(self, cfg: Config, replica: int = 0):
+    def __init__(self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset()):
         self.threads = setup_actor(cfg, f"teacher{replica}")
         self.cfg = cfg
         self.replica = replica
-        separate = teacher_model_config(cfg)
+        self.grounding = "grounding" in signals
+        separate = cfg.teacher.model_config()
         self.privileged = separate is None
         self.model_cfg = separate or cfg.model
         self.tokenizer = load_tokenizer(self.model_cfg)
@@ -70,7 +76,7 @@ class TeacherWorker(WeightReceiver):
     def _synced_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+    def apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
         if self.vllm is not None:  # a live teacher (the config allows no EMA in vLLM)
             self.vllm.load_weights(named)
             return
@@ -106,8 +112,7 @@ class TeacherWorker(WeightReceiver):
 
     # -- prompts ---------------------------------------------------------------------------------
     def _encode(self, messages: list[dict]) -> list[int]:
-        text = render_chat(self.tokenizer, messages, self.model_cfg.teacher_thinking)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, messages, self.model_cfg.teacher_thinking)
 
     def _messages(self, problem: str, reference: str, answer: str, alpha: float) -> list[dict]:
         """The privileged prompt at exposure ``alpha``; a separate teacher model sees the student's prompt."""
@@ -131,12 +136,10 @@ class TeacherWorker(WeightReceiver):
 
     # -- scoring ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(
-        self, rollout: DataProto, alpha: float | Mapping[str, float], grounding: bool = True
-    ) -> DataProto:
+    def score(self, rollout: DataProto, alpha: float | Mapping[str, float]) -> DataProto:
         """Teacher targets for every response token of ``rollout`` at exposure ``alpha``: one value
-        for the batch, or a per-problem mapping from record id to exposure. With ``grounding`` the
-        batch also carries g per row (an extra forward pass over the grounding prompts)."""
+        for the batch, or a per-problem mapping from record id to exposure; with the grounding
+        signal, g per row (an extra forward pass over the grounding prompts)."""
         if not self.shared_vocab:
             raise ValueError(
                 f"teacher model {self.model_cfg.name} has another vocabulary than the student {self.cfg.model.name}: "
@@ -144,24 +147,21 @@ class TeacherWorker(WeightReceiver):
             )
         t0 = time.perf_counter()
         nt = rollout.non_tensor_batch
-        rows = len(rollout)
         alphas = self._row_alphas(nt["uid"], alpha)
         prompts = [
-            self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], alphas[i]))
-            for i in range(rows)
+            self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], a))
+            for i, a in enumerate(alphas)
         ]
-        response_ids = rollout.batch["response_ids"]
-        response_mask = rollout.batch["response_mask"]
+        response_ids, response_mask = rollout.batch["response_ids"], rollout.batch["response_mask"]
+        responses = rows_to_lists(response_ids, response_mask)
         if self.vllm is not None:
-            responses = rows_to_lists(response_ids, response_mask)
             values, indices, sampled = self.vllm.targets(prompts, responses, response_ids.shape[1])
-            g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if grounding else None
+            g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if self.grounding else None
         else:
-            values, indices, sampled, g = self._hf_targets(
-                prompts, response_ids, response_mask, nt, alphas, grounding
-            )
-        mask = response_mask.bool()
-        sampled = sampled.masked_fill(~mask, 0.0)
+            with self._weights() as model:
+                values, indices, sampled = self._hf_targets(model, prompts, responses, response_ids.shape[1])
+                g = self._grounding(model, nt, alphas) if self.grounding else None
+        sampled = sampled.masked_fill(~response_mask.bool(), 0.0)
         tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled}
         if g is not None:
             tensors["grounding"] = g
@@ -177,33 +177,29 @@ class TeacherWorker(WeightReceiver):
             },
         )
 
-    def _hf_targets(self, prompts, response_ids, response_mask, nt, alphas, grounding):
-        """Top-k (or full) log-probs at the loss temperature, sampled-token log-probs and g, by forward passes."""
-        rows = len(prompts)
-        temperature = self.cfg.algorithm.loss.temperature
-        width = response_ids.shape[1]
+    def _forward(
+        self, model, prompts: list, responses: list, temperature: float = 1.0, width: int | None = None
+    ):
+        """Per micro-batch: its rows and :func:`~atesd_ray.sequences.response_logprobs` of them."""
+        for part in slices(len(prompts), self.cfg.teacher.micro_batch):
+            pad = self.tokenizer.pad_token_id
+            yield part, *response_logprobs(model, prompts[part], responses[part], pad, temperature, width)
+
+    def _hf_targets(self, model, prompts: list, responses: list, width: int):
+        """Top-k (or full) log-probs at the loss temperature and sampled-token log-probs, [rows, width, ...]."""
         k = self.topk or self.vocab
-        values = torch.zeros(rows, width, k, dtype=torch.float32)
-        indices = torch.zeros(rows, width, k, dtype=torch.int32) if self.topk else None
-        sampled = torch.zeros(rows, width, dtype=torch.float32)
-        mb = self.cfg.teacher.micro_batch
-        with self._weights() as model:
-            for s in range(0, rows, mb):
-                p_ids, p_mask = left_pad(prompts[s : s + mb], self.tokenizer.pad_token_id)
-                ids, mask, pos, _ = join(p_ids, p_mask, response_ids[s : s + mb], response_mask[s : s + mb])
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1
-                ).logits
-                logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-                sampled[s : s + mb] = logp.gather(-1, response_ids[s : s + mb].unsqueeze(-1)).squeeze(-1)
-                if self.topk:
-                    top = logp.topk(self.topk, dim=-1)
-                    values[s : s + mb] = top.values
-                    indices[s : s + mb] = top.indices.to(torch.int32)
-                else:
-                    values[s : s + mb] = logp
-            g = self._grounding(model, nt, alphas) if grounding else None
-        return values, indices, sampled, g
+        values = torch.zeros(len(prompts), width, k, dtype=torch.float32)
+        indices = torch.zeros(len(prompts), width, k, dtype=torch.int32) if self.topk else None
+        sampled = torch.zeros(len(prompts), width, dtype=torch.float32)
+        temperature = self.cfg.algorithm.loss.temperature
+        for part, logp, r_ids, _ in self._forward(model, prompts, responses, temperature, width):
+            sampled[part] = token_logprobs(logp, r_ids)
+            if self.topk:
+                top = logp.topk(self.topk, dim=-1)
+                values[part], indices[part] = top.values, top.indices.to(torch.int32)
+            else:
+                values[part] = logp
+        return values, indices, sampled
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: DataProto, temperature: float) -> DataProto:
@@ -216,23 +212,12 @@ class TeacherWorker(WeightReceiver):
             )
         t0 = time.perf_counter()
         b = rollout.batch
+        prompts = rows_to_lists(b["prompt_ids"], b["prompt_mask"])
+        responses = rows_to_lists(b["response_ids"], b["response_mask"])
         out = torch.zeros(b["response_ids"].shape, dtype=torch.float32)
-        mb = self.cfg.teacher.micro_batch
         with self._weights() as model:
-            for s in range(0, len(rollout), mb):
-                part = slice(s, s + mb)
-                ids, mask, pos, _ = join(
-                    b["prompt_ids"][part],
-                    b["prompt_mask"][part],
-                    b["response_ids"][part],
-                    b["response_mask"][part],
-                )
-                width = b["response_ids"].shape[1]
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=width + 1
-                ).logits
-                logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-                out[part] = logp.gather(-1, b["response_ids"][part].unsqueeze(-1)).squeeze(-1)
+            for part, logp, r_ids, _ in self._forward(model, prompts, responses, temperature, out.shape[1]):
+                out[part] = token_logprobs(logp, r_ids)
         out = out.masked_fill(~b["response_mask"].bool(), 0.0)
         return DataProto.from_dict(
             tensors={"ref_logprobs": out}, meta_info={"time_s": time.perf_counter() - t0}
@@ -251,18 +236,9 @@ class TeacherWorker(WeightReceiver):
 
     def _grounding(self, model, nt: dict, alphas: list[float]) -> torch.Tensor:
         """g per row: mean log-prob (temperature 1) of the withheld answer line."""
-        prompts, answers = self._grounding_inputs(nt, alphas)
-        g = torch.zeros(len(prompts))
-        mb = self.cfg.teacher.micro_batch
-        for s in range(0, len(prompts), mb):
-            p_ids, p_mask = left_pad(prompts[s : s + mb], self.tokenizer.pad_token_id)
-            a_ids, a_mask = right_pad(answers[s : s + mb], self.tokenizer.pad_token_id)
-            ids, mask, pos, _ = join(p_ids, p_mask, a_ids, a_mask)
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=a_ids.shape[1] + 1
-            ).logits
-            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, a_ids.unsqueeze(-1)).squeeze(-1)
-            g[s : s + mb] = (lp * a_mask).sum(-1) / a_mask.sum(-1).clamp(min=1)
+        g = torch.zeros(len(alphas))
+        for part, logp, a_ids, a_mask in self._forward(model, *self._grounding_inputs(nt, alphas)):
+            g[part] = (token_logprobs(logp, a_ids) * a_mask).sum(-1) / a_mask.sum(-1).clamp(min=1)
         return g
 
     # -- MOTAB / SKD -----------------------------------------------------------------------------
@@ -284,18 +260,11 @@ class TeacherWorker(WeightReceiver):
         steps = [self._tokens(it["step_ids"], it["step_text"]) for it in items]
         k = self.cfg.algorithm.motab.entropy_topk
         out: list[dict] = []
-        mb = self.cfg.teacher.micro_batch
         with self._weights() as model:
-            for s in range(0, len(items), mb):
-                p_ids, p_mask = left_pad(states[s : s + mb], self.tokenizer.pad_token_id)
-                r_ids, r_mask = right_pad(steps[s : s + mb], self.tokenizer.pad_token_id)
-                ids, mask, pos, _ = join(p_ids, p_mask, r_ids, r_mask)
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1
-                ).logits
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts step token j
-                token_lp = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1) * r_mask
-                values = (token_lp.sum(-1) / r_mask.sum(-1).clamp(min=1)).exp()
+            for _, logp, r_ids, r_mask in self._forward(
+                model, states, steps
+            ):  # column j predicts step token j
+                values = ((token_logprobs(logp, r_ids) * r_mask).sum(-1) / r_mask.sum(-1).clamp(min=1)).exp()
                 entropies = topk_entropy(logp[:, 0], k)
                 out += [
                     {"value": float(v), "entropy": float(h)} for v, h in zip(values, entropies, strict=True)

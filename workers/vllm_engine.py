@@ -9,12 +9,8 @@ imported when an engine is built, so an install without it runs every HF path.
   broadcast bucket, a CUDA IPC buffer) reach the model through ``collective_rpc`` without a copy.
   The actor sets its torch thread count before the engine starts; vLLM's CPU worker then keeps
   it (it replaces ``torch.set_num_threads`` with a no-op).
-- Weights arrive in the ``merged`` format (``atesd_ray/runtime/weight_formats.py``): whole weights
-  under Hugging Face names with LoRA merged in. :class:`VLLMWorkerExtension` loads them with vLLM's
-  own in-place reload (``reload_weights(is_checkpoint_format=True)``: the fused qkv/gate-up layers
-  are filled and re-packed for the CPU GEMM kernels; a partial bucket is fine), re-packs a tied
-  LM head, which the reload does not touch, and the engine then drops its prefix cache, whose KV
-  was computed with the old weights.
+- Weights arrive in the ``merged`` format and load in place: the vLLM load path of
+  ``atesd_ray/runtime/weight_formats.py``.
 - Sampled-token log-probs are vLLM's ``processed_logprobs``: of the distribution actually sampled
   from (temperature, then top-k/top-p), as verl uses them. The HF engine's are of
   softmax(logits / temperature) without the top-k/top-p cut; with top-k and top-p off both agree.
@@ -30,25 +26,12 @@ import os
 
 import torch
 
-from atesd_ray.config import Config, VLLMConfig
+from atesd_ray.config import Config
 from atesd_ray.console import quiet
 from atesd_ray.models import DTYPES, pretrained_path, tokenizer_path
-from workers.engines import Completion, SamplingParams
-
-
-class VLLMWorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``); ``self`` is the worker."""
-
-    def load_hf_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Load whole tensors by Hugging Face name, in place; returns how many were given."""
-        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
-        for module in self.model_runner.get_model().modules():
-            # a tied head shares the embedding's tensor, but the CPU backend packed its own copy of it
-            if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
-                module.quant_method.process_weights_after_loading(module)
-        return len(named)
+from atesd_ray.runtime.weight_formats import VLLMWorkerExtension, load_merged
+from atesd_ray.sampling import Completion, SamplingParams
+from atesd_ray.sections import VLLMConfig
 
 
 def max_model_len(cfg: Config, settings: VLLMConfig) -> int:
@@ -90,7 +73,7 @@ def engine_args(cfg: Config, settings: VLLMConfig, max_logprobs: int, on_gpu: bo
         "enable_prefix_caching": settings.enable_prefix_caching,
         "max_logprobs": max_logprobs,
         "logprobs_mode": "processed_logprobs",
-        "worker_extension_cls": f"{__name__}.VLLMWorkerExtension",
+        "worker_extension_cls": f"{VLLMWorkerExtension.__module__}.VLLMWorkerExtension",
         "disable_log_stats": True,
         "use_tqdm_on_load": not quiet(),
         **memory,
@@ -195,8 +178,7 @@ class VLLMEngine:
 
     def load_weights(self, named: dict[str, torch.Tensor]) -> None:
         """Whole tensors by Hugging Face name (all of them or one bucket), loaded in place."""
-        self.llm.collective_rpc("load_hf_weights", args=([(n, t.to(self.dtype)) for n, t in named.items()],))
-        self.llm.reset_prefix_cache()
+        load_merged(self.llm, named, self.dtype)
 
 
 class VLLMTeacherScorer:

@@ -1,76 +1,129 @@
-"""One on-policy distillation step (OPSD, fixed exposure, ATESD), as refs passed between actors.
+"""On-policy self-distillation with a privileged teacher: OPSD (the teacher reads the whole
+reference), a fixed exposure α, and ATESD (the exposure controller picks α).
 
-rollout -> teacher (at the controller's exposure) -> student update -> weight sync -> controller.
-The driver only moves object refs and, at the end, the small dict of step statistics.
+One step, as refs passed between actors: rollout -> teacher at the controller's exposure ->
+student update (forward KL, or the generalized JSD, of the teacher's targets on the student's own
+tokens); ``run_step`` adds the weight sync, the probe and the controller's observation.
 """
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
 import ray
+import torch
+from verl import DataProto
 
-from atesd_ray.config import Config
-from atesd_ray.runtime.actors import Actors
+from atesd_ray.algorithms.base import Algorithm, Launched, launch_rollouts
+from atesd_ray.losses import DistillStats, distill_loss
+from atesd_ray.objective import (
+    ROLLOUT_KEYS,
+    TEACHER_KEYS,
+    Objective,
+    Prepared,
+    Response,
+    fetch,
+    rollout_metrics,
+    take,
+    teacher_metrics,
+    teacher_targets,
+)
+from atesd_ray.schema import require
+
+if TYPE_CHECKING:
+    from atesd_ray.config import Config
+    from atesd_ray.objective import Trainer
+    from atesd_ray.runtime.actors import Actors
+    from atesd_ray.sections import LossConfig
 
 
-def split_evenly(items: list, parts: int) -> list[list]:
-    per, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + per + (i < extra)
-        out.append(items[start:end])
-        start = end
-    return [chunk for chunk in out if chunk]
+def example_stats(rollout: DataProto, teacher: DataProto) -> dict[str, dict[str, float]]:
+    """Per problem (record id), for a per-example exposure controller: the pass rate, the grounding
+    g, and the sampled-token mismatch: the token mean of log p_S(y) - log p_T(y) over the student's
+    own samples, an estimate of KL(p_S || p_T) that needs no extra forward pass (exact in
+    expectation when the rollout and loss temperatures agree)."""
+    mask = rollout.batch["response_mask"].float()
+    gap = ((rollout.batch["rollout_logprobs"] - teacher.batch["teacher_sampled_logprob"]) * mask).sum(-1)
+    uids = rollout.non_tensor_batch["uid"]
+    out = {}
+    for uid in dict.fromkeys(uids):
+        rows = torch.from_numpy(uids == uid)
+        out[str(uid)] = {
+            "reward": float(rollout.batch["reward"][rows].mean()),
+            "mismatch": float(gap[rows].sum() / mask[rows].sum().clamp(min=1.0)),
+            "grounding": float(teacher.batch["grounding"][rows].mean()),
+        }
+    return out
 
 
-def launch_rollouts(actors: Actors, records: list[dict], step: int, min_version: int) -> list[ray.ObjectRef]:
-    """Split the batch over the rollout replicas (chunk i -> replica i mod R); one ref per chunk."""
-    chunks = split_evenly(records, max(len(actors.rollouts), len(actors.students)))
-    replicas = actors.rollouts.actors
-    return [
-        replicas[i % len(replicas)].generate.remote(chunk, step, i, min_version)
-        for i, chunk in enumerate(chunks)
-    ]
+class DistillObjective(Objective):
+    """The distillation loss of ``algorithm.loss`` on every valid response token, summed and divided
+    by the batch's valid response tokens (all ranks)."""
+
+    stats = DistillStats.FIELDS
+
+    def __init__(self, loss: LossConfig, per_example: bool = False):
+        self.loss_cfg = loss
+        self.per_example = per_example
+
+    def prepare(self, trainer: Trainer, step: int, rollout_refs: list, teacher_refs: list) -> Prepared:
+        rollout, rollout_meta = fetch(rollout_refs)
+        teacher, teacher_meta = fetch(teacher_refs)
+        tokens = trainer.total_over_ranks(rollout.batch["response_mask"])
+        info = rollout_metrics(step, rollout, rollout_meta) | teacher_metrics(teacher, teacher_meta)
+        if self.per_example:
+            info["per_example"] = example_stats(rollout, teacher)
+        rows = take(rollout, ROLLOUT_KEYS) | take(teacher, TEACHER_KEYS)
+        return Prepared(rows, trainer.world / max(tokens, 1.0), info)
+
+    def loss(self, out: Response, rows: dict, prepared: Prepared) -> tuple:
+        targets = teacher_targets(rows, out.valid)
+        loss, stats = distill_loss(out.hidden, targets, self.loss_cfg, tokens=out.tokens, project=out.head)
+        return loss * prepared.scale, stats.as_tensor()
+
+    def metrics(self, totals: dict[str, float], prepared: Prepared) -> dict:
+        means = DistillStats.from_tensor(torch.tensor([totals[f] for f in self.stats])).means()
+        return means | {"tokens": int(totals["tokens"])} | prepared.info
 
 
-def distill_step(
-    cfg: Config,
-    actors: Actors,
-    step: int,
-    batch: list[dict],
-    next_batch: list[dict] | None,
-    prefetched: list[ray.ObjectRef] | None,
-) -> tuple[dict, list[ray.ObjectRef] | None]:
-    """Train on ``batch``; returns the step's metrics and, with ``max_staleness: 1``, the rollouts of
-    ``next_batch``, launched before this step's weight sync so they overlap with the update."""
-    t0 = time.perf_counter()
-    rollouts = prefetched or launch_rollouts(actors, batch, step, min_version=step)
-    alpha = actors.controller.exposure.remote(step, [r["id"] for r in batch])
-    teachers = actors.teachers.actors
-    grounding = cfg.controller.scores_decisions
-    scored = [teachers[i % len(teachers)].score.remote(r, alpha, grounding) for i, r in enumerate(rollouts)]
-    stats = actors.students.call("train_step", step, rollouts, scored)[0]
-    ahead = None
-    if cfg.rollout.max_staleness and next_batch:
-        ahead = launch_rollouts(
-            actors, next_batch, step + 1, min_version=step + 1 - cfg.rollout.max_staleness
+class Distill(Algorithm):
+    """``opsd`` and ``fixed_exposure`` hold α at ``algorithm.alpha`` (1 and the chosen value);
+    ``atesd`` lets the controller choose it (``controller.kind`` atesd, or random / linear as baselines)."""
+
+    prefetches = True
+
+    def check(self, cfg: Config) -> None:
+        if self.name == "atesd":
+            require(
+                cfg.controller.kind != "fixed",
+                "controller.kind",
+                "algorithm=atesd chooses the exposure (controller.kind=atesd, or random / linear as baselines); "
+                "for one fixed exposure use algorithm=fixed_exposure algorithm.alpha=<alpha>",
+            )
+        else:  # the algorithm's name is what runs and reports say: a controller must not change it
+            require(
+                cfg.controller.kind == "fixed",
+                "controller.kind",
+                f"algorithm={self.name} holds its exposure fixed; controller.kind={cfg.controller.kind} "
+                "would choose it, so the run would not be what it is called: use algorithm=atesd",
+            )
+        require(
+            cfg.teacher.model is None,
+            "teacher.model",
+            f"algorithm={self.name} distills from the privileged self-teacher; got teacher.model="
+            f"{cfg.teacher.model} (a separate teacher model is another algorithm)",
         )
-    synced = actors.weight_sync.sync(version=step + 1)
-    probe = actors.students.call("probe_nll")[0]
-    observed = actors.controller.observe.remote(step, stats, probe)
-    *_, controller_metrics = ray.get(synced + [observed])
-    t_sync = time.perf_counter()
-    metrics = ray.get(stats)
-    metrics.pop("per_example", None)  # the per-problem statistics are for the controller only
-    alpha_value = ray.get(alpha)
-    metrics.update(
-        controller_metrics,
-        alpha=alpha_value if isinstance(alpha_value, float) else sum(alpha_value.values()) / len(alpha_value),
-        probe_nll=ray.get(probe),
-        weight_version=step + 1,
-        step_time_s=time.perf_counter() - t0,
-        time_to_sync_s=t_sync - t0,
-    )
-    metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
-    return metrics, ahead
+
+    def objective(self, cfg: Config, signals: frozenset[str]) -> DistillObjective:
+        return DistillObjective(cfg.algorithm.loss, per_example="per_example" in signals)
+
+    def launch(
+        self, cfg: Config, actors: Actors, step: int, batch: list[dict], rollouts: list[ray.ObjectRef] | None
+    ) -> Launched:
+        rollouts = rollouts or launch_rollouts(actors, batch, step, min_version=step)
+        alpha = actors.controller.exposure.remote(step, [r["id"] for r in batch])
+        scored = actors.teachers.round_robin("score", rollouts, alpha)
+        return Launched(actors.students.collective("train_step", step, rollouts, scored), alpha)
+
+
+ALGORITHMS = (Distill("opsd"), Distill("fixed_exposure"), Distill("atesd"))

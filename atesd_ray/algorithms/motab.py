@@ -1,293 +1,237 @@
-"""MOTAB and SKD, the pure logic (DESIGN §5): values, the adaptive boundary, root cause, stitching.
+"""MOTAB and SKD on-policy (DESIGN §5b): step-wise monitored rollouts, then distillation on the
+student's accepted steps and a teacher-forced NLL on the teacher's tokens.
 
-A trajectory is built one reasoning step at a time (a step ends at ``motab.step_delimiter``).
-For each student step a from state s the teacher gives
-
-- its value V_T = exp(mean over the step's tokens of log p_T(token | s, previous tokens)), the
-  geometric-mean teacher probability of the step (:func:`step_value`);
-- its entropy H at s: the entropy of its top-k next-token probabilities, renormalized over those
-  k (:func:`topk_entropy`);
-
-and the step is accepted while V_T >= ε(s) = ε0 · exp(-θ H) (:func:`safety_boundary`): an
-uncertain teacher loosens the gate. On a breach, the root cause t* (:func:`root_cause`) is the step
-with the steepest drop in value among those whose previous step was safe; the trajectory rewinds
-to the state before t* and the teacher writes the rest. The training target keeps every student
-step, the flawed ones included, then the revise phrase, then the teacher's suffix
-(:func:`stitch`). One intervention per trajectory (:meth:`Trajectory.intervene`).
-
-SKD instead checks each step on its own: the student's step stays when the teacher's mean
-probability of it exceeds γ times the student's own (:func:`skd_accept`), else the teacher
-rewrites that step. "Mean probability" is the geometric mean, as in MOTAB's released SKD baseline,
-both at temperature 1.
-
-Indices of steps (breach step, t*) are 0-based.
+exposure (controller) -> monitored rollouts (``atesd_ray/monitored.py``; the rules are
+``atesd_ray/trajectories.py``) -> targets as training rows -> teacher scoring -> student update.
+The self-teacher's exposure comes from the controller actor, so ``controller.kind=atesd`` drives
+MOTAB's teacher as it drives ATESD's; ``teacher.model=<preset>`` is a separate teacher instead.
+The driver builds the rows from the trajectories it holds (token ids), puts one chunk per teacher
+replica in the object store, and passes refs on from there. Offline synthesis of the same
+trajectories is ``mode=motab_synthesize`` (``atesd_ray/motab_synthesize.py``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
+import ray
 import torch
+from verl import DataProto
 
-STUDENT = "student"
-TEACHER = "teacher"
-# why a generated piece ended: at the step delimiter, at an end-of-sequence token, at its token cap
-STEP_ENDS = ("step", "eos", "length")
+from atesd_ray.algorithms.base import Algorithm, Launched
+from atesd_ray.grading import grade_many
+from atesd_ray.losses import DistillStats, distill_loss, nll_loss
+from atesd_ray.models import load_tokenizer, tokenizer_path
+from atesd_ray.monitored import monitored_rollouts
+from atesd_ray.objective import (
+    ROLLOUT_KEYS,
+    TEACHER_KEYS,
+    Objective,
+    Prepared,
+    Response,
+    fetch,
+    rollout_metrics,
+    take,
+    teacher_metrics,
+    teacher_targets,
+)
+from atesd_ray.prompts import encode_chat, student_messages
+from atesd_ray.runtime.cluster import split_evenly
+from atesd_ray.schema import Section, between, non_negative, positive, require, setting
+from atesd_ray.sequences import left_pad, right_pad
+from atesd_ray.trajectories import Trajectory, summarize
 
+if TYPE_CHECKING:
+    from atesd_ray.config import Config
+    from atesd_ray.objective import Trainer
+    from atesd_ray.runtime.actors import Actors
+    from atesd_ray.sections import LossConfig, ModelConfig
 
-class TrajectoryError(RuntimeError):
-    """A trajectory was asked to do what its rules forbid (a second intervention, a step after its end)."""
-
-
-def step_value(token_logprobs: Sequence[float] | torch.Tensor) -> float:
-    """V = exp(mean log-prob): the geometric-mean probability of a step's tokens."""
-    lp = torch.as_tensor(token_logprobs, dtype=torch.float64)
-    if lp.numel() == 0:
-        raise ValueError("a step needs at least one token")
-    return float(lp.mean().exp())
-
-
-def topk_entropy(logprobs: torch.Tensor, k: int) -> torch.Tensor:
-    """Entropy (nats) of the top-``k`` probabilities of ``logprobs`` [..., V], renormalized over those k."""
-    top = logprobs.float().topk(min(k, logprobs.shape[-1]), dim=-1).values.log_softmax(-1)
-    return -(top.exp() * top).sum(-1)
-
-
-def step_end(finish_reason: str, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
-    """How a generated piece ended (one of ``STEP_ENDS``), from the engine's finish reason, which says
-    "stop" both for an end-of-sequence token and for a stop string."""
-    if ids and ids[-1] in eos_ids:
-        return "eos"
-    return "step" if finish_reason == "stop" else "length"
-
-
-def safety_boundary(entropy: float, eps0: float, theta: float) -> float:
-    """ε(s) = ε0 · exp(-θ · H(s))."""
-    return eps0 * math.exp(-theta * entropy)
-
-
-def root_cause(values: Sequence[float], boundaries: Sequence[float]) -> int:
-    """t* = argmin over steps k whose previous step was safe (V_{k-1} >= ε_{k-1}) of V_k - V_{k-1};
-    when no step qualifies (a single step, or no safe step before any other), argmin V_k.
-    Ties go to the earliest step."""
-    if not values or len(values) != len(boundaries):
-        raise ValueError(
-            f"root_cause needs one boundary per value, got {len(values)} values, {len(boundaries)} boundaries"
-        )
-    drops = [
-        (values[k] - values[k - 1], k) for k in range(1, len(values)) if values[k - 1] >= boundaries[k - 1]
-    ]
-    if drops:
-        return min(drops)[1]
-    return min(range(len(values)), key=lambda k: (values[k], k))
-
-
-def skd_accept(teacher_value: float, student_value: float, gamma: float) -> bool:
-    """SKD keeps the student's step when the teacher's mean probability of it exceeds γ × the student's."""
-    return teacher_value > gamma * student_value
-
-
-def revise_joint(student_text: str, revise_phrase: str) -> str:
-    """The revise phrase as appended after ``student_text``: its leading newlines are dropped when the
-    student's text already ends with a blank line (a step ends with the delimiter ``.\\n\\n``), so
-    exactly one blank line separates the last student step from "However,"."""
-    return revise_phrase.lstrip("\n") if student_text.endswith("\n\n") else revise_phrase
-
-
-def stitch(student_steps: Sequence[str], revise_phrase: str, suffix: str) -> str:
-    """MOTAB's target: every student step (flawed ones included), the revise phrase, the teacher's suffix."""
-    student = "".join(student_steps)
-    return student + revise_joint(student, revise_phrase) + suffix
+ROLES = ("distill", "nll")
 
 
 @dataclass
-class Step:
-    """One step of a trajectory, in the student's tokens.
+class MotabConfig(Section):
+    eps0: float = setting(0.2, positive)
+    theta: float = setting(1.0, non_negative)
+    entropy_topk: int = setting(20, positive)
+    step_delimiter: str = setting(".\n\n", lambda v: None if v else "must not be empty")
+    max_steps: int = setting(16, positive)
+    max_step_tokens: int = setting(
+        512, positive
+    )  # a step not ended by the delimiter within this many tokens is cut there
+    teacher_temperature: float = setting(0.6, positive)
+    n_trajectories: int = setting(
+        5, positive
+    )  # per problem, in synthesis and on-policy (rollout.n_samples is not used)
+    prefix_weight: float = setting(1.0, non_negative)  # distillation loss on the accepted student prefix
+    suffix_weight: float = setting(1.0, non_negative)  # teacher-forced NLL on the teacher's suffix
+    skd_gamma: float = setting(0.9, between(0.0, 10.0))
 
-    ``value``, ``entropy``, ``boundary`` and ``student_value`` describe the student's candidate
-    for this step; for a step the teacher rewrote (SKD) they are those of the rejected candidate,
-    whose text is ``rejected``.
-    """
 
-    ids: list[int]  # without an end-of-sequence token (see Trajectory.segments)
-    text: str
-    value: float  # V_T
-    entropy: float  # H at the step's start
-    boundary: float  # ε(s)
-    student_value: float  # the student's own geometric-mean probability of its candidate
-    author: str = STUDENT
-    rejected: str | None = None
+_TOKENIZERS: dict[str, object] = {}
 
-    @property
-    def safe(self) -> bool:
-        return self.value >= self.boundary
 
-    def as_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "tokens": len(self.ids),
-            "author": self.author,
-            "value": self.value,
-            "entropy": self.entropy,
-            "boundary": self.boundary,
-            "student_value": self.student_value,
-            **({"rejected": self.rejected} if self.rejected is not None else {}),
+def _tokenizer(model: ModelConfig):
+    """The student's tokenizer, loaded once per driver process."""
+    path = tokenizer_path(model)
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = load_tokenizer(model)
+    return _TOKENIZERS[path]
+
+
+def training_rows(
+    cfg: Config, trajectories: list[Trajectory], tokenizer, correct: list[bool], meta: dict
+) -> DataProto:
+    """The trajectories' targets after the student's problem-only prompt, with per-token loss masks
+    ``distill_mask`` / ``nll_mask`` (see :meth:`Trajectory.segments`) and the fields the teacher
+    scores with."""
+    prompts, responses, masks = [], [], {role: [] for role in ROLES}
+    for t in trajectories:
+        messages = student_messages(t.record["problem"], cfg.prompts)
+        prompts.append(encode_chat(tokenizer, messages, cfg.model.student_thinking))
+        revise_ids = tokenizer(t.revise(cfg.prompts.revise_phrase), add_special_tokens=False)["input_ids"]
+        pieces = t.segments(revise_ids, tokenizer.eos_token_id)
+        responses.append([i for ids, _ in pieces for i in ids])
+        for role in ROLES:
+            masks[role].append([int(r == role) for ids, r in pieces for _ in ids])
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad(prompts, pad)
+    response_ids, response_mask = right_pad(responses, pad)
+    records = [t.record for t in trajectories]
+    return DataProto.from_dict(
+        tensors={
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "response_ids": response_ids,
+            "response_mask": response_mask,
+            "distill_mask": right_pad(masks["distill"], 0, response_ids.shape[1])[0],
+            "nll_mask": right_pad(masks["nll"], 0, response_ids.shape[1])[0],
+            "reward": torch.tensor([float(c) for c in correct]),
+        },
+        non_tensors={
+            "uid": np.array([r["id"] for r in records], dtype=object),
+            "sample": np.array([t.sample for t in trajectories], dtype=object),
+            "problem": np.array([r["problem"] for r in records], dtype=object),
+            "reference": np.array([r["reference"] for r in records], dtype=object),
+            "answer": np.array([r["answer"] for r in records], dtype=object),
+            "finish_reason": np.array(
+                ["stop" if t.ends_with_eos else "length" for t in trajectories], dtype=object
+            ),
+        },
+        meta_info=meta,
+    )
+
+
+def distill_and_nll(out: Response, rows: dict, loss: LossConfig) -> tuple:
+    """The two sums apart: the distillation loss at the ``distill_mask`` positions (the teacher's
+    targets there) and the NLL at the ``nll_mask`` positions; statistics: the distillation part's
+    :class:`DistillStats`, then the NLL sum and its token count."""
+    on_distill = rows["distill_mask"].bool()
+    on_nll = rows["nll_mask"].bool()[out.valid]
+    targets = teacher_targets(rows, on_distill)
+    distill, stats = distill_loss(
+        out.hidden[on_distill[out.valid]],
+        targets,
+        loss,
+        tokens=out.tokens[on_distill[out.valid]],
+        project=out.head,
+    )
+    nll = nll_loss(out.hidden[on_nll], out.tokens[on_nll], project=out.head)
+    extra = torch.stack([nll.detach().double(), on_nll.sum().double()]).to(stats.loss.device)
+    return distill, nll, torch.cat([stats.as_tensor(), extra])
+
+
+class DistillNLLObjective(Objective):
+    """``prefix_weight`` x the distillation loss at the student's accepted steps plus
+    ``suffix_weight`` x the teacher-forced NLL of teacher-written tokens, both summed and divided by
+    the number of those tokens over the whole batch."""
+
+    stats = (*DistillStats.FIELDS, "nll", "nll_tokens")
+
+    def __init__(self, loss: LossConfig, settings: MotabConfig):
+        self.loss_cfg = loss
+        self.settings = settings
+
+    def prepare(self, trainer: Trainer, step: int, rollout_refs: list, teacher_refs: list) -> Prepared:
+        rollout, rollout_meta = fetch(rollout_refs)
+        teacher, teacher_meta = fetch(teacher_refs)
+        tokens = trainer.total_over_ranks(rollout.batch["distill_mask"] + rollout.batch["nll_mask"])
+        info = rollout_metrics(step, rollout, rollout_meta) | teacher_metrics(teacher, teacher_meta)
+        info["tokens"] = tokens
+        rows = take(rollout, ROLLOUT_KEYS + ("distill_mask", "nll_mask")) | take(teacher, TEACHER_KEYS)
+        return Prepared(rows, trainer.world / max(tokens, 1.0), info)
+
+    def loss(self, out: Response, rows: dict, prepared: Prepared) -> tuple:
+        distill, nll, stats = distill_and_nll(out, rows, self.loss_cfg)
+        weighted = self.settings.prefix_weight * distill + self.settings.suffix_weight * nll
+        return weighted * prepared.scale, stats
+
+    def metrics(self, totals: dict[str, float], prepared: Prepared) -> dict:
+        m, tokens = self.settings, prepared.info["tokens"]
+        prefix = DistillStats.from_tensor(torch.tensor([totals[f] for f in DistillStats.FIELDS])).means()
+        return prepared.info | {
+            "loss": (m.prefix_weight * totals["loss"] + m.suffix_weight * totals["nll"]) / max(tokens, 1.0),
+            "mismatch_kl": prefix["mismatch_kl"],
+            "top1_disagree": prefix["top1_disagree"],
+            "confidence": prefix["confidence"],
+            "distill_loss": prefix["loss"],
+            "teacher_nll": totals["nll"] / max(totals["nll_tokens"], 1.0),
+            "distill_tokens": int(totals["tokens"]),
+            "nll_tokens": int(totals["nll_tokens"]),
+            "tokens": int(tokens),
         }
 
 
-@dataclass
-class Trajectory:
-    """One monitored trajectory of one problem; lives while ``end`` is None."""
+class Monitored(Algorithm):
+    """``motab``: MOTAB's entropy-adaptive gate with one rewind and teacher takeover per
+    trajectory; ``skd``: the teacher rewrites each step it rejects. No rollouts ahead: a round
+    needs the last one's decisions."""
 
-    record: dict
-    sample: int
-    steps: list[Step] = field(default_factory=list)
-    end: str | None = None  # "eos" | "max_steps" | "max_tokens" | "takeover"
-    # the teacher's suffix after an intervention, in the student's tokens, without an end-of-sequence token
-    breach: int | None = None  # the step whose value fell below its boundary
-    t_star: int | None = None  # the root-cause step the teacher rewound to
-    suffix_ids: list[int] | None = None
-    suffix_text: str = ""
-    suffix_end: str | None = None
+    settings = ("motab", MotabConfig)
+    stepwise = True
 
-    @property
-    def live(self) -> bool:
-        return self.end is None
-
-    @property
-    def response_ids(self) -> list[int]:
-        return [t for s in self.steps for t in s.ids]
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s.ids) for s in self.steps)
-
-    def add_step(self, step: Step, ended: str, max_steps: int, max_tokens: int) -> None:
-        """Append the next step; ``ended`` is how its generation stopped (one of ``STEP_ENDS``)."""
-        if not self.live:
-            raise TrajectoryError(
-                f"trajectory {self.record['id']}#{self.sample} has ended ({self.end}); no more steps"
-            )
-        if ended not in STEP_ENDS:
-            raise ValueError(f"unknown step end {ended!r}; expected one of {STEP_ENDS}")
-        self.steps.append(step)
-        if ended == "eos":
-            self.end = "eos"
-        elif len(self.steps) >= max_steps:
-            self.end = "max_steps"
-        elif self.tokens >= max_tokens:
-            self.end = "max_tokens"
-
-    def close(self, reason: str) -> None:
-        """End without another step (the writer stopped at once: ``reason`` "eos")."""
-        if not self.live:
-            raise TrajectoryError(f"trajectory {self.record['id']}#{self.sample} has ended ({self.end})")
-        self.end = reason
-
-    def intervene(self, t_star: int) -> None:
-        """The last step breached: rewind to the state before ``t_star``; the teacher writes on from there.
-        At most one intervention per trajectory."""
-        if self.breach is not None:
-            raise TrajectoryError(
-                f"trajectory {self.record['id']}#{self.sample} already had its intervention (breach at step {self.breach})"
-            )
-        if not 0 <= t_star < len(self.steps):
-            raise ValueError(f"t* = {t_star} is not a step of a {len(self.steps)}-step trajectory")
-        self.breach, self.t_star, self.end = len(self.steps) - 1, t_star, "takeover"
-
-    @property
-    def resume_steps(self) -> list[Step]:
-        """The steps the next writer continues: after an intervention those before t* (the rewind),
-        otherwise all of them."""
-        return self.steps if self.t_star is None else self.steps[: self.t_star]
-
-    def take_over(self, ids: list[int], text: str, ended: str) -> None:
-        """Attach the teacher's suffix, written from the state before t*."""
-        if self.t_star is None or self.suffix_ids is not None:
-            raise TrajectoryError("a suffix needs exactly one intervention before it and none after")
-        self.suffix_ids, self.suffix_text, self.suffix_end = list(ids), text, ended
-
-    def text(self, revise_phrase: str) -> str:
-        """The training target: the steps, and after an intervention the revise phrase and the suffix."""
-        steps = [s.text for s in self.steps]
-        return (
-            stitch(steps, revise_phrase, self.suffix_text) if self.suffix_ids is not None else "".join(steps)
+    def check(self, cfg: Config) -> None:
+        require(
+            cfg.controller.granularity == "batch",
+            "controller.granularity",
+            f"algorithm={self.name} takes one exposure per batch; got {cfg.controller.granularity}",
+        )
+        require(
+            cfg.teacher.engine != "vllm",
+            "teacher.engine",
+            f"algorithm={self.name} asks the teacher for step values and continuations, which "
+            "the vLLM scorer does not give; use teacher.engine=hf",
         )
 
-    def revise(self, revise_phrase: str) -> str:
-        """The revise phrase as it follows this trajectory's steps in :meth:`text`."""
-        return revise_joint("".join(s.text for s in self.steps), revise_phrase)
+    def objective(self, cfg: Config, signals: frozenset[str]) -> DistillNLLObjective:
+        return DistillNLLObjective(cfg.algorithm.loss, cfg.algorithm.motab)
 
-    @property
-    def ends_with_eos(self) -> bool:
-        """Whether the target is a finished solution (its writer stopped), not one cut at a limit."""
-        return self.suffix_end == "eos" if self.suffix_ids is not None else self.end == "eos"
-
-    def segments(self, revise_ids: list[int], eos_id: int) -> list[tuple[list[int], str]]:
-        """The target's tokens in pieces with their on-policy loss: "distill" for the student's accepted
-        steps, "nll" for teacher-written tokens (SKD's rewritten steps; MOTAB's revise phrase and
-        suffix), "context" (no loss) for the step that breached; a finished target ends with
-        ``eos_id``, trained like the piece it ends. ``revise_ids``: the tokens of :meth:`revise`."""
-        pieces = []
-        for i, s in enumerate(self.steps):
-            role = "context" if i == self.breach else ("distill" if s.author == STUDENT else "nll")
-            pieces.append((list(s.ids), role))
-        if self.suffix_ids is not None:
-            pieces += [(list(revise_ids), "nll"), (list(self.suffix_ids), "nll")]
-        if self.ends_with_eos and pieces:
-            pieces[-1][0].append(eos_id)
-        return pieces
-
-    def metadata(self) -> dict:
-        student = sum(len(s.ids) for s in self.steps if s.author == STUDENT)
-        suffix = len(self.suffix_ids or [])
-        return {
-            "steps": [s.as_dict() for s in self.steps],
-            "breach_step": self.breach,
-            "t_star": self.t_star,
-            "end": self.end,
-            "suffix_end": self.suffix_end,
-            "student_tokens": student,
-            "teacher_tokens": self.tokens - student + suffix,
-            "suffix_tokens": suffix,
-        }
+    def launch(
+        self, cfg: Config, actors: Actors, step: int, batch: list[dict], rollouts: list[ray.ObjectRef] | None
+    ) -> Launched:
+        t0 = time.perf_counter()
+        alpha = ray.get(actors.controller.exposure.remote(step))
+        trajectories = monitored_rollouts(
+            cfg, actors.rollouts, actors.teachers, batch, alpha, step, min_version=step
+        )
+        meta = {"weight_version": step, "step": step, "time_s": time.perf_counter() - t0}
+        grades = grade_many(
+            [t.text(cfg.prompts.revise_phrase) for t in trajectories],
+            [str(t.record["answer"]) for t in trajectories],
+            cfg.eval.grade_timeout_s,
+        )
+        full = training_rows(cfg, trajectories, _tokenizer(cfg.model), [g.correct for g in grades], meta)
+        # one batch, one width, one chunk per teacher replica (the student concatenates them again)
+        chunks = split_evenly(list(range(len(full))), max(len(actors.teachers), len(actors.students)))
+        rows = [ray.put(full[chunk]) for chunk in chunks]
+        scored = actors.teachers.round_robin("score", rows, alpha)
+        stats = actors.students.collective("train_step", step, rows, scored)
+        summary = {k: v for k, v in summarize(trajectories).items() if k != "trajectories"}
+        return Launched(stats, float(alpha), summary)
 
 
-def observe_motab_step(traj: Trajectory, step: Step, ended: str, max_steps: int, max_tokens: int) -> bool:
-    """Add a student step under MOTAB's gate; True when it breached and the teacher must take over."""
-    traj.add_step(step, ended, max_steps, max_tokens)
-    if step.safe:
-        return False
-    traj.intervene(root_cause([s.value for s in traj.steps], [s.boundary for s in traj.steps]))
-    return True
-
-
-def summarize(trajectories: Sequence[Trajectory], correct: Sequence[bool] | None = None) -> dict[str, float]:
-    """Breach rate, mean t* and breach step (over breached trajectories; 0-based step indices), mean
-    lengths in tokens (the suffix over breached trajectories), and the targets' accuracy if graded."""
-
-    def mean(xs: Sequence[float]) -> float:
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    meta = [t.metadata() for t in trajectories]
-    breached = [m for m in meta if m["breach_step"] is not None]
-    steps = [s for t in trajectories for s in t.steps]
-    out = {
-        "trajectories": len(trajectories),
-        "breach_rate": len(breached) / max(len(meta), 1),
-        "mean_t_star": mean([m["t_star"] for m in breached]),
-        "mean_breach_step": mean([m["breach_step"] for m in breached]),
-        "mean_steps": mean([len(t.steps) for t in trajectories]),
-        "teacher_step_rate": mean([float(s.author == TEACHER) for s in steps]),
-        "student_tokens": mean([m["student_tokens"] for m in meta]),
-        "teacher_tokens": mean([m["teacher_tokens"] for m in meta]),
-        "suffix_tokens": mean([m["suffix_tokens"] for m in breached]),
-        "target_tokens": mean([m["student_tokens"] + m["teacher_tokens"] for m in meta]),
-        "mean_value": mean([s.value for s in steps]),
-        "mean_boundary": mean([s.boundary for s in steps]),
-    }
-    if correct is not None:
-        out["target_accuracy"] = mean([float(c) for c in correct])
-    return out
+ALGORITHMS = (Monitored("motab"), Monitored("skd"))

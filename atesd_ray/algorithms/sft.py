@@ -1,34 +1,102 @@
-"""One SFT step (baseline): the student's NLL of the reference solutions after the problem-only prompt.
+"""SFT (baseline): the student's NLL of the reference solutions after the problem-only prompt.
 
 No rollouts and no teacher: the batch's records go to the student group (one object in the store,
-read by every rank), then the new weights go to the rollout actors so that evaluation during
-training sees them.
+read by every rank); the new weights then reach the rollout actors, so that evaluation during
+training sees them. The embedded demo's warm-up trains some references after the privileged teacher
+prompt instead (``teacher_prompt_frac``), so that the small model can read a reference afterwards.
 """
 
 from __future__ import annotations
 
-import time
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 
-from atesd_ray.config import Config
-from atesd_ray.runtime.actors import Actors
+from atesd_ray.algorithms.base import Algorithm, Launched
+from atesd_ray.losses import nll_loss
+from atesd_ray.objective import Objective, Prepared, Response
+from atesd_ray.prompts import encode_chat, teacher_messages
+from atesd_ray.schema import Section, between, positive, setting
+from atesd_ray.sequences import left_pad, right_pad
+
+if TYPE_CHECKING:
+    from atesd_ray.config import Config
+    from atesd_ray.objective import Trainer
+    from atesd_ray.runtime.actors import Actors
 
 
-def sft_step(
-    cfg: Config,
-    actors: Actors,
-    step: int,
-    batch: list[dict],
-    next_batch: list[dict] | None,
-    prefetched: list[ray.ObjectRef] | None,
-) -> tuple[dict, None]:
-    t0 = time.perf_counter()
-    stats = actors.students.call("sft_step", step, ray.put(batch))[0]
-    synced = actors.weight_sync.sync(version=step + 1)
-    probe = actors.students.call("probe_nll")[0]
-    ray.get(synced)
-    metrics = ray.get(stats)
-    metrics.update(probe_nll=ray.get(probe), weight_version=step + 1, step_time_s=time.perf_counter() - t0)
-    metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
-    return metrics, None
+@dataclass
+class SFTConfig(Section):
+    # reference tokens trained on per example; longer references are cut (counted as truncated_frac)
+    max_response_tokens: int = setting(4096, positive)
+    # the fraction of examples trained after the privileged teacher prompt (at an exposure drawn
+    # uniformly from [0, 1]) instead of the student's: teaches a small model to read a reference, so
+    # that it can be its own privileged teacher afterwards (the embedded demo's warm-up)
+    teacher_prompt_frac: float = setting(0.0, between(0.0, 1.0))
+
+
+class SFTObjective(Objective):
+    """The NLL of each reference solution, ended by EOS, summed and divided by the batch's tokens."""
+
+    stats = ("loss",)
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def prepare(self, trainer: Trainer, step: int, records: list[dict]) -> Prepared:
+        tokenizer, limit = trainer.tokenizer, self.cfg.algorithm.sft.max_response_tokens
+        refs = [
+            tokenizer(r["reference"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for r in records
+        ]
+        p_ids, p_mask = left_pad(self._prompts(trainer, step, records), tokenizer.pad_token_id)
+        r_ids, r_mask = right_pad([r[:limit] for r in refs], tokenizer.pad_token_id)
+        rows = {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+        tokens = float(r_mask.sum())
+        info = {
+            "tokens": tokens,
+            "response_len": tokens / len(records),
+            "truncated_frac": sum(len(r) > limit for r in refs) / len(records),
+        }
+        return Prepared(rows, trainer.world / max(tokens, 1.0), info)
+
+    def _prompts(self, trainer: Trainer, step: int, records: list[dict]) -> list[list[int]]:
+        """The student prompt, or for ``teacher_prompt_frac`` of the examples the teacher's
+        privileged prompt at a uniform random exposure (seeded by run seed and step)."""
+        rng = random.Random(f"sft-prompts/{self.cfg.seed}/{step}")
+        frac = self.cfg.algorithm.sft.teacher_prompt_frac
+        prompts = []
+        for r in records:
+            if frac and rng.random() < frac:
+                messages = teacher_messages(
+                    r["problem"], r["reference"], r["answer"], rng.random(), self.cfg.prompts
+                )
+                prompts.append(encode_chat(trainer.tokenizer, messages, self.cfg.model.teacher_thinking))
+            else:
+                prompts += trainer.student_prompts([r["problem"]])
+        return prompts
+
+    def loss(self, out: Response, rows: dict, prepared: Prepared) -> tuple:
+        loss = nll_loss(out.hidden, out.tokens, project=out.head)
+        return loss * prepared.scale, loss.detach()[None]
+
+    def metrics(self, totals: dict[str, float], prepared: Prepared) -> dict:
+        tokens = prepared.info["tokens"]
+        return prepared.info | {"loss": totals["loss"] / max(tokens, 1.0), "tokens": int(tokens)}
+
+
+class SFT(Algorithm):
+    settings = ("sft", SFTConfig)
+
+    def objective(self, cfg: Config, signals: frozenset[str]) -> SFTObjective:
+        return SFTObjective(cfg)
+
+    def launch(
+        self, cfg: Config, actors: Actors, step: int, batch: list[dict], rollouts: list[ray.ObjectRef] | None
+    ) -> Launched:
+        return Launched(actors.students.collective("train_step", step, ray.put(batch)))
+
+
+ALGORITHMS = (SFT("sft"),)

@@ -11,7 +11,7 @@ from atesd_ray.config import Config
 from atesd_ray.console import actor_env_vars
 from atesd_ray.runtime.cluster import ActorGroup, Placement, merge_bundles, role_bundle
 from atesd_ray.runtime.faults import restart_limit
-from atesd_ray.runtime.weight_sync import WeightSync, make_weight_sync
+from atesd_ray.runtime.weight_sync import WeightTransport, make_weight_sync
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Actors:
     rollouts: ActorGroup
     teachers: ActorGroup
     controller: ActorHandle
-    weight_sync: WeightSync
+    weight_sync: WeightTransport
     topology: list[dict]
     shared: list[Placement] = field(default_factory=list)  # placements of colocated roles
 
@@ -54,24 +54,34 @@ def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
 
 
 def build_actors(
-    cfg: Config, total_steps: int, name: str, timeline_path: str | None = None, run: str = ""
+    cfg: Config,
+    total_steps: int,
+    name: str,
+    timeline_path: str | None = None,
+    run: str = "",
+    signals: frozenset[str] | None = None,
 ) -> Actors:
     """Rollout, teacher, student and controller actors in their placement groups; weight sync set up.
     ``timeline_path``: where the controller keeps its decision timeline up to date; ``run`` labels
-    the controller's Prometheus series.
+    the controller's Prometheus series. ``signals``: what a step must measure besides the
+    algorithm's own statistics (default: what the controller declares it needs); the teachers and
+    the algorithm's objective are built with them.
 
     Placement groups per role: the student ranks per ``cluster.student_strategy`` (PACK: as few
     nodes as possible), rollout and teacher replicas per theirs (SPREAD). With
     ``cluster.colocate_rollout`` each student bundle also holds one rollout replica. Whatever was
     created is torn down again if a later actor cannot be built.
     """
-    from controller.actor import ExposureController
+    from atesd_ray import algorithms
+    from controller.actor import ExposureController, needed_signals
     from workers.rollout import RolloutWorker
     from workers.student import StudentRank
     from workers.teacher import TeacherWorker
 
     c = cfg.cluster
     ranks = cfg.trainer.ranks
+    signals = needed_signals(cfg) if signals is None else signals
+    objective = algorithms.get(cfg.algorithm.name).objective(cfg, signals)
     timeout = c.placement_timeout_s
     created: list = []
     try:
@@ -86,7 +96,7 @@ def build_actors(
             c.student,
             c.student_strategy,
             f"{name}-student",
-            lambda i: ((cfg, i, ranks), {}),
+            lambda i: ((cfg, i, ranks, objective), {}),
             placement=shared,
             timeout_s=timeout,
         )
@@ -109,7 +119,7 @@ def build_actors(
             c.teacher,
             c.teacher_strategy,
             f"{name}-teacher",
-            lambda i: ((cfg, i), {}),
+            lambda i: ((cfg, i, signals), {}),
             max_restarts=restart_limit(cfg, "teacher"),
             timeout_s=timeout,
         )

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import ray
+from ray.actor import ActorHandle
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
@@ -21,8 +22,8 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from atesd_ray.config import ClusterConfig, RoleResources
 from atesd_ray.console import actor_env_vars, quiet
+from atesd_ray.sections_run import ClusterConfig, RoleResources
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,24 @@ JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 class ClusterError(RuntimeError):
     pass
+
+
+def free_port() -> int:
+    """A free TCP port on this node (for a process group's store)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``items`` in at most ``parts`` consecutive chunks whose sizes differ by at most one; no empty chunk."""
+    per, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + per + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return [chunk for chunk in out if chunk]
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -279,7 +298,33 @@ class ActorGroup:
         return len(self.actors)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """``method`` on every actor; one ref each."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def collective(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """``method`` on every actor, which run it together (FSDP ranks gather and reduce as one);
+        the ref of rank 0's answer, which speaks for all."""
+        return self.call(method, *args, **kwargs)[0]
+
+    def serving(self, i: int) -> ActorHandle:
+        """The actor that serves item i of a list handed out round robin."""
+        return self.actors[i % len(self.actors)]
+
+    def round_robin(self, method: str, items: list, *args: Any) -> list[ray.ObjectRef]:
+        """``method(item, *args)`` for each item, item i on actor i mod N; one ref per item."""
+        return [getattr(self.serving(i), method).remote(item, *args) for i, item in enumerate(items)]
+
+    def map(self, method: str, items: list, *args: Any, seed: int | None = None) -> list:
+        """``method(chunk, *args)`` on actor i for the i-th of even chunks of ``items`` (with
+        ``seed=seed + i`` when a seed is given), in parallel; waits, and returns the results in item order."""
+        chunks = split_evenly(items, len(self.actors))
+        refs = [
+            getattr(self.actors[i], method).remote(
+                chunk, *args, **({} if seed is None else {"seed": seed + i})
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        return [out for part in ray.get(refs) for out in part]
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -1,12 +1,16 @@
-"""What a weight sync carries, produced one tensor at a time from the (FSDP2-sharded) student.
-
-Receivers name the format they load (``WeightReceiver.weight_format``):
+"""What a weight sync carries, both ends: produced one tensor at a time from the (FSDP2-sharded)
+student, and loaded by the receiver. Receivers name the format they load (``weight_format``):
 
 - ``trainable``: the tensors that train (every weight, or only LoRA's A and B), named as in the
   student. Receivers holding the same network (HF engines, a live or EMA teacher) copy them in by
-  name.
-- ``merged``: every weight of the base network under its Hugging Face name, LoRA merged in
-  (W + alpha/r * B A). For engines that load checkpoints by HF name and know nothing of PEFT (vLLM).
+  name (``weights.load_into``).
+- ``merged``, the vLLM load path: every weight of the base network under its Hugging Face name,
+  LoRA merged in (W + alpha/r * B A), for engines that load checkpoints by HF name and know
+  nothing of PEFT. :func:`load_merged` loads them with vLLM's own in-place reload
+  (``reload_weights(is_checkpoint_format=True)``: the fused qkv/gate-up layers are filled and
+  re-packed for the CPU GEMM kernels; a partial bucket is fine), re-packs a tied LM head, which the
+  reload does not touch (:class:`VLLMWorkerExtension`, inside vLLM's worker), and drops the prefix
+  cache, whose KV was computed with the old weights.
 
 Parameters are gathered one at a time (``DTensor.full_tensor``, a collective every rank joins in
 the same order), so a bucketed sync holds one bucket at a time instead of a second copy of the
@@ -81,3 +85,25 @@ def stream_weights(
             yield f"{module}.weight", merged.to(dtype)
     if pending:
         raise ValueError(f"LoRA layers without all of base weight, A and B: {sorted(pending)[:3]}")
+
+
+class VLLMWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``); ``self`` is the worker."""
+
+    def load_hf_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Load whole tensors by Hugging Face name, in place; returns how many were given."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        for module in self.model_runner.get_model().modules():
+            # a tied head shares the embedding's tensor, but the CPU backend packed its own copy of it
+            if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
+                module.quant_method.process_weights_after_loading(module)
+        return len(named)
+
+
+def load_merged(llm, named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Whole tensors by Hugging Face name (all of them or one bucket) into a ``vllm.LLM`` running in
+    this process, in place; then its prefix cache is reset."""
+    llm.collective_rpc("load_hf_weights", args=([(n, t.to(dtype)) for n, t in named.items()],))
+    llm.reset_prefix_cache()

@@ -1,5 +1,6 @@
 """What the driver runs beside training: the live page, the trainer's Prometheus series, and at
-the end of the run the timeline PNG."""
+the end of the run the timeline PNG. A watcher of ``atesd_ray.train.run``; the entry point
+(``atesd_ray/main.py``) starts one for every training job."""
 
 from __future__ import annotations
 
@@ -35,11 +36,19 @@ class RunMonitor:
     def record(self, step: int, metrics: dict) -> None:
         self.metrics.record(step, metrics)
 
-    def render(self) -> None:
+    def finish(self) -> dict:
+        """At the end of the run: the timeline PNG; the page's address for the run's summary."""
         path = render_timeline(self.run_dir)
         if path is not None:
             print(f"controller timeline: {path}", flush=True)
+        return {"dashboard": self.url}
 
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+    def __enter__(self) -> RunMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

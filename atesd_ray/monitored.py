@@ -4,7 +4,7 @@ All live trajectories advance one step per round, and every round is batched ove
 
 1. the rollout actors write the next step of each live trajectory (``RolloutWorker.next_steps``);
 2. the teacher actors value those steps (``TeacherWorker.step_values``);
-3. the algorithm's rule (:mod:`atesd_ray.algorithms.motab`) accepts or rejects each step;
+3. the algorithm's rule (:mod:`atesd_ray.trajectories`) accepts or rejects each step;
 4. the teacher writes where needed (``TeacherWorker.continue_from``): after a MOTAB breach, the
    rest of the solution from the state before the root cause t* (one takeover per trajectory, up
    to ``rollout.max_new_tokens`` tokens); for a step SKD rejects, that one step.
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import ray
-
-from atesd_ray.algorithms.distill import split_evenly
-from atesd_ray.algorithms.motab import (
+from atesd_ray.sampling import SamplingParams, rollout_seed
+from atesd_ray.trajectories import (
     TEACHER,
     Step,
     Trajectory,
@@ -29,20 +28,10 @@ from atesd_ray.algorithms.motab import (
     safety_boundary,
     skd_accept,
 )
-from atesd_ray.config import Config
-from workers.engines import SamplingParams
-from workers.rollout import rollout_seed
 
-
-def _spread(actors: list, method: str, items: list, *args, seed: int | None = None) -> list:
-    """``method(chunk, *args)`` on actor i for chunk i of ``items``, in parallel, with ``seed=seed + i``
-    when a seed is given; results in item order."""
-    chunks = split_evenly(items, len(actors))
-    refs = [
-        getattr(actors[i], method).remote(chunk, *args, **({} if seed is None else {"seed": seed + i}))
-        for i, chunk in enumerate(chunks)
-    ]
-    return [out for part in ray.get(refs) for out in part]
+if TYPE_CHECKING:
+    from atesd_ray.config import Config
+    from atesd_ray.runtime.cluster import ActorGroup
 
 
 def _seed(cfg: Config, step: int, rnd: int, writer: int) -> int:
@@ -77,8 +66,8 @@ def _needs_teacher(cfg: Config, t: Trajectory, candidate: Step, ended: str) -> b
 
 def monitored_rollouts(
     cfg: Config,
-    rollouts: list,
-    teachers: list,
+    rollouts: ActorGroup,
+    teachers: ActorGroup,
     records: list[dict],
     alpha: float | Mapping[str, float],
     step: int,
@@ -102,13 +91,13 @@ def monitored_rollouts(
         if not live:
             break
         states = [{"problem": t.record["problem"], "response_ids": t.response_ids} for t in live]
-        candidates = _spread(rollouts, "next_steps", states, min_version, seed=_seed(cfg, step, rnd, 0))
+        candidates = rollouts.map("next_steps", states, min_version, seed=_seed(cfg, step, rnd, 0))
         for t, c in zip(live, candidates, strict=True):
             if not c["ids"]:
                 t.close("eos")  # the student ended without writing another step
         written = [(t, c) for t, c in zip(live, candidates, strict=True) if t.live]
         items = [_state(t) | {"step_ids": c["ids"], "step_text": c["text"]} for t, c in written]
-        values = _spread(teachers, "step_values", items, alpha)
+        values = teachers.map("step_values", items, alpha)
         pending: list[tuple[Trajectory, Step]] = []
         for (t, c), v in zip(written, values, strict=True):
             boundary = safety_boundary(v["entropy"], m.eps0, m.theta)
@@ -118,9 +107,7 @@ def monitored_rollouts(
         if not pending:
             continue
         items = [_state(t) for t, _ in pending]
-        pieces = _spread(
-            teachers, "continue_from", items, alpha, teacher_params, seed=_seed(cfg, step, rnd, 1)
-        )
+        pieces = teachers.map("continue_from", items, alpha, teacher_params, seed=_seed(cfg, step, rnd, 1))
         for (t, candidate), p in zip(pending, pieces, strict=True):
             if not skd:
                 t.take_over(p["ids"], p["text"], p["ended"])

@@ -1,0 +1,147 @@
+"""The student-side half of an algorithm (:class:`Objective`), and the batch helpers objectives share.
+
+The student trainer (``workers/student.py``) runs every objective in one loop:
+
+1. ``prepare(trainer, step, *inputs)`` on every rank: the step's object refs are resolved inside
+   the actor (never in the driver) and the batch is laid out as per-row tensors (``Prepared.rows``);
+2. micro-batches of this rank's rows go through the FSDP root's forward, which computes the final
+   hidden states at the valid response positions and hands them to ``loss`` (:class:`Response`),
+   so that the LM head is applied chunk by chunk while it is unsharded; gradients accumulate;
+3. ``metrics(totals, prepared)`` reads the statistics summed over micro-batches and ranks; the
+   trainer then clips, steps (unless the loss or the gradient is non-finite on any rank) and
+   schedules the learning rate.
+
+Losses are sums divided by a normalizer of the whole batch (say, its valid response tokens over all
+ranks, ``Trainer.total_over_ranks``), so N ranks give the gradient of one process that saw it all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import ray
+import torch
+from torch import Tensor, nn
+from verl import DataProto
+
+from atesd_ray.losses import TeacherTargets
+
+ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+TEACHER_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_sampled_logprob")
+
+
+@dataclass
+class Response:
+    """The student at the valid response positions of one micro-batch, flattened over them."""
+
+    hidden: Tensor  # [N, H] final hidden states
+    tokens: Tensor  # [N] the response tokens there
+    valid: Tensor  # [B, W] bool: which response positions they are
+    head: nn.Module  # hidden states -> logits
+
+
+@dataclass
+class Prepared:
+    """One step's batch on one rank: per-row tensors (micro-batches are cut from them), the factor
+    each micro-batch's loss is multiplied by, and what ``metrics`` needs besides the sums."""
+
+    rows: dict[str, Tensor]
+    scale: float = 1.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.rows.values())).shape[0]
+
+
+class Trainer(Protocol):
+    """What ``prepare`` may use of the student rank."""
+
+    cfg: Any
+    tokenizer: Any
+    rank: int
+    world: int
+
+    def total_over_ranks(self, mask: Tensor) -> float: ...
+
+
+class Objective:
+    """Subclasses name their summed statistics (``stats``; the first is the objective's loss sum)."""
+
+    stats: ClassVar[tuple[str, ...]]
+
+    def prepare(self, trainer: Trainer, step: int, *inputs: Any) -> Prepared:
+        raise NotImplementedError
+
+    def loss(self, out: Response, rows: dict[str, Tensor], prepared: Prepared) -> tuple[Tensor, Tensor]:
+        """(the micro-batch's loss, already scaled, to backpropagate; [len(stats)] float sums)."""
+        raise NotImplementedError
+
+    def metrics(self, totals: dict[str, float], prepared: Prepared) -> dict:
+        """The step's metrics from the summed statistics; ``loss`` among them."""
+        raise NotImplementedError
+
+
+def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
+    """One batch from per-chunk batches, and their per-chunk meta (which differs, e.g. timings).
+
+    Each chunk is padded to its own widths (another replica, other prompts), so per-position
+    tensors are first padded to the widest chunk: prompts on the left, responses and per-token
+    targets on the right, with masks 0 over the padding.
+    """
+    metas = [p.meta_info for p in parts]
+    for p in parts:
+        p.meta_info = {}
+    for key in parts[0].batch.keys():
+        if parts[0].batch[key].dim() < 2:
+            continue
+        width = max(p.batch[key].shape[1] for p in parts)
+        for p in parts:
+            gap = width - p.batch[key].shape[1]
+            if gap:
+                side = [gap, 0] if key.startswith("prompt_") else [0, gap]
+                p.batch[key] = torch.nn.functional.pad(p.batch[key], [0, 0] * (p.batch[key].dim() - 2) + side)
+    return DataProto.concat(parts), metas
+
+
+def fetch(refs: list[ray.ObjectRef]) -> tuple[DataProto, list[dict]]:
+    """The chunks behind ``refs`` as one batch (see :func:`concat`)."""
+    return concat(ray.get(refs))
+
+
+def take(data: DataProto, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """The tensors of ``keys`` that ``data`` holds."""
+    return {k: data.batch[k] for k in keys if k in data.batch.keys()}
+
+
+def teacher_targets(rows: dict[str, Tensor], at: Tensor) -> TeacherTargets:
+    """The teacher's targets (``TEACHER_KEYS`` rows) at the response positions ``at`` [B, W]."""
+    ids = rows.get("teacher_ids")
+    return TeacherTargets(
+        rows["teacher_logprobs"][at],
+        None if ids is None else ids[at].long(),
+        rows["teacher_sampled_logprob"][at],
+    )
+
+
+def rollout_metrics(step: int, rollout: DataProto, meta: list[dict]) -> dict:
+    """What the step's rollouts say about generation (the same on every rank)."""
+    lengths = rollout.batch["response_mask"].sum(-1).float()
+    finish = rollout.non_tensor_batch["finish_reason"]
+    version = min(m["weight_version"] for m in meta)
+    return {
+        "accuracy": float(rollout.batch["reward"].mean()),
+        "response_len": float(lengths.mean()),
+        "truncated_frac": float((finish == "length").mean()),
+        "rollout_version": version,
+        "staleness": step - version,
+        "time_rollout_s": max(m["time_s"] for m in meta),
+    }
+
+
+def teacher_metrics(teacher: DataProto, meta: list[dict]) -> dict:
+    """What the step's teacher targets say (the same on every rank)."""
+    out = {"time_teacher_s": max(m["time_s"] for m in meta)}
+    if "grounding" in teacher.batch.keys():  # measured when the controller asked for it
+        out["grounding"] = float(teacher.batch["grounding"].mean())
+    return out

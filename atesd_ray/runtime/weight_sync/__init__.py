@@ -1,0 +1,176 @@
+"""One weight-sync interface, several transports (NeMo-RL style).
+
+The training loop calls ``weight_sync.sync(version)`` and waits on the refs it returns; it never
+knows how the bytes travel. Each transport is one module of this package holding its three sides:
+the driver's :class:`WeightTransport` subclass (``TRANSPORT``), and the functions it runs inside the
+student ranks (senders) and inside the receivers, through their ``weight_transfer`` method:
+
+- ``object_store``: rank 0 packs the weights into one numpy buffer that Ray's object store hands
+  to every receiver zero-copy on the same node. The default on CPU.
+- ``collective``: a broadcast from rank 0 over a process group of its own (gloo on CPU, NCCL on
+  GPU), in buckets of at most ``trainer.weight_bucket_mb``.
+- ``cuda_ipc``: rollouts colocated with the student ranks read student rank i's GPU bucket buffer
+  through a CUDA IPC handle.
+
+Senders are the student ranks (:class:`WeightSender`; all take part, since gathering FSDP shards
+is collective). Receivers are rollout actors and, when the teacher is ``live`` or ``ema``, teacher
+actors (:class:`WeightReceiver`); they name the format they load
+(``atesd_ray/runtime/weight_formats.py``: the trainable tensors for HF engines, whole weights with
+LoRA merged for vLLM).
+
+Every sync carries a version: the student's update count. A sync of a version the student does not
+hold (the update behind it failed) is refused the same way by every transport: its refs resolve as
+usual, nothing moves, and every receiver keeps and answers the version it holds; the step then
+fails on the update's own error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import ray
+import torch
+from ray.actor import ActorHandle
+
+from atesd_ray.runtime.weights import TensorSpec, layout, split_buckets
+
+if TYPE_CHECKING:
+    from atesd_ray.runtime.cluster import ActorGroup
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("object_store", "collective", "cuda_ipc")
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout was asked to run on weights older than the configured staleness allows."""
+
+
+class WeightSender:
+    """Mixin of a student rank. Subclasses set ``rank``, ``device`` and ``step`` (updates applied)
+    and implement :meth:`weight_stream`."""
+
+    rank: int
+    device: torch.device
+    step: int
+
+    def weight_stream(
+        self, fmt: str, device: torch.device, meta: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors a sync in format ``fmt`` carries, whole, one at a time, in a fixed order."""
+        raise NotImplementedError
+
+    def weight_layout(self, fmt: str) -> list[TensorSpec]:
+        """Names, shapes and dtypes of a sync in format ``fmt`` (from metadata; no gathering)."""
+        return layout(dict(self.weight_stream(fmt, torch.device("meta"), meta=True)))
+
+    def holds_version(self, version: int) -> bool:
+        """Whether a sync tagged ``version`` may go out: it must carry the weights after ``version`` updates."""
+        if version != self.step:
+            log.warning(
+                "sync of version %d refused: the weights are those after %d updates", version, self.step
+            )
+        return version == self.step
+
+    def weight_transfer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a transport's sender-side ``fn(self, *args)`` in this actor."""
+        return fn(self, *args)
+
+
+class WeightReceiver:
+    """Mixin of an actor holding a copy of the student (rollout; live or EMA teacher). Subclasses
+    implement :meth:`apply_weights` (called once per object-store sync, once per bucket of a
+    broadcast or CUDA IPC sync) and set ``payload_format``; ``weight_version`` is the last version
+    fully applied."""
+
+    weight_version: int = 0
+    payload_format: str = "trainable"
+
+    def apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+        raise NotImplementedError
+
+    def weight_format(self) -> str:
+        return self.payload_format
+
+    def weight_transfer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a transport's receiver-side ``fn(self, *args)`` in this actor."""
+        return fn(self, *args)
+
+    def get_weight_version(self) -> int:
+        return self.weight_version
+
+    def ping(self) -> bool:
+        return True
+
+
+class WeightTransport:
+    """The driver's side of a transport: ``sync(version)`` starts moving the weights and returns
+    refs that resolve once every receiver holds ``version`` (or, refused, keeps what it holds)."""
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, students: ActorGroup, receivers: list[ActorHandle], backend: str, bucket_bytes: int = 512 << 20
+    ):
+        self.students = students
+        self.receivers = list(receivers)
+        self.backend = backend
+        self.bucket_bytes = bucket_bytes
+        self.format = "trainable"
+
+    def setup(self) -> None:
+        """Called once the actors exist (and again after a receiver restarts): agree on the format."""
+        formats = set(ray.get([r.weight_format.remote() for r in self.receivers]))
+        if len(formats) > 1:
+            raise ValueError(
+                f"weight receivers want different formats {sorted(formats)} (an HF engine beside a vLLM one); "
+                "use the same engine for the rollout and a live/EMA teacher, or teacher.weights=frozen"
+            )
+        self.format = formats.pop() if formats else "trainable"
+
+    def sync(self, version: int) -> list[ray.ObjectRef]:
+        allowed = self.students.actors[0].holds_version.remote(version)
+        return self.send(version, allowed)
+
+    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """Move the weights tagged ``version``; every call on either side takes ``allowed`` (rank 0's
+        ``holds_version``; Ray resolves it first) and does nothing when it is False."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Release transport resources (process groups, buffers)."""
+
+    def buckets(self) -> list[list[TensorSpec]]:
+        specs = ray.get(self.students.actors[0].weight_layout.remote(self.format))
+        return split_buckets(specs, self.bucket_bytes)
+
+
+def make_weight_sync(
+    transport: str,
+    students: ActorGroup,
+    receivers: list[ActorHandle],
+    backend: str,
+    bucket_bytes: int = 512 << 20,
+) -> WeightTransport:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"trainer.weight_transport: unknown transport '{transport}'")
+    module = importlib.import_module(f"{__name__}.{transport}")
+    return module.TRANSPORT(students, receivers, backend, bucket_bytes)
+
+
+def take_bucket(
+    stream: Iterator[tuple[str, torch.Tensor]], bucket: list[TensorSpec]
+) -> dict[str, torch.Tensor]:
+    """The next ``len(bucket)`` tensors of ``stream``, checked against the bucket's layout."""
+    named = {}
+    for spec in bucket:
+        name, tensor = next(stream)
+        if name != spec.name or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(
+                f"weight stream gave {name} {tuple(tensor.shape)}, the layout expects {spec.name} {spec.shape}"
+            )
+        named[name] = tensor
+    return named

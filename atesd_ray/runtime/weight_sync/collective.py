@@ -1,0 +1,126 @@
+"""Collective transport: a broadcast from student rank 0 to the receivers over a process group of
+their own (gloo on CPU, NCCL on GPU), in buckets of at most ``trainer.weight_bucket_mb``, gathered
+one parameter at a time, so neither side ever holds a second full copy of the model.
+
+The student ranks already form torch.distributed's default group (FSDP2), and a process can hold
+only one default group; ``ray.util.collective``'s gloo backend would try to create a second one.
+So the broadcast gets a standalone ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` on its own
+TCPStore, the way RL frameworks join trainer rank 0 with inference engines.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import ray
+import torch
+import torch.distributed as dist
+
+from atesd_ray.runtime.cluster import free_port
+from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport, take_bucket
+from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
+
+
+class BroadcastGroup:
+    def __init__(
+        self, address: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0
+    ):
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
+        self.rank = rank
+        self.device = torch.device("cpu")
+        if backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
+        elif backend == "gloo":
+            self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        else:
+            raise ValueError(f"weight broadcast backend must be gloo or nccl, got '{backend}'")
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast ``tensor`` in place from ``src`` (moved to the group's device and back)."""
+        on_device = tensor.to(self.device)
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        self.group.broadcast([on_device], options).wait()
+        if on_device is not tensor:
+            tensor.copy_(on_device)
+        return tensor
+
+
+def address(_member: WeightSender) -> tuple[str, int]:
+    """The sender's node address and a free port there, for the group's store."""
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def join(
+    member: WeightSender | WeightReceiver, address: str, port: int, world: int, rank: int, backend: str
+) -> bool:
+    member.weight_group = BroadcastGroup(address, port, rank, world, backend)
+    return True
+
+
+def leave(member: WeightSender | WeightReceiver) -> bool:
+    member.weight_group = None
+    return True
+
+
+def send(sender: WeightSender, fmt: str, buckets: list[list[TensorSpec]], allowed: bool) -> int:
+    """Every student rank walks the whole stream (gathering sharded parameters is collective);
+    rank 0, the group's member, fills and broadcasts one bucket at a time. Returns the bytes sent."""
+    if not allowed:
+        return 0
+    group = getattr(sender, "weight_group", None) if sender.rank == 0 else None
+    stream = sender.weight_stream(fmt, group.device if group is not None else sender.device)
+    sent = 0
+    for bucket in buckets:
+        named = take_bucket(stream, bucket)
+        if group is not None:
+            buffer = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=group.device)
+            group.broadcast(flatten(named, buffer))
+            sent += buffer.numel()
+    return sent
+
+
+def receive(receiver: WeightReceiver, version: int, buckets: list[list[TensorSpec]], allowed: bool) -> int:
+    """Bucket by bucket; every member joins each broadcast, even to discard an old version."""
+    if not allowed:
+        return receiver.weight_version
+    newer = version > receiver.weight_version
+    for bucket in buckets:
+        buffer = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=receiver.weight_group.device)
+        receiver.weight_group.broadcast(buffer)
+        if newer:
+            receiver.apply_weights(unflatten(buffer, bucket), version)
+    if newer:
+        receiver.weight_version = version
+    return receiver.weight_version
+
+
+class CollectiveSync(WeightTransport):
+    name = "collective"
+
+    def setup(self) -> None:
+        super().setup()
+        sender = self.students.actors[0]
+        host, port = ray.get(sender.weight_transfer.remote(address))
+        members = [sender, *self.receivers]
+        ray.get(
+            [
+                m.weight_transfer.remote(join, host, port, len(members), rank, self.backend)
+                for rank, m in enumerate(members)
+            ]
+        )
+        self.layout = ray.put(self.buckets())  # the layout travels once, by reference
+
+    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
+        sent = self.students.call("weight_transfer", send, self.format, self.layout, allowed)
+        return sent + [
+            r.weight_transfer.remote(receive, version, self.layout, allowed) for r in self.receivers
+        ]
+
+    def teardown(self) -> None:
+        ray.get([m.weight_transfer.remote(leave) for m in [self.students.actors[0], *self.receivers]])
+
+
+TRANSPORT = CollectiveSync

