@@ -90,6 +90,9 @@ class TrackingConfig(Section):
     )
     project: str = "atesd-ray"
     experiment: str | None = None  # None: derived from the run directory
+    # the probe NLL (the student's NLL of the probe set's references) is logged every this many steps
+    # and at the last; every step whatever this says when the exposure controller learns from it
+    probe_every: int = setting(1, positive)
 
 
 @dataclass

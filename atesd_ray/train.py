@@ -128,7 +128,7 @@ def _launch(
         sampler.consumed = 0
         start, prefetched = _restore(actors, checkpoint, sampler) if checkpoint else (0, None)
         ray.get(actors.weight_sync.sync(version=start))
-        if start == 0:
+        if start == 0 and "probe_nll" in actors.signals:
             ray.get(actors.controller.baseline.remote(0, actors.students.collective("probe_nll")))
     except BaseException:
         actors.shutdown()

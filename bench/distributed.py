@@ -94,7 +94,9 @@ class DistributedStep:
         ray.get(controller.baseline.remote(self.step_index, self.actors.students.collective("probe_nll")))
         self.actors.teachers.shutdown()
         ray.kill(self.actors.controller, no_restart=True)
-        self.actors = dataclasses.replace(self.actors, controller=controller, teachers=teachers)
+        self.actors = dataclasses.replace(
+            self.actors, controller=controller, teachers=teachers, signals=signals
+        )
         self.cfg = cfg
 
     def run(self) -> dict:

@@ -31,10 +31,11 @@ TENSOR_FILE = "controller_policy.pt"
 
 def needed_signals(cfg: Config) -> frozenset[str]:
     """What the controller reads from a step besides the student's loss statistics, declared once
-    when the run's actors are built: the teacher's grounding signal g when it scores its decisions,
-    and per-problem statistics from the student when it acts per problem."""
+    when the run's actors are built: the teacher's grounding signal g and the probe NLL (a state
+    feature, and the default progress signal) every step when it scores its decisions, and
+    per-problem statistics from the student when it acts per problem."""
     c = cfg.controller
-    signals = {"grounding"} if c.scores_decisions else set()
+    signals = {"grounding", "probe_nll"} if c.scores_decisions else set()
     if c.granularity == "example":
         signals.add("per_example")
     return frozenset(signals)
@@ -62,7 +63,7 @@ class ExposureController:
         return True
 
     @once_per_step
-    def observe(self, step: int, stats: dict, probe_nll: float) -> dict[str, float]:
+    def observe(self, step: int, stats: dict, probe_nll: float | None) -> dict[str, float]:
         """Step ``step``'s statistics; returns the controller's metrics for tracking (its series
         are also exported to Prometheus)."""
         metrics = self.controller.observe(step, stats, probe_nll)

@@ -141,7 +141,7 @@ class Controller:
         if self.c.progress_signal == "probe_nll":
             self.signal[step] = float(probe_nll)
 
-    def observe(self, step: int, stats: dict, probe_nll: float) -> dict[str, float]:
+    def observe(self, step: int, stats: dict, probe_nll: float | None) -> dict[str, float]:
         """Fold in step ``step``'s statistics; score finished decisions; learn from full batches."""
         if not self.tracks:
             return {}

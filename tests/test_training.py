@@ -104,3 +104,17 @@ def test_lora_run_trains_and_checkpoints_only_the_adapter(ray_cluster, tmp_path)
     assert summary["final_metrics"]["grad_norm"] > 0
     saved = load_file(str(out / "checkpoints" / "step_2" / "student" / "student.safetensors"))
     assert saved and all("lora_" in name for name in saved)
+
+
+@pytest.mark.ray
+def test_the_probe_runs_at_its_cadence_unless_the_controller_learns_from_it(ray_cluster, tmp_path):
+    """``tracking.probe_every=2``: OPSD logs the probe NLL after steps 2 and 3 (the last) only; an
+    ATESD controller declares that it reads it every step, so every step measures it."""
+    cadence = ["trainer.total_steps=3", "tracking.probe_every=2"]
+    opsd = tmp_path / "opsd"
+    run(make_config(*TINY, *cadence, f"run_dir={opsd}"), opsd)
+    assert [("probe_nll" in m) for m in metrics(opsd)] == [False, True, True]
+    atesd = tmp_path / "atesd"
+    learned = ["algorithm=atesd", "controller.hold=1", "controller.lookahead=1", "controller.batch_decisions=2"]
+    run(make_config(*TINY, *cadence, *learned, f"run_dir={atesd}"), atesd)
+    assert [("probe_nll" in m) for m in metrics(atesd)] == [True, True, True]

@@ -1,6 +1,7 @@
 """Student trainer rank: one process of an FSDP2 group (gloo on CPU, NCCL on GPU).
 
-Every rank holds a shard of the student. A training step runs the algorithm's objective
+Every rank holds a shard of the student (a single rank holds the plain model: FSDP would only add
+copies). A training step runs the algorithm's objective
 (``atesd_ray/objective.py``, given at construction) in one loop shared by every algorithm: this
 rank's contiguous share of the rows in micro-batches, gradients accumulated to the configured
 effective batch, clipped, one AdamW step. The rank also measures (probe NLL, per-token mismatch,
@@ -122,9 +123,10 @@ class StudentRank(WeightSender):
         self.model = load_model(self.cfg.model, vocab_size=len(self.tokenizer)).to(self.device)
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.policy = StudentPolicy(self.model)
-        for layer in self.model.get_decoder().layers:
-            fully_shard(layer)
-        fully_shard(self.policy, reshard_after_forward=False)
+        if self.world > 1:  # one rank holds the whole model: sharding it would only copy it
+            for layer in self.model.get_decoder().layers:
+                fully_shard(layer)
+            fully_shard(self.policy, reshard_after_forward=False)
         t = self.cfg.trainer
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -200,7 +202,7 @@ class StudentRank(WeightSender):
         total = torch.zeros(width, dtype=torch.float64)
         for i, idx in enumerate(batches):
             weight = 1.0 if idx else 0.0
-            if train:
+            if train and self.world > 1:
                 self.policy.set_requires_gradient_sync(i == len(batches) - 1)
             loss, stats = self.policy(self._slice(rows, idx), fn)
             if train:

@@ -10,7 +10,8 @@ An :class:`Algorithm` (one module of this package) brings
   ranks' ``train_step``, as object refs passed between actors (:class:`Launched`).
 
 :func:`run_step` is the rest of every step: the rollouts of the next step when they may run ahead,
-the weight sync, the probe NLL, the controller's observation and the step's metrics.
+the weight sync, the probe NLL (every step when the controller learns from it, else every
+``tracking.probe_every`` steps), the controller's observation and the step's metrics.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def run_step(
             actors, next_batch, step + 1, min_version=step + 1 - cfg.rollout.max_staleness
         )
     synced = actors.weight_sync.sync(version=step + 1)
-    probe = actors.students.collective("probe_nll")
+    done, every = step + 1, cfg.tracking.probe_every
+    probe = None
+    if "probe_nll" in actors.signals or done % every == 0 or done == cfg.trainer.total_steps:
+        probe = actors.students.collective("probe_nll")
     observed = actors.controller.observe.remote(step, launched.stats, probe)
     *_, controller_metrics = ray.get(synced + [observed])
     t_sync = time.perf_counter()
@@ -102,9 +106,10 @@ def run_step(
     if launched.alpha is not None:
         alpha = ray.get(launched.alpha) if isinstance(launched.alpha, ray.ObjectRef) else launched.alpha
         metrics["alpha"] = float(alpha) if not isinstance(alpha, dict) else sum(alpha.values()) / len(alpha)
+    if probe is not None:
+        metrics["probe_nll"] = ray.get(probe)
     metrics.update(
         controller_metrics,
-        probe_nll=ray.get(probe),
         weight_version=step + 1,
         step_time_s=time.perf_counter() - t0,
         time_to_sync_s=t_sync - t0,

@@ -22,6 +22,7 @@ class Actors:
     controller: ActorHandle
     weight_sync: WeightTransport
     topology: list[dict]
+    signals: frozenset[str]  # what each step measures for the run's consumers (build_actors)
     shared: list[Placement] = field(default_factory=list)  # placements of colocated roles
 
     def placement_report(self) -> dict:
@@ -147,4 +148,6 @@ def build_actors(
         for thing in reversed(created):
             _release(thing)
         raise
-    return Actors(students, rollouts, teachers, controller, weight_sync, topology, [shared] if shared else [])
+    return Actors(
+        students, rollouts, teachers, controller, weight_sync, topology, signals, [shared] if shared else []
+    )
