@@ -64,6 +64,8 @@ class Trainer(Protocol):
 
     def total_over_ranks(self, mask: Tensor) -> float: ...
 
+    def student_prompts(self, problems: list[str]) -> list[list[int]]: ...
+
 
 class Objective:
     """Subclasses name their summed statistics (``stats``; the first is the objective's loss sum)."""

@@ -20,15 +20,20 @@ WORKLOADS = {
 }
 
 
-def bench_config(model: str, *extra: str) -> Config:
-    w = WORKLOADS[model]
+def bench_config(
+    model: str, *extra: str, prompts: int | None = None, new_tokens: int | None = None
+) -> Config:
+    """The workload's config (``prompts`` per step, ``new_tokens`` each: the model's workload unless
+    given), with Hydra overrides ``extra``."""
+    prompts = prompts or WORKLOADS[model]["prompts"]
+    new_tokens = new_tokens or WORKLOADS[model]["new_tokens"]
     overrides = [
         f"model={model}",
-        f"trainer.prompts_per_step={w['prompts']}",
-        f"trainer.micro_batch={w['prompts']}",
-        f"rollout.micro_batch={w['prompts']}",
-        f"teacher.micro_batch={w['prompts']}",
-        f"rollout.max_new_tokens={w['new_tokens']}",
+        f"trainer.prompts_per_step={prompts}",
+        f"trainer.micro_batch={prompts}",
+        f"rollout.micro_batch={prompts}",
+        f"teacher.micro_batch={prompts}",
+        f"rollout.max_new_tokens={new_tokens}",
         "rollout.n_samples=1",
         "rollout.temperature=1.0",
         "rollout.top_p=1.0",
@@ -39,6 +44,9 @@ def bench_config(model: str, *extra: str) -> Config:
         "data.synthetic.n_eval=8",
         "data.synthetic.levels=[1]",
         "data.probe_size=2",
+        # OPSD's step reads no probe NLL (an ATESD controller declares it and gets it every step); the
+        # single-process reference measures none either
+        "tracking.probe_every=1000",
         "tracking.backends=[jsonl]",
         "dashboard.enabled=false",
         *extra,

@@ -93,12 +93,15 @@ def render(out: Path) -> str:
     ]
 
     lines += _table(
-        "(d) Weight sync (student rank 0 -> rollout)", ["run", "transport", "MB", "seconds", "GB/s"]
+        "(d) Weight sync (student rank 0 -> rollout)",
+        ["run", "transport", "MB", "seconds", "GB/s", "x in-process copy"],
     )
     for label, d in _versions(out, "weight_sync"):
         for name, t in d["by_transport"].items():
+            copy = d["by_transport"]["in_process_copy"]["seconds"]["median"]
             lines.append(
-                f"| {label} | {name} | {d['bytes'] / 1e6:.0f} | {_s(t['seconds']['median'])} | {t['gb_per_s']:.2f} |"
+                f"| {label} | {name} | {d['bytes'] / 1e6:.0f} | {_s(t['seconds']['median'])} | {t['gb_per_s']:.2f} | "
+                f"{t['seconds']['median'] / copy:.1f} |"
             )
 
     lines += _table(
@@ -128,4 +131,29 @@ def render(out: Path) -> str:
             f"| {label} | vLLM / HF | | | {d['ratio_rollout_vllm_over_hf']:.2f}x | "
             f"{d['ratio_scoring_hf_over_vllm']:.2f}x faster |"
         )
+    lines += _table(
+        "(g) Scaling: step time against prompts per step and generation length (alternating)",
+        [
+            "run",
+            "prompts x new tokens",
+            "tokens",
+            "distributed s",
+            "single-process s",
+            "ratio",
+            "tokens/s (dist / single)",
+        ],
+    )
+    for label, d in _versions(out, "scaling"):
+        for r in d["shapes"]:
+            lines.append(
+                f"| {label} | {r['prompts']} x {r['new_tokens']} | {r['tokens']['median']:.0f} | "
+                f"{_s(r['distributed_s']['median'])} | {_s(r['single_process_s']['median'])} | "
+                f"{r['ratio_distributed_over_single']:.2f} | {r['distributed_tokens_per_s']:.1f} / "
+                f"{r['single_process_tokens_per_s']:.1f} |"
+            )
+        for arm, f in d["fit"].items():
+            lines.append(
+                f"| {label} | fit: {arm} | | {_s(f['intercept_s'])} s + {_s(f['per_1k_tokens_s'])} s per 1k tokens "
+                f"| R² {f['r2']:.3f} | | |"
+            )
     return "\n".join(lines) + "\n"

@@ -4,7 +4,8 @@
 
 Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
-against vLLM) and the tables in ``README.md``.
+against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length) and
+the tables in ``README.md``.
 (a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's GKD
 step in turn (ABCABC...), so load from other processes on the machine falls on all three alike;
 the first round is a warm-up and is not counted.
@@ -22,7 +23,7 @@ import ray
 import torch
 
 from atesd_ray.config import Config
-from bench import engines, memory, report, weight_sync
+from bench import engines, memory, report, scaling, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
 from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
 from bench.single_process import SingleProcessStep
@@ -144,6 +145,11 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_f["load_average"] = load_average()
     _write(out, f"{prefix}engines.json", results_f)
 
+    results_g = context | scaling.measure(model, repeats)
+    results_g["load_average"] = load_average()
+    _write(out, f"{prefix}scaling.json", results_g)
+    scaling.plot(results_g, out / f"{prefix}scaling.png")
+
     parts = {
         "step_breakdown": results_a,
         "overhead": results_b,
@@ -151,6 +157,7 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
         "weight_sync": results_d,
         "memory": results_e,
         "engines": results_f,
+        "scaling": results_g,
     }
     (out / "README.md").write_text(report.render(out))
     return parts

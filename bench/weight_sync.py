@@ -66,7 +66,12 @@ def measure(dist: DistributedStep, repeats: int) -> dict:
         "receivers": len(actors.rollouts.actors),
         "by_transport": {},
     }
+    in_process = summary(seconds["in_process_copy"][1:])["median"]
     for name, values in seconds.items():
         timed = summary(values[1:])
-        out["by_transport"][name] = {"seconds": timed, "gb_per_s": nbytes / timed["median"] / 1e9}
+        out["by_transport"][name] = {
+            "seconds": timed,
+            "gb_per_s": nbytes / timed["median"] / 1e9,
+            "ratio_over_copy": timed["median"] / in_process,
+        }
     return out

@@ -13,7 +13,7 @@ from bench.run import TOPK, run
 @pytest.mark.ray
 def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     parts = run("tiny", 1, tmp_path)
-    for name in ("step_breakdown", "overhead", "peer_trl", "weight_sync", "memory", "engines"):
+    for name in ("step_breakdown", "overhead", "peer_trl", "weight_sync", "memory", "engines", "scaling"):
         assert json.loads((tmp_path / f"{name}.json").read_text()) == json.loads(json.dumps(parts[name]))
         assert parts[name]["machine"]["cores"] >= 1
 
@@ -49,6 +49,11 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
             f["rollout_tokens_per_s"][engine]["median"] > 0 and f["teacher_scoring_s"][engine]["median"] > 0
         )
     assert f["ratio_rollout_vllm_over_hf"] > 0 and f["ratio_scoring_hf_over_vllm"] > 0
+
+    g = parts["scaling"]
+    assert len(g["shapes"]) >= 3 and (tmp_path / "scaling.png").stat().st_size > 0
+    assert all(r["distributed_s"]["median"] > 0 and r["single_process_s"]["median"] > 0 for r in g["shapes"])
+    assert {r["tokens"]["median"] for r in g["shapes"]} != {g["shapes"][0]["tokens"]["median"]}
 
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table

@@ -115,6 +115,11 @@ def test_the_probe_runs_at_its_cadence_unless_the_controller_learns_from_it(ray_
     run(make_config(*TINY, *cadence, f"run_dir={opsd}"), opsd)
     assert [("probe_nll" in m) for m in metrics(opsd)] == [False, True, True]
     atesd = tmp_path / "atesd"
-    learned = ["algorithm=atesd", "controller.hold=1", "controller.lookahead=1", "controller.batch_decisions=2"]
+    learned = [
+        "algorithm=atesd",
+        "controller.hold=1",
+        "controller.lookahead=1",
+        "controller.batch_decisions=2",
+    ]
     run(make_config(*TINY, *cadence, *learned, f"run_dir={atesd}"), atesd)
     assert [("probe_nll" in m) for m in metrics(atesd)] == [True, True, True]
