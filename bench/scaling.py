@@ -80,28 +80,32 @@ def measure(model: str, repeats: int) -> dict:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Step time against prompts per step (at the workload's length) and against the generation
+    length (at the workload's prompts), both arms."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = data["shapes"]
-    fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, color in (("distributed", "black"), ("single_process", "gray")):
-        pts = sorted((r["tokens"]["median"], r[f"{arm}_s"]["median"], r[f"{arm}_tokens_per_s"]) for r in rows)
-        ax_time.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=arm.replace("_", " "))
-        ax_rate.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=color, label=arm.replace("_", " "))
-    for r in rows:
-        ax_time.annotate(
-            f"{r['prompts']}x{r['new_tokens']}",
-            (r["tokens"]["median"], r["distributed_s"]["median"]),
-            fontsize=7,
-        )
-    ax_time.set(xlabel="response tokens per step", ylabel="step time (s)", title="step time")
-    ax_rate.set(xlabel="response tokens per step", ylabel="tokens / s", title="throughput")
-    for ax in (ax_time, ax_rate):
+    rows, base = data["shapes"], data["shapes"][0]
+    axes_rows = {
+        "prompts per step": [r for r in rows if r["new_tokens"] == base["new_tokens"]],
+        "new tokens per response": [r for r in rows if r["prompts"] == base["prompts"]],
+    }
+    fig, panels = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (label, chosen) in zip(panels, axes_rows.items(), strict=True):
+        key = "prompts" if label.startswith("prompts") else "new_tokens"
+        chosen = sorted(chosen, key=lambda r: r[key])
+        for arm, color in (("distributed", "black"), ("single_process", "gray")):
+            ax.plot([r[key] for r in chosen], [r[f"{arm}_s"]["median"] for r in chosen], "o-", color=color,
+                    label=arm.replace("_", " "))  # fmt: skip
+        for r in chosen:
+            ax.annotate(f"{r['distributed_tokens_per_s']:.1f} tok/s", (r[key], r["distributed_s"]["median"]),
+                        fontsize=7, textcoords="offset points", xytext=(4, -10))  # fmt: skip
+        ax.set(xlabel=label, ylabel="step time (s)", xticks=[r[key] for r in chosen])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle("step time against the work per step (distributed tokens/s annotated)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
