@@ -25,8 +25,9 @@ from atesd_ray.config import Config, ModelConfig
 from atesd_ray.data.loaders import load_eval_set
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.job import prepare_run_dir
+from atesd_ray.runtime.actors import rollout_group
 from atesd_ray.runtime.checkpoint import CheckpointManager, is_checkpoint, read_state
-from atesd_ray.runtime.cluster import ActorGroup, connect
+from atesd_ray.runtime.cluster import connect
 from atesd_ray.tables import markdown_table
 
 
@@ -130,15 +131,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
             + (f" (skipped {loaded.skipped})" if loaded.skipped else ""),
             flush=True,
         )
-    from workers.rollout import RolloutWorker
-
     run_cfg = dataclasses.replace(cfg, model=model_cfg)
     c = cfg.cluster
     connect(c, needed_cpus=cfg.rollout.replicas * c.rollout.cpus)
     name = f"atesd-eval-{run_dir.resolve().name}-{int(time.time())}"
-    rollouts = ActorGroup(
-        RolloutWorker, cfg.rollout.replicas, c.rollout, c.rollout_strategy, name, lambda i: ((run_cfg, i), {})
-    )
+    rollouts = rollout_group(run_cfg, name)
     try:
         if checkpoint:
             version = ray.get(rollouts.call("load_checkpoint", str(checkpoint)))[0]

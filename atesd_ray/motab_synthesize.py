@@ -25,7 +25,8 @@ from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.job import prepare_data, prepare_run_dir
 from atesd_ray.monitored import monitored_rollouts
-from atesd_ray.runtime.cluster import ActorGroup, connect
+from atesd_ray.runtime.actors import controller_actor, rollout_group, teacher_group
+from atesd_ray.runtime.cluster import connect
 from atesd_ray.trajectories import Trajectory, summarize
 
 OUTPUT = "synthesized.jsonl"
@@ -72,10 +73,6 @@ def summary_text(cfg: Config, stats: dict, problems: int, output: Path) -> str:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Synthesize; returns the summary (also written to ``summary.json``)."""
-    from controller.actor import ExposureController
-    from workers.rollout import RolloutWorker
-    from workers.teacher import TeacherWorker
-
     prepare_run_dir(run_dir, cfg)
     data = prepare_data(cfg)
     print(data.summary, flush=True)
@@ -84,23 +81,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     c = cfg.cluster
     connect(c, needed_cpus=cfg.rollout.replicas * c.rollout.cpus + cfg.teacher.replicas * c.teacher.cpus)
     name = f"motab-{run_dir.resolve().name}-{int(time.time())}"
-    rollouts = ActorGroup(
-        RolloutWorker,
-        cfg.rollout.replicas,
-        c.rollout,
-        c.rollout_strategy,
-        f"{name}-rollout",
-        lambda i: ((cfg, i), {}),
-    )
-    teachers = ActorGroup(
-        TeacherWorker,
-        cfg.teacher.replicas,
-        c.teacher,
-        c.teacher_strategy,
-        f"{name}-teacher",
-        lambda i: ((cfg, i), {}),
-    )
-    controller = ray.remote(ExposureController).options(name=f"{name}-controller", num_cpus=0).remote(cfg, 1)
+    rollouts = rollout_group(cfg, f"{name}-rollout")
+    teachers = teacher_group(cfg, f"{name}-teacher")
+    controller = controller_actor(cfg, f"{name}-controller", 1)
     try:
         alpha = ray.get(controller.exposure.remote(0))
         trajectories: list[Trajectory] = []

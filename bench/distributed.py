@@ -18,8 +18,8 @@ from atesd_ray import algorithms
 from atesd_ray.algorithms.base import run_step
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data
-from atesd_ray.runtime.actors import Actors, build_actors
-from atesd_ray.runtime.cluster import ActorGroup, _runtime_env_for_checkout
+from atesd_ray.runtime.actors import Actors, build_actors, controller_actor, teacher_group
+from atesd_ray.runtime.cluster import _runtime_env_for_checkout
 
 # the actor methods of a distillation step, by stage
 STAGES = {
@@ -75,22 +75,11 @@ class DistributedStep:
     def use_controller(self, cfg: Config, name: str) -> None:
         """Swap in the exposure controller of another algorithm (ATESD) on the same workers, with
         teachers that measure what it declares it needs (the grounding signal g)."""
-        from controller.actor import ExposureController, needed_signals
-        from workers.teacher import TeacherWorker
+        from controller.actor import needed_signals
 
-        c = cfg.cluster
         signals = needed_signals(cfg)
-        teachers = ActorGroup(
-            TeacherWorker,
-            cfg.teacher.replicas,
-            c.teacher,
-            c.teacher_strategy,
-            f"{name}-teacher",
-            lambda i: ((cfg, i, signals), {}),
-        )
-        controller = (
-            ray.remote(ExposureController).options(name=name, num_cpus=0).remote(cfg, cfg.trainer.total_steps)
-        )
+        teachers = teacher_group(cfg, f"{name}-teacher", signals)
+        controller = controller_actor(cfg, name, cfg.trainer.total_steps)
         ray.get(controller.baseline.remote(self.step_index, self.actors.students.collective("probe_nll")))
         self.actors.teachers.shutdown()
         ray.kill(self.actors.controller, no_restart=True)

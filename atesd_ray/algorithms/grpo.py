@@ -48,14 +48,19 @@ def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> 
     return centered / (rewards.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
-def advantages_by_group(group_ids: Sequence[str], rewards: Tensor, scale: bool = True) -> Tensor:
-    """[B] group-normalized advantages of responses listed in any order; ``group_ids[i]`` names the
-    prompt of response ``i`` (its uid), and every group is normalized on its own."""
+def groups_of(group_ids: Sequence[str]) -> dict[str, list[int]]:
+    """The rows of each group, by group id, in order of first appearance."""
     groups: dict[str, list[int]] = {}
     for i, gid in enumerate(group_ids):
         groups.setdefault(gid, []).append(i)
+    return groups
+
+
+def advantages_by_group(group_ids: Sequence[str], rewards: Tensor, scale: bool = True) -> Tensor:
+    """[B] group-normalized advantages of responses listed in any order; ``group_ids[i]`` names the
+    prompt of response ``i`` (its uid), and every group is normalized on its own."""
     out = torch.zeros_like(rewards, dtype=torch.float32)
-    for idx in groups.values():
+    for idx in groups_of(group_ids).values():
         if len(idx) < 2:
             raise ValueError(f"group '{group_ids[idx[0]]}' has one response; group advantages need >= 2")
         out[idx] = group_advantages(rewards[idx].float()[None], scale)[0]
@@ -176,9 +181,7 @@ class GRPOObjective(Objective):
         if reference_refs:
             rows["ref_logprobs"] = fetch(reference_refs)[0].batch["ref_logprobs"]
         rewards = rollout.batch["reward"].float()
-        groups: dict[str, list[int]] = {}
-        for i, uid in enumerate(uids):
-            groups.setdefault(uid, []).append(i)
+        groups = groups_of(uids)
         info = {
             "reward_std": float(torch.stack([rewards[idx].std() for idx in groups.values()]).mean()),
             "zero_adv_frac": sum(bool((rewards[idx] == rewards[idx[0]]).all()) for idx in groups.values())

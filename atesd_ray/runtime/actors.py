@@ -54,6 +54,51 @@ def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
         ray.kill(thing, no_restart=True)
 
 
+def rollout_group(cfg: Config, name: str, placement: Placement | None = None) -> ActorGroup:
+    """``rollout.replicas`` rollout actors (restarted by Ray when they die: see ``faults.py``)."""
+    from workers.rollout import RolloutWorker
+
+    c = cfg.cluster
+    return ActorGroup(
+        RolloutWorker,
+        cfg.rollout.replicas,
+        c.rollout,
+        c.rollout_strategy,
+        name,
+        lambda i: ((cfg, i), {}),
+        max_restarts=restart_limit(cfg, "rollout"),
+        placement=placement,
+        timeout_s=c.placement_timeout_s,
+    )
+
+
+def teacher_group(cfg: Config, name: str, signals: frozenset[str] = frozenset()) -> ActorGroup:
+    """``teacher.replicas`` teacher actors, measuring ``signals`` besides their targets."""
+    from workers.teacher import TeacherWorker
+
+    c = cfg.cluster
+    return ActorGroup(
+        TeacherWorker,
+        cfg.teacher.replicas,
+        c.teacher,
+        c.teacher_strategy,
+        name,
+        lambda i: ((cfg, i, signals), {}),
+        max_restarts=restart_limit(cfg, "teacher"),
+        timeout_s=c.placement_timeout_s,
+    )
+
+
+def controller_actor(
+    cfg: Config, name: str, total_steps: int, timeline_path: str | None = None, run: str = ""
+) -> ActorHandle:
+    """The run's exposure controller, named ``name`` (``ray.get_actor``)."""
+    from controller.actor import ExposureController
+
+    options = {"name": name, "num_cpus": 0, "runtime_env": {"env_vars": actor_env_vars()}}
+    return ray.remote(ExposureController).options(**options).remote(cfg, total_steps, timeline_path, run)
+
+
 def build_actors(
     cfg: Config,
     total_steps: int,
@@ -74,10 +119,8 @@ def build_actors(
     created is torn down again if a later actor cannot be built.
     """
     from atesd_ray import algorithms
-    from controller.actor import ExposureController, needed_signals
-    from workers.rollout import RolloutWorker
+    from controller.actor import needed_signals
     from workers.student import StudentRank
-    from workers.teacher import TeacherWorker
 
     c = cfg.cluster
     ranks = cfg.trainer.ranks
@@ -102,34 +145,11 @@ def build_actors(
             timeout_s=timeout,
         )
         created.append(students)
-        rollouts = ActorGroup(
-            RolloutWorker,
-            cfg.rollout.replicas,
-            c.rollout,
-            c.rollout_strategy,
-            f"{name}-rollout",
-            lambda i: ((cfg, i), {}),
-            max_restarts=restart_limit(cfg, "rollout"),
-            placement=shared,
-            timeout_s=timeout,
-        )
+        rollouts = rollout_group(cfg, f"{name}-rollout", placement=shared)
         created.append(rollouts)
-        teachers = ActorGroup(
-            TeacherWorker,
-            cfg.teacher.replicas,
-            c.teacher,
-            c.teacher_strategy,
-            f"{name}-teacher",
-            lambda i: ((cfg, i, signals), {}),
-            max_restarts=restart_limit(cfg, "teacher"),
-            timeout_s=timeout,
-        )
+        teachers = teacher_group(cfg, f"{name}-teacher", signals)
         created.append(teachers)
-        controller = (
-            ray.remote(ExposureController)
-            .options(name=f"{name}-controller", num_cpus=0, runtime_env={"env_vars": actor_env_vars()})
-            .remote(cfg, total_steps, timeline_path, run)
-        )
+        controller = controller_actor(cfg, f"{name}-controller", total_steps, timeline_path, run)
         created.append(controller)
         address, port = ray.get(students.actors[0].master_address.remote())
         topology = ray.get(students.call("init_distributed", address, port))
