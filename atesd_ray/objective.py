@@ -18,14 +18,16 @@ ranks, ``Trainer.total_over_ranks``), so N ranks give the gradient of one proces
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import ray
 import torch
 from torch import Tensor, nn
-from verl import DataProto
 
 from atesd_ray.losses import TeacherTargets
+
+if TYPE_CHECKING:  # verl (and transformers behind it) load where batches are built, not with the config
+    from verl import DataProto
 
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 TEACHER_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_sampled_logprob")
@@ -91,6 +93,8 @@ def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
     tensors are first padded to the widest chunk: prompts on the left, responses and per-token
     targets on the right, with masks 0 over the padding.
     """
+    from verl import DataProto
+
     metas = [p.meta_info for p in parts]
     for p in parts:
         p.meta_info = {}

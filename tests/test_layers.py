@@ -79,3 +79,14 @@ def test_no_source_file_is_over_400_lines():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_the_config_loads_none_of_the_libraries_the_console_quiets():
+    """The entry point imports the config before it sets the console (``configure_driver``): verl,
+    transformers and vLLM, whose import-time notices obey those settings, must not load with it."""
+    code = (
+        "import sys, atesd_ray.config; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'verl', 'transformers', 'vllm'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import ray
 import torch
-from verl import DataProto
 
 from atesd_ray.algorithms.base import Algorithm, Launched, launch_rollouts
 from atesd_ray.losses import DistillStats, distill_loss
@@ -31,6 +30,8 @@ from atesd_ray.objective import (
 from atesd_ray.schema import require
 
 if TYPE_CHECKING:
+    from verl import DataProto
+
     from atesd_ray.config import Config
     from atesd_ray.objective import Trainer
     from atesd_ray.runtime.actors import Actors

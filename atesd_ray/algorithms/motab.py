@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 import torch
-from verl import DataProto
 
 from atesd_ray.algorithms.base import Algorithm, Launched
 from atesd_ray.grading import grade_many
@@ -45,6 +44,8 @@ from atesd_ray.sequences import left_pad, right_pad
 from atesd_ray.trajectories import Trajectory, summarize
 
 if TYPE_CHECKING:
+    from verl import DataProto
+
     from atesd_ray.config import Config
     from atesd_ray.objective import Trainer
     from atesd_ray.runtime.actors import Actors
@@ -89,6 +90,8 @@ def training_rows(
     """The trajectories' targets after the student's problem-only prompt, with per-token loss masks
     ``distill_mask`` / ``nll_mask`` (see :meth:`Trajectory.segments`) and the fields the teacher
     scores with."""
+    from verl import DataProto  # loaded where batches are built, not with the config
+
     prompts, responses, masks = [], [], {role: [] for role in ROLES}
     for t in trajectories:
         messages = student_messages(t.record["problem"], cfg.prompts)
