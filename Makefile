@@ -40,7 +40,7 @@ compare: install
 	$(PY) -m atesd_ray.compare --out $(COMPARE_DIR) $(ARGS)
 
 test: install
-	$(PY) -X faulthandler -m pytest -q --durations=15 tests
+	$(PY) -X faulthandler -m pytest -q --durations=40 tests
 
 # benchmarks (bench/run.py; the dev extra carries the bench extra, TRL); tables in
 # bench/results/README.md. make bench BENCH_ARGS="--repeats 5" (or "--model tiny" for a smoke run)

@@ -35,6 +35,26 @@ def _versions(out: Path, part: str) -> list[tuple[str, dict]]:
     return [(label, data) for label, data in found if data]
 
 
+TRAINERS = {"trl_gkd": "GKDTrainer", "trl_distillation": "DistillationTrainer"}
+
+
+def _peer_rows(d: dict) -> list[tuple[str, str, float, float, str]]:
+    """(our rollout engine, TRL trainer, our seconds, TRL's seconds, tokens) per race in (c)."""
+    ours = d["ours_opsd"]["median"]
+    tokens = f"{d['ours_tokens']['median']:.0f} / "
+    if "peers" not in d:  # written before the second trainer and the vLLM race were added
+        return [
+            ("hf", "GKDTrainer", ours, d["trl_gkd"]["median"], tokens + f"{d['trl_tokens']['median']:.0f}")
+        ]
+    rows = []
+    for peer, p in d["peers"].items():
+        theirs = tokens + f"{p['tokens']['median']:.0f}"
+        rows.append(("hf", TRAINERS[peer], ours, p["seconds"]["median"], theirs))
+        v = p["beside_vllm_rollout"]
+        rows.append(("vllm", TRAINERS[peer], v["ours_seconds"]["median"], v["peer_seconds"]["median"], "-"))
+    return rows
+
+
 def _table(title: str, columns: list[str]) -> list[str]:
     """A section's heading and its table header."""
     return ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -75,18 +95,28 @@ def render(out: Path) -> str:
         )
 
     lines += _table(
-        "(c) Peer: our OPSD step / TRL GKDTrainer (alternating in one run)",
-        ["run", "ours s", "TRL GKD s", "ratio", "tokens (ours / TRL)", "TRL", "load avg"],
+        "(c) Peers: our OPSD step against TRL's trainers (alternating in one run)",
+        [
+            "run",
+            "our rollout",
+            "TRL trainer",
+            "ours s",
+            "TRL s",
+            "ours / TRL",
+            "tokens (ours / TRL)",
+            "TRL",
+            "load avg",
+        ],
     )
     for label, d in _versions(out, "peer_trl"):
         if d.get("trl_gkd") == "unavailable":
-            lines.append(f"| {label} | - | unavailable: {d['reason']} | - | - | - | - |")
+            lines.append(f"| {label} | - | unavailable: {d['reason']} | - | - | - | - | - | - |")
             continue
-        lines.append(
-            f"| {label} | {_s(d['ours_opsd']['median'])} | {_s(d['trl_gkd']['median'])} | "
-            f"{d['ratio_ours_over_trl']:.2f} | {d['ours_tokens']['median']:.0f} / {d['trl_tokens']['median']:.0f} | "
-            f"{d['trl']} | {d['load_average']} |"
-        )
+        for engine, trainer, ours, theirs, tokens in _peer_rows(d):
+            lines.append(
+                f"| {label} | {engine} | {trainer} | {_s(ours)} | {_s(theirs)} | {ours / theirs:.2f} | "
+                f"{tokens} | {d['trl']} | {d['load_average']} |"
+            )
     lines += [
         "",
         "TRL's teacher sees the student's problem-only prompt; ours sees the privileged prompt (longer).",

@@ -6,9 +6,10 @@ Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<pr
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
 against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length) and
 the tables in ``README.md``.
-(a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's GKD
-step in turn (ABCABC...), so load from other processes on the machine falls on all three alike;
-the first round is a warm-up and is not counted.
+(a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's two
+trainers in turn (ABCDABCD...), so load from other processes on the machine falls on all alike;
+the first round is a warm-up and is not counted. Before it, a loop of the same kind races our step
+with the rollout on vLLM against TRL's trainers: the second half of (c).
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 import torch
 
-from atesd_ray.config import Config
+from atesd_ray.job import prepare_data
 from bench import engines, memory, report, scaling, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
 from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
 from bench.single_process import SingleProcessStep
-from bench.trl_peer import TRLGKDStep, trl_version
+from bench.trl_peer import PEERS, trl_version
 
 TOPK = 64
 
@@ -42,24 +44,63 @@ def _write(out: Path, name: str, data: dict) -> None:
     (out / name).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _alternate(cfg: Config, dist: DistributedStep, repeats: int, with_trl: bool) -> dict[str, list[dict]]:
-    """The distributed step, the single-process step and TRL's step in turn, ``repeats + 1`` rounds."""
+def _alternate(arms: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Each arm's step in turn, ``repeats + 1`` rounds (the first is a warm-up)."""
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for _ in range(repeats + 1):
+        for arm, fn in arms.items():
+            results[arm].append(fn())
+            print(f"bench: {arm} step {results[arm][-1]['step_time_s']:.2f} s", flush=True)
+    return results
+
+
+def _race(cfg, dist: DistributedStep, peers: dict, repeats: int) -> dict[str, list[dict]]:
+    """(a)-(c): the distributed step, the same work in one process, TRL's trainers, in turn."""
     single = SingleProcessStep(cfg, dist.batch)
-    trl = TRLGKDStep(cfg, dist.batch) if with_trl else None
     # the single-process step samples with the seeds of the distributed step just run
     arms = {"distributed": dist.run, "single_process": lambda: single.run(dist.step_index - 1)}
-    if trl is not None:
-        arms["trl_gkd"] = trl.run
-    results: dict[str, list[dict]] = {arm: [] for arm in arms}
-    try:
-        for _ in range(repeats + 1):
-            for arm, fn in arms.items():
-                results[arm].append(fn())
-                print(f"bench: {arm} step {results[arm][-1]['step_time_s']:.2f} s", flush=True)
-    finally:
-        if trl is not None:
-            trl.close()
-    return results
+    return _alternate(arms | _runs(peers), repeats)
+
+
+def _runs(steps: dict) -> dict[str, Callable[[], dict]]:
+    return {name: step.run for name, step in steps.items()}
+
+
+def _seconds(steps: list[dict]) -> dict:
+    return summary([s["step_time_s"] for s in steps[1:]])
+
+
+def _peer_results(context: dict, version: str | None, results: dict, vllm: dict, load: list) -> dict:
+    """(c): our step (HF rollout; and vLLM rollout, its own alternation) against each TRL trainer."""
+    if version is None:
+        return context | {
+            "trl_gkd": "unavailable",
+            "reason": "trl is not installed (pip install -e '.[bench]')",
+        }
+    ours = _seconds(results["distributed"])
+    out = context | {
+        "trl": version,
+        "teacher_prompt": "the student's problem-only prompt (TRL has no privileged prompt)",
+        "ours_teacher_prompt": "the privileged prompt (problem + reference, alpha = 1)",
+        "ours_opsd": ours,
+        "ours_tokens": summary([s["tokens"] for s in results["distributed"][1:]]),
+        "load_average": load,
+        "peers": {},
+    }
+    for peer in PEERS:
+        theirs, theirs_vllm = _seconds(results[peer]), _seconds(vllm[peer])
+        ours_vllm = _seconds(vllm["distributed_vllm_rollout"])
+        out["peers"][peer] = {
+            "seconds": theirs,
+            "tokens": summary([s["tokens"] for s in results[peer][1:]]),
+            "ratio_ours_over_peer": ours["median"] / theirs["median"],
+            "beside_vllm_rollout": {
+                "ours_seconds": ours_vllm,
+                "peer_seconds": theirs_vllm,
+                "ratio_ours_over_peer": ours_vllm["median"] / theirs_vllm["median"],
+            },
+        }
+    return out
 
 
 def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
@@ -74,16 +115,26 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
         "load_average_start": load_average(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    version = trl_version()
+    batch = prepare_data(cfg).train[: cfg.trainer.prompts_per_step]  # the batch every arm trains on
+    peers = {name: cls(cfg, batch) for name, cls in PEERS.items()} if version else {}
+    vllm: dict[str, list[dict]] = {}
+    if peers:  # the race against TRL with the rollout on vLLM, the engine of runs on real machines
+        vllm_dist = DistributedStep(bench_config(model, "rollout.engine=vllm"), name="bench-vllm")
+        vllm = _alternate({"distributed_vllm_rollout": vllm_dist.run} | _runs(peers), repeats)
+        vllm_dist.shutdown()
+
     dist = DistributedStep(cfg)
     context["niceness"] = dist.niceness()
-    version = trl_version()
-    results = _alternate(cfg, dist, repeats, with_trl=version is not None)
+    results = _race(cfg, dist, peers, repeats)
+    for peer in peers.values():
+        peer.close()
+    del peers
     opsd_steps = results["distributed"][1:]
     load_mid = load_average()
 
-    dist_seconds = [s["step_time_s"] for s in opsd_steps]
     results_b = context | {
-        "distributed": summary(dist_seconds),
+        "distributed": _seconds(results["distributed"]),
         "single_process": {
             key: summary([s[key] for s in results["single_process"][1:]])
             for key in ("step_time_s", "rollout_s", "teacher_s", "student_update_s", "tokens")
@@ -93,26 +144,8 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     }
     single_median = results_b["single_process"]["step_time_s"]["median"]
     results_b["ratio_distributed_over_single"] = results_b["distributed"]["median"] / single_median
-    if version is not None:
-        trl_seconds = [s["step_time_s"] for s in results["trl_gkd"][1:]]
-        results_c = context | {
-            "trl": version,
-            "teacher_prompt": "the student's problem-only prompt (GKD has no privileged prompt)",
-            "ours_teacher_prompt": "the privileged prompt (problem + reference, alpha = 1)",
-            "ours_opsd": summary(dist_seconds),
-            "trl_gkd": summary(trl_seconds),
-            "trl_tokens": summary([s["tokens"] for s in results["trl_gkd"][1:]]),
-            "ours_tokens": summary([s["tokens"] for s in opsd_steps]),
-            "ratio_ours_over_trl": summary(dist_seconds)["median"] / summary(trl_seconds)["median"],
-            "load_average": load_mid,
-        }
-    else:
-        results_c = context | {
-            "trl_gkd": "unavailable",
-            "reason": "trl is not installed (pip install -e '.[bench]')",
-        }
-
     _write(out, f"{prefix}overhead.json", results_b)
+    results_c = _peer_results(context, version, results, vllm, load_mid)
     _write(out, f"{prefix}peer_trl.json", results_c)
 
     results_d = context | weight_sync.measure(dist, repeats)

@@ -17,7 +17,7 @@ from bench.single_process import SingleProcessStep
 # (prompts per step, new tokens): the workload's shape, then each axis varied alone
 SHAPES = {
     "smollm2_135m": [(4, 32), (8, 32), (16, 32), (4, 64), (4, 128)],
-    "tiny": [(4, 8), (8, 8), (4, 16)],
+    "tiny": [(4, 8), (8, 16)],
 }
 
 

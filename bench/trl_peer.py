@@ -1,11 +1,14 @@
-"""TRL's ``GKDTrainer`` on the bench workload: the peer for (c).
+"""TRL's trainers on the bench workload: the peers for (c).
 
-On-policy (``lmbda=1``), forward KL (``beta=0``), the same model as student and as teacher (a
+``GKDTrainer``: on-policy (``lmbda=1``), forward KL (``beta=0``), the same model as student and as teacher (a
 frozen copy), temperature 1, the same prompts and ``max_new_tokens``. TRL's teacher scores the
 sequence the student generated, so it sees the student's problem-only prompt: GKD has no place
 for a privileged prompt. One step is what ``Trainer``'s inner loop does per batch:
 ``training_step`` (generate, teacher and student forward, loss, backward), gradient clipping,
 ``optimizer.step``, ``lr_scheduler.step``, ``zero_grad``; the loop's logging is left out.
+
+``DistillationTrainer`` (TRL's maintained on-policy distillation trainer): the same settings
+(``beta=0``: forward KL; generation with transformers, as ours uses the HF engine), the same step.
 """
 
 from __future__ import annotations
@@ -90,3 +93,60 @@ class TRLGKDStep:
 
     def close(self) -> None:
         self.tmp.cleanup()
+
+
+class TRLDistillationStep:
+    def __init__(self, cfg: Config, batch: list[dict]):
+        from datasets import Dataset
+        from trl import DistillationConfig, DistillationTrainer
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        student = load_model(cfg.model, vocab_size=len(self.tokenizer))
+        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        self.examples = [{"prompt": student_messages(r["problem"], cfg.prompts)} for r in batch]
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-trl-distill-")
+        args = DistillationConfig(
+            output_dir=self.tmp.name,
+            per_device_train_batch_size=len(batch),
+            learning_rate=cfg.trainer.lr,
+            max_grad_norm=cfg.trainer.grad_clip,
+            beta=0.0,
+            temperature=cfg.rollout.temperature,
+            top_p=1.0,
+            top_k=0,
+            max_completion_length=cfg.rollout.max_new_tokens,
+            max_steps=1000,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            seed=cfg.seed,
+        )
+        self.trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_list(self.examples),
+            processing_class=self.tokenizer,
+        )
+        self.trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run
+        self.max_grad_norm = args.max_grad_norm
+
+    def run(self) -> dict:
+        trainer = self.trainer
+        model = trainer.model
+        t0 = time.perf_counter()
+        loss = trainer.training_step(model, list(self.examples), None)  # generates, then the loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        completion = trainer._buffered_inputs[0]["completion_mask"].sum()
+        return {"step_time_s": seconds, "tokens": int(completion), "loss": float(loss)}
+
+    def close(self) -> None:
+        self.tmp.cleanup()
+
+
+PEERS = {"trl_gkd": TRLGKDStep, "trl_distillation": TRLDistillationStep}

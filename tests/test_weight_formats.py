@@ -1,5 +1,6 @@
 """What a weight sync carries: the merged format equals PEFT's own merge under Hugging Face names,
-the meta layout matches the real tensors, and buckets partition the layout within their size."""
+the meta layout matches the real tensors, and buckets partition the layout within their size; how a
+receiver loads it: shared (the store's memory kept, no copy) or copied."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch
 
 from atesd_ray.models import load_model
 from atesd_ray.runtime.weight_formats import stream_weights
-from atesd_ray.runtime.weights import bucket_bytes, flatten, layout, split_buckets, unflatten
+from atesd_ray.runtime.weights import (
+    bucket_bytes,
+    flatten,
+    layout,
+    load_into,
+    pack,
+    split_buckets,
+    unflatten,
+    unpack,
+)
 from tests.conftest import make_config
 
 
@@ -63,3 +73,24 @@ def test_buckets_partition_the_layout():
         assert bucket[0].offset == 0
         restored = unflatten(flatten({s.name: named[s.name] for s in bucket}), bucket)
         assert all(torch.equal(restored[s.name], named[s.name]) for s in bucket)
+
+
+def test_a_shared_load_keeps_the_senders_memory_and_a_later_copy_never_writes_it():
+    cfg = make_config("model=tiny")
+    sender, receiver = load_model(cfg.model), load_model(cfg.model)
+    with torch.no_grad():
+        for p in sender.parameters():
+            p.add_(0.5)
+    shared = unpack(pack(dict(stream_weights(sender, "trainable", torch.float32, "cpu")), 1))
+    load_into(receiver, shared, share=True)
+    mine = dict(receiver.named_parameters())
+    assert all(mine[n].data_ptr() == t.data_ptr() for n, t in shared.items())
+    # a tied output head is the same parameter, so it follows the embedding
+    assert (
+        receiver.get_output_embeddings().weight.data_ptr()
+        == receiver.get_input_embeddings().weight.data_ptr()
+    )
+    kept = {n: t.clone() for n, t in shared.items()}
+    load_into(receiver, {n: torch.zeros_like(t) for n, t in shared.items()})
+    assert all(torch.equal(shared[n], kept[n]) for n in shared)  # the shared memory is untouched
+    assert all(mine[n].abs().max() == 0 and mine[n].data_ptr() != shared[n].data_ptr() for n in shared)

@@ -26,8 +26,9 @@ class GenerationEngine(Protocol):
         """Log-probs of fixed response tokens after each prompt."""
         ...
 
-    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        """Tensors of ``weight_format`` by name: a whole sync, or one bucket of it."""
+    def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
+        """Tensors of ``weight_format`` by name: a whole sync, or one bucket of it. ``shared``: they
+        view read-only memory the engine may keep as its weights (an object-store read)."""
         ...
 
 
@@ -155,5 +156,5 @@ class HFEngine:
             result.extend(token_lp[i, : len(r)].tolist() for i, r in enumerate(rows))
         return result
 
-    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        load_into(self.model, named)
+    def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
+        load_into(self.model, named, share=shared)

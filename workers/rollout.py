@@ -56,8 +56,8 @@ class RolloutWorker(WeightReceiver):
         self.payload_format = self.engine.weight_format
 
     # -- weights ---------------------------------------------------------------------------------
-    def apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
-        self.engine.load_weights(named)
+    def apply_weights(self, named: dict[str, torch.Tensor], version: int, shared: bool = False) -> None:
+        self.engine.load_weights(named, shared)
 
     def load_checkpoint(self, checkpoint: str) -> int:
         """Serve a trained student: the student tensors of ``checkpoint`` (checkpoints/step_<N>) over

@@ -76,17 +76,16 @@ class TeacherWorker(WeightReceiver):
     def _synced_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+    def apply_weights(self, named: dict[str, torch.Tensor], version: int, shared: bool = False) -> None:
         if self.vllm is not None:  # a live teacher (the config allows no EMA in vLLM)
             self.vllm.load_weights(named)
-            return
-        own = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in named.items():
-                if self.mode == "ema":
+        elif self.mode == "live":
+            load_into(self.model, named, share=shared)
+        elif self.mode == "ema":
+            own = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in named.items():
                     own[name].lerp_(tensor.to(own[name].dtype), 1.0 - self.cfg.teacher.ema_decay)
-                elif self.mode == "live":
-                    own[name].copy_(tensor)
 
     def save(self, directory: str) -> bool:
         """Checkpoint the EMA weights; frozen and live teachers are rebuilt from the student."""

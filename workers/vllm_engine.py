@@ -176,8 +176,9 @@ class VLLMEngine:
             for row, p, r in zip(rows, prompts, responses, strict=True)
         ]
 
-    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        """Whole tensors by Hugging Face name (all of them or one bucket), loaded in place."""
+    def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
+        """Whole tensors by Hugging Face name (all of them or one bucket), copied into vLLM's own
+        (fused) parameters whether or not they are ``shared``."""
         load_merged(self.llm, named, self.dtype)
 
 

@@ -89,7 +89,9 @@ class WeightReceiver:
     weight_version: int = 0
     payload_format: str = "trainable"
 
-    def apply_weights(self, named: dict[str, torch.Tensor], version: int) -> None:
+    def apply_weights(self, named: dict[str, torch.Tensor], version: int, shared: bool = False) -> None:
+        """``shared``: ``named`` views read-only memory that lives as long as its tensors (the object
+        store's); a receiver that only reads its weights may keep the tensors instead of copying them."""
         raise NotImplementedError
 
     def weight_format(self) -> str:

@@ -1,5 +1,7 @@
 """Object-store transport: student rank 0 packs the weights into one numpy buffer (``weights.pack``),
-which Ray's object store hands to every receiver, zero-copy on the same node. The default on CPU."""
+which Ray's object store hands to every receiver, zero-copy on the same node; a receiver that only
+reads its weights keeps the store's memory as its parameters (no copy at all on the way in; the
+store keeps an object while any tensor views it). The default on CPU."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int
     """Apply weights newer than those held; an older or equal version is a no-op (so a resumed EMA
     teacher is not blended twice with the checkpoint's weights), and so is a refused sync."""
     if packed is not None and version > receiver.weight_version:
-        receiver.apply_weights(unpack(packed), version)
+        receiver.apply_weights(unpack(packed), version, shared=True)
         receiver.weight_version = version
     return receiver.weight_version
 
