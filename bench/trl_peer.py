@@ -33,95 +33,34 @@ def trl_version() -> str | None:
     return trl.__version__
 
 
-class TRLGKDStep:
+class TRLStep:
+    """One TRL trainer on the bench workload, driven one step at a time: the student and a frozen
+    copy as teacher, the run's lr, clipping, seed and temperature, ``max_steps`` for the schedule."""
+
     def __init__(self, cfg: Config, batch: list[dict]):
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from datasets import Dataset
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
 
         self.tokenizer = load_tokenizer(cfg.model)
         student = load_model(cfg.model, vocab_size=len(self.tokenizer))
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        examples = [
-            {
-                "messages": student_messages(r["problem"], cfg.prompts)
-                + [{"role": "assistant", "content": r["reference"]}]
-            }
-            for r in batch
-        ]
+        self.examples = self.dataset(cfg, batch)
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-trl-")
-        args = GKDConfig(
-            output_dir=self.tmp.name,
-            per_device_train_batch_size=len(batch),
-            learning_rate=cfg.trainer.lr,
-            max_grad_norm=cfg.trainer.grad_clip,
-            lmbda=1.0,
-            beta=0.0,
-            temperature=cfg.rollout.temperature,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            max_steps=1000,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            seed=cfg.seed,
-        )
-        self.trainer = GKDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=Dataset.from_list(examples),
-            processing_class=self.tokenizer,
-        )
-        self.trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
-        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run
-        self.inputs = self.trainer.data_collator(examples)
-        self.max_grad_norm = args.max_grad_norm
-
-    def run(self) -> dict:
-        trainer = self.trainer
-        model = trainer.model
-        t0 = time.perf_counter()
-        inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
-        loss = trainer.training_step(model, inputs)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        model.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        completion = (inputs["labels"] != -100).sum()
-        return {"step_time_s": seconds, "tokens": int(completion), "loss": float(loss)}
-
-    def close(self) -> None:
-        self.tmp.cleanup()
-
-
-class TRLDistillationStep:
-    def __init__(self, cfg: Config, batch: list[dict]):
-        from datasets import Dataset
-        from trl import DistillationConfig, DistillationTrainer
-
-        self.tokenizer = load_tokenizer(cfg.model)
-        student = load_model(cfg.model, vocab_size=len(self.tokenizer))
-        teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        self.examples = [{"prompt": student_messages(r["problem"], cfg.prompts)} for r in batch]
-        self.tmp = tempfile.TemporaryDirectory(prefix="bench-trl-distill-")
-        args = DistillationConfig(
-            output_dir=self.tmp.name,
-            per_device_train_batch_size=len(batch),
-            learning_rate=cfg.trainer.lr,
-            max_grad_norm=cfg.trainer.grad_clip,
-            beta=0.0,
-            temperature=cfg.rollout.temperature,
-            top_p=1.0,
-            top_k=0,
-            max_completion_length=cfg.rollout.max_new_tokens,
-            max_steps=1000,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            seed=cfg.seed,
-        )
-        self.trainer = DistillationTrainer(
+        common = {
+            "output_dir": self.tmp.name,
+            "per_device_train_batch_size": len(batch),
+            "learning_rate": cfg.trainer.lr,
+            "max_grad_norm": cfg.trainer.grad_clip,
+            "beta": 0.0,
+            "temperature": cfg.rollout.temperature,
+            "max_steps": 1000,
+            "use_cpu": True,
+            "report_to": [],
+            "save_strategy": "no",
+            "seed": cfg.seed,
+        }
+        config_cls, trainer_cls, own = self.trainer_classes(cfg)
+        args = config_cls(**common, **own)
+        self.trainer = trainer_cls(
             model=student,
             teacher_model=teacher,
             args=args,
@@ -132,21 +71,68 @@ class TRLDistillationStep:
         self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run
         self.max_grad_norm = args.max_grad_norm
 
+    def dataset(self, cfg: Config, batch: list[dict]) -> list[dict]:
+        raise NotImplementedError
+
+    def trainer_classes(self, cfg: Config) -> tuple[type, type, dict]:
+        """The trainer's config class, trainer class, and its own settings."""
+        raise NotImplementedError
+
+    def training_step(self) -> tuple[torch.Tensor, int]:
+        """``Trainer.training_step`` on the batch (generation, teacher, loss, backward); the loss and
+        the completion tokens it trained on."""
+        raise NotImplementedError
+
     def run(self) -> dict:
         trainer = self.trainer
         model = trainer.model
         t0 = time.perf_counter()
-        loss = trainer.training_step(model, list(self.examples), None)  # generates, then the loss
+        loss, tokens = self.training_step()
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         model.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        completion = trainer._buffered_inputs[0]["completion_mask"].sum()
-        return {"step_time_s": seconds, "tokens": int(completion), "loss": float(loss)}
+        return {"step_time_s": time.perf_counter() - t0, "tokens": tokens, "loss": float(loss)}
 
     def close(self) -> None:
         self.tmp.cleanup()
+
+
+class TRLGKDStep(TRLStep):
+    def dataset(self, cfg: Config, batch: list[dict]) -> list[dict]:
+        return [
+            {
+                "messages": student_messages(r["problem"], cfg.prompts)
+                + [{"role": "assistant", "content": r["reference"]}]
+            }
+            for r in batch
+        ]
+
+    def trainer_classes(self, cfg: Config) -> tuple[type, type, dict]:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        return GKDConfig, GKDTrainer, {"lmbda": 1.0, "max_new_tokens": cfg.rollout.max_new_tokens}
+
+    def training_step(self) -> tuple[torch.Tensor, int]:
+        collated = self.trainer.data_collator(self.examples)
+        loss = self.trainer.training_step(self.trainer.model, collated)
+        return loss, int((collated["labels"] != -100).sum())
+
+
+class TRLDistillationStep(TRLStep):
+    def dataset(self, cfg: Config, batch: list[dict]) -> list[dict]:
+        return [{"prompt": student_messages(r["problem"], cfg.prompts)} for r in batch]
+
+    def trainer_classes(self, cfg: Config) -> tuple[type, type, dict]:
+        from trl import DistillationConfig, DistillationTrainer
+
+        own = {"top_p": 1.0, "top_k": 0, "max_completion_length": cfg.rollout.max_new_tokens}
+        return DistillationConfig, DistillationTrainer, own
+
+    def training_step(self) -> tuple[torch.Tensor, int]:
+        loss = self.trainer.training_step(self.trainer.model, list(self.examples), None)
+        return loss, int(self.trainer._buffered_inputs[0]["completion_mask"].sum())
 
 
 PEERS = {"trl_gkd": TRLGKDStep, "trl_distillation": TRLDistillationStep}
