@@ -92,12 +92,19 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """High-water resident set size of a local process (VmHWM), in bytes."""
+def resident_bytes(pid: int) -> dict[str, int]:
+    """A local process's resident memory, in bytes: ``peak`` (VmHWM), and now ``private`` (RssAnon)
+    and ``shared`` (RssShmem: shared-memory pages it has read, such as Ray's object store, which
+    count in its RSS and in every other reader's, but exist once)."""
+    fields = {"VmHWM": "peak", "RssAnon": "private", "RssShmem": "shared"}
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = int(value.split()[0]) * 1024
+    if len(out) != len(fields):
+        raise RuntimeError(f"no {', '.join(sorted(set(fields) - set(out)))} in /proc/{pid}/status")
+    return out
 
 
 class Stopwatch:

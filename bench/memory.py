@@ -10,7 +10,7 @@ from verl import DataProto
 
 from atesd_ray.config import Config
 from atesd_ray.runtime.cluster import ActorGroup
-from bench.common import peak_rss_bytes, summary
+from bench.common import resident_bytes, summary
 from bench.distributed import DistributedStep
 
 
@@ -52,17 +52,17 @@ def teacher_transfer(dist: DistributedStep, topk_cfg: Config, repeats: int) -> d
         group.shutdown()
 
 
-def _own_peak_rss(_actor) -> int:
-    return peak_rss_bytes(os.getpid())
+def _own_memory(_actor) -> dict[str, int]:
+    return resident_bytes(os.getpid())
 
 
 def peak_memory(dist: DistributedStep) -> dict:
-    """VmHWM (bytes) of each actor process of the run, read inside the actor, and of the driver
+    """Each actor process's memory (``resident_bytes``), read inside the actor, and the driver's
     (which also held the single-process and TRL models)."""
     a = dist.actors
     named = {f"student{i}": h for i, h in enumerate(a.students.actors)}
     named |= {f"rollout{i}": h for i, h in enumerate(a.rollouts.actors)}
     named |= {f"teacher{i}": h for i, h in enumerate(a.teachers.actors)}
     named["controller"] = a.controller
-    peaks = ray.get([h.__ray_call__.remote(_own_peak_rss) for h in named.values()])
-    return dict(zip(named, peaks, strict=True)) | {"driver": peak_rss_bytes(os.getpid())}
+    found = ray.get([h.__ray_call__.remote(_own_memory) for h in named.values()])
+    return dict(zip(named, found, strict=True)) | {"driver": resident_bytes(os.getpid())}

@@ -51,7 +51,14 @@ def _peer_rows(d: dict) -> list[tuple[str, str, float, float, str]]:
         theirs = tokens + f"{p['tokens']['median']:.0f}"
         rows.append(("hf", TRAINERS[peer], ours, p["seconds"]["median"], theirs))
         v = p["beside_vllm_rollout"]
-        rows.append(("vllm", TRAINERS[peer], v["ours_seconds"]["median"], v["peer_seconds"]["median"], "-"))
+        counts = (
+            f"{v['ours_tokens']['median']:.0f} / {v['peer_tokens']['median']:.0f}"
+            if "ours_tokens" in v
+            else "-"
+        )
+        rows.append(
+            ("vllm", TRAINERS[peer], v["ours_seconds"]["median"], v["peer_seconds"]["median"], counts)
+        )
     return rows
 
 
@@ -142,10 +149,26 @@ def render(out: Path) -> str:
             lines.append(
                 f"| {label} | {name} | {t['shape']} | {t['bytes'] / 1e6:.2f} | {_s(t['score_seconds']['median'])} |"
             )
-    lines += ["", "| run | process | peak RSS MB |", "|---|---|---|"]
+    lines += [
+        "",
+        "| run | process | peak RSS MB | private now MB | shared-memory pages now MB |",
+        "|---|---|---|---|---|",
+    ]
     for label, d in _versions(out, "memory"):
-        for name, rss in d["peak_rss_bytes"].items():
-            lines.append(f"| {label} | {name} | {rss / 1e6:.0f} |")
+        if "resident_bytes" not in d:  # written before private and shared memory were recorded
+            lines += [
+                f"| {label} | {name} | {rss / 1e6:.0f} | - | - |" for name, rss in d["peak_rss_bytes"].items()
+            ]
+            continue
+        for name, m in d["resident_bytes"].items():
+            lines.append(
+                f"| {label} | {name} | {m['peak'] / 1e6:.0f} | {m['private'] / 1e6:.0f} | {m['shared'] / 1e6:.0f} |"
+            )
+    lines += [
+        "",
+        "Shared-memory pages are Ray's object store as the process has read it (an HF rollout keeps the",
+        "synced weights there): they count in the RSS of every process reading them, and exist once.",
+    ]
 
     lines += _table(
         "(f) Engines: HF against vLLM (alternating in one run)",

@@ -97,6 +97,8 @@ def _peer_results(context: dict, version: str | None, results: dict, vllm: dict,
             "beside_vllm_rollout": {
                 "ours_seconds": ours_vllm,
                 "peer_seconds": theirs_vllm,
+                "ours_tokens": summary([s["tokens"] for s in vllm["distributed_vllm_rollout"][1:]]),
+                "peer_tokens": summary([s["tokens"] for s in vllm[peer][1:]]),
                 "ratio_ours_over_peer": ours_vllm["median"] / theirs_vllm["median"],
             },
         }
@@ -168,7 +170,7 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
 
     topk_cfg = bench_config(model, f"teacher.topk={TOPK}")
     results_e = context | {"teacher_transfer": memory.teacher_transfer(dist, topk_cfg, repeats)}
-    results_e["peak_rss_bytes"] = memory.peak_memory(dist)
+    results_e["resident_bytes"] = memory.peak_memory(dist)
     results_e["load_average"] = load_average()
     _write(out, f"{prefix}memory.json", results_e)
     batch = dist.batch

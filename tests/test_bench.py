@@ -45,7 +45,8 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     assert e[f"top{TOPK}"]["shape"] == [rows, width, TOPK]
     assert e[f"top{TOPK}"]["bytes"] < e["full_vocab"]["bytes"]
     assert e["full_vocab"]["bytes"] >= rows * width * vocab * 4
-    assert all(rss > 0 for rss in parts["memory"]["peak_rss_bytes"].values())
+    resident = parts["memory"]["resident_bytes"]
+    assert all(m["peak"] >= m["private"] > 0 and m["shared"] >= 0 for m in resident.values())
 
     f = parts["engines"]
     for engine in ("hf", "vllm"):
