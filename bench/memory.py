@@ -56,7 +56,7 @@ def _own_memory(_actor) -> dict[str, int]:
     return resident_bytes(os.getpid())
 
 
-def peak_memory(dist: DistributedStep) -> dict:
+def resident_memory(dist: DistributedStep) -> dict:
     """Each actor process's memory (``resident_bytes``), read inside the actor, and the driver's
     (which also held the single-process and TRL models)."""
     a = dist.actors

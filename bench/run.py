@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 import torch
 
+from atesd_ray.config import Config
 from atesd_ray.job import prepare_data
 from bench import engines, memory, report, scaling, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
@@ -54,7 +55,7 @@ def _alternate(arms: dict[str, Callable[[], dict]], repeats: int) -> dict[str, l
     return results
 
 
-def _race(cfg, dist: DistributedStep, peers: dict, repeats: int) -> dict[str, list[dict]]:
+def _race(cfg: Config, dist: DistributedStep, peers: dict, repeats: int) -> dict[str, list[dict]]:
     """(a)-(c): the distributed step, the same work in one process, TRL's trainers, in turn."""
     single = SingleProcessStep(cfg, dist.batch)
     # the single-process step samples with the seeds of the distributed step just run
@@ -87,9 +88,10 @@ def _peer_results(context: dict, version: str | None, results: dict, vllm: dict,
         "load_average": load,
         "peers": {},
     }
+    ours_vllm = _seconds(vllm["distributed_vllm_rollout"])
+    ours_vllm_tokens = summary([s["tokens"] for s in vllm["distributed_vllm_rollout"][1:]])
     for peer in PEERS:
         theirs, theirs_vllm = _seconds(results[peer]), _seconds(vllm[peer])
-        ours_vllm = _seconds(vllm["distributed_vllm_rollout"])
         out["peers"][peer] = {
             "seconds": theirs,
             "tokens": summary([s["tokens"] for s in results[peer][1:]]),
@@ -97,7 +99,7 @@ def _peer_results(context: dict, version: str | None, results: dict, vllm: dict,
             "beside_vllm_rollout": {
                 "ours_seconds": ours_vllm,
                 "peer_seconds": theirs_vllm,
-                "ours_tokens": summary([s["tokens"] for s in vllm["distributed_vllm_rollout"][1:]]),
+                "ours_tokens": ours_vllm_tokens,
                 "peer_tokens": summary([s["tokens"] for s in vllm[peer][1:]]),
                 "ratio_ours_over_peer": ours_vllm["median"] / theirs_vllm["median"],
             },
@@ -170,7 +172,7 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
 
     topk_cfg = bench_config(model, f"teacher.topk={TOPK}")
     results_e = context | {"teacher_transfer": memory.teacher_transfer(dist, topk_cfg, repeats)}
-    results_e["resident_bytes"] = memory.peak_memory(dist)
+    results_e["resident_bytes"] = memory.resident_memory(dist)
     results_e["load_average"] = load_average()
     _write(out, f"{prefix}memory.json", results_e)
     batch = dist.batch
