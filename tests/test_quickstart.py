@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 # the README's job, word for word after `python -m atesd_ray.main` (its run_dir aside)
-QUICK_START = ["model=tiny", "trainer.total_steps=2", "trainer.prompts_per_step=4", "data.synthetic.n_eval=8"]
+QUICK_START = [
+    "model=tiny",
+    "trainer.total_steps=2",
+    "trainer.prompts_per_step=4",
+    "rollout.max_new_tokens=64",
+    "data.synthetic.n_eval=8",
+]
 
 
 @pytest.fixture(scope="module")
