@@ -140,6 +140,12 @@ def render(out: Path) -> str:
                 f"| {label} | {name} | {d['bytes'] / 1e6:.0f} | {_s(t['seconds']['median'])} | {t['gb_per_s']:.2f} | "
                 f"{t['seconds']['median'] / copy:.1f} |"
             )
+    lines += [
+        "",
+        "ray_put_alone: student rank 0 puts the same bytes into the object store, nothing handed over; "
+        "broadcast_alone: the collective's group broadcasts the same buckets, nothing packed or loaded. "
+        "Each is its transport's floor on this machine.",
+    ]
 
     lines += _table(
         "(e) Teacher transfer and peak memory", ["run", "teacher output", "shape", "MB", "score s"]

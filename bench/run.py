@@ -1,6 +1,7 @@
 """``make bench``: where an OPSD / ATESD step's time goes, and how it compares.
 
     python -m bench.run [--model smollm2_135m|tiny] [--repeats 3] [--out bench/results] [--prefix baseline_]
+                        [--only-weight-sync]
 
 Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
@@ -33,6 +34,7 @@ from bench.single_process import SingleProcessStep
 from bench.trl_peer import PEERS, trl_version
 
 TOPK = 64
+SYNC_REPEATS = 9  # syncs are cheap, and single ones stall now and then on this machine
 
 
 def _stages(steps: list[dict], intervals: list) -> dict:
@@ -107,11 +109,8 @@ def _peer_results(context: dict, version: str | None, results: dict, vllm: dict,
     return out
 
 
-def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
-    start_ray()
-    cfg = bench_config(model)
-    context = {
+def _context(cfg: Config, model: str, repeats: int) -> dict:
+    return {
         "machine": machine(),
         "model": model,
         "workload": WORKLOADS[model] | {"teacher_topk": cfg.teacher.topk},
@@ -119,6 +118,35 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
         "load_average_start": load_average(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def _weight_sync(context: dict, dist: DistributedStep, repeats: int, out: Path, prefix: str) -> dict:
+    results_d = context | weight_sync.measure(dist, max(repeats, SYNC_REPEATS))
+    results_d["load_average"] = load_average()
+    _write(out, f"{prefix}weight_sync.json", results_d)
+    return results_d
+
+
+def run_weight_sync(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
+    """(d) alone, on actors that have run one step; the other tables are kept as they are."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    start_ray()
+    cfg = bench_config(model)
+    context = _context(cfg, model, repeats)
+    dist = DistributedStep(cfg)
+    context["niceness"] = dist.niceness()
+    dist.run()
+    results_d = _weight_sync(context, dist, repeats, out, prefix)
+    dist.shutdown()
+    (out / "README.md").write_text(report.render(out))
+    return {"weight_sync": results_d}
+
+
+def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    start_ray()
+    cfg = bench_config(model)
+    context = _context(cfg, model, repeats)
     version = trl_version()
     batch = prepare_data(cfg).train[: cfg.trainer.prompts_per_step]  # the batch every arm trains on
     peers = {name: cls(cfg, batch) for name, cls in PEERS.items()} if version else {}
@@ -152,9 +180,7 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_c = _peer_results(context, version, results, vllm, load_mid)
     _write(out, f"{prefix}peer_trl.json", results_c)
 
-    results_d = context | weight_sync.measure(dist, repeats)
-    results_d["load_average"] = load_average()
-    _write(out, f"{prefix}weight_sync.json", results_d)
+    results_d = _weight_sync(context, dist, repeats, out, prefix)
 
     atesd_cfg = bench_config(model, "algorithm=atesd")
     dist.use_controller(atesd_cfg, "bench-atesd-controller")
@@ -208,10 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--prefix", default="", help="file name prefix, e.g. baseline_")
+    parser.add_argument(
+        "--only-weight-sync", action="store_true", help="re-measure (d) alone, keeping the other results"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        run(args.model, args.repeats, args.out, args.prefix)
+        (run_weight_sync if args.only_weight_sync else run)(args.model, args.repeats, args.out, args.prefix)
     finally:
         ray.shutdown()
     print((args.out / "README.md").read_text())

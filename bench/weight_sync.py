@@ -1,8 +1,13 @@
 """(d) Weight sync by transport on the running actors, against a plain in-process copy.
 
-Each repeat times one sync per transport in turn (object store, gloo collective, in-process
-``load_state_dict``), so a noisy neighbour slows all three alike. A sync moves the student's
-trainable tensors (``weight_format`` "trainable") from student rank 0 to the rollout actor.
+Each transport is timed over syncs of its own in a row (object store, then gloo collective),
+each followed by its floor and an in-process ``load_state_dict`` of the same bytes, so a noisy
+neighbour slows a transport and its references alike. A sync moves the student's trainable
+tensors (``weight_format`` "trainable") from student rank 0 to the rollout actor. Beside them,
+the floor of each transport on this machine: ``ray_put_alone`` is student rank 0 putting the same
+packed bytes into the object store (Ray's one copy, nothing handed over or loaded), and
+``broadcast_alone`` the collective's process group broadcasting the same buckets with nothing
+gathered, packed or loaded.
 
 A sync must carry the student's update count, and a receiver applies only a version newer than
 its own; so before each repeat the rollout is set back one version, and every repeat moves and
@@ -18,7 +23,8 @@ import ray
 
 from atesd_ray.models import load_model, load_tokenizer
 from atesd_ray.runtime.weight_sync.collective import CollectiveSync
-from atesd_ray.runtime.weight_sync.object_store import ObjectStoreSync
+from atesd_ray.runtime.weight_sync.object_store import ObjectStoreSync, export
+from atesd_ray.runtime.weights import bucket_bytes
 from bench.common import summary
 from bench.distributed import DistributedStep
 
@@ -26,6 +32,17 @@ from bench.distributed import DistributedStep
 def _hold_version(receiver, version: int) -> int:
     receiver.weight_version = version
     return version
+
+
+def _put_alone(sender, fmt: str) -> bool:
+    ray.put(export(sender, sender.step, fmt, allowed=True))
+    return True
+
+
+def _broadcast_alone(member, sizes: list[int]) -> bool:
+    for nbytes in sizes:
+        member.weight_group.broadcast(member.weight_group.staging(nbytes))
+    return True
 
 
 def measure(dist: DistributedStep, repeats: int) -> dict:
@@ -42,22 +59,43 @@ def measure(dist: DistributedStep, repeats: int) -> dict:
     target = copy.deepcopy(source)
     state = {n: p.detach() for n, p in source.named_parameters() if p.requires_grad}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    seconds: dict[str, list[float]] = {name: [] for name in [*transports, "in_process_copy"]}
+    sizes = [bucket_bytes(b) for b in transports["collective"].buckets()]
+    group = [actors.students.actors[0], *actors.rollouts.actors]
+    seconds: dict[str, list[float]] = {
+        name: [] for name in [*transports, "ray_put_alone", "broadcast_alone", "in_process_copy"]
+    }
+    fmt = transports["object_store"].format
+    floors = {
+        "object_store": ("ray_put_alone", lambda: [group[0].weight_transfer.remote(_put_alone, fmt)]),
+        "collective": (
+            "broadcast_alone",
+            lambda: [m.weight_transfer.remote(_broadcast_alone, sizes) for m in group],
+        ),
+    }
     version = dist.step_index  # the student's update count
     receivers = actors.rollouts.actors
     try:
-        for _ in range(repeats + 1):  # the first round warms up (process groups, buffers)
-            for name, sync in transports.items():
+        # each transport's syncs in a block of their own, as in a run that uses only it (a receiver
+        # that shares the store's memory copies into its own after a broadcast, and back)
+        for name, sync in transports.items():
+            floor, floor_refs = floors[name]
+            for i in range(repeats + 1):  # the first round warms up (process groups, buffers)
                 ray.get([r.__ray_call__.remote(_hold_version, version - 1) for r in receivers])
                 t0 = time.perf_counter()
                 ray.get(sync.sync(version))
-                seconds[name].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
                 held = ray.get([r.get_weight_version.remote() for r in receivers])
                 if held != [version] * len(receivers):
                     raise RuntimeError(f"{name}: the rollouts hold weights {held} after a sync of v{version}")
-            t0 = time.perf_counter()
-            target.load_state_dict(state, strict=False)
-            seconds["in_process_copy"].append(time.perf_counter() - t0)
+                t2 = time.perf_counter()
+                ray.get(floor_refs())
+                t3 = time.perf_counter()
+                target.load_state_dict(state, strict=False)
+                t4 = time.perf_counter()
+                if i > 0:
+                    seconds[name].append(t1 - t0)
+                    seconds[floor].append(t3 - t2)
+                    seconds["in_process_copy"].append(t4 - t3)
     finally:
         transports["collective"].teardown()
     out = {
@@ -66,9 +104,9 @@ def measure(dist: DistributedStep, repeats: int) -> dict:
         "receivers": len(actors.rollouts.actors),
         "by_transport": {},
     }
-    in_process = summary(seconds["in_process_copy"][1:])["median"]
+    in_process = summary(seconds["in_process_copy"])["median"]
     for name, values in seconds.items():
-        timed = summary(values[1:])
+        timed = summary(values)
         out["by_transport"][name] = {
             "seconds": timed,
             "gb_per_s": nbytes / timed["median"] / 1e9,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.run import TOPK, run
+from bench.run import SYNC_REPEATS, TOPK, run, run_weight_sync
 
 
 @pytest.mark.ray
@@ -37,7 +37,8 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
         assert peer["beside_vllm_rollout"]["ratio_ours_over_peer"] > 0
 
     d = parts["weight_sync"]
-    assert set(d["by_transport"]) == {"object_store", "collective", "in_process_copy"}
+    floors = {"ray_put_alone", "broadcast_alone"}
+    assert set(d["by_transport"]) == {"object_store", "collective", "in_process_copy"} | floors
     assert all(t["gb_per_s"] > 0 for t in d["by_transport"].values())
 
     e = parts["memory"]["teacher_transfer"]
@@ -63,3 +64,10 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table
     assert "| current | vllm | DistillationTrainer |" in table
+
+    # (d) alone (--only-weight-sync) rewrites its own results and keeps the others'
+    again = run_weight_sync("tiny", 1, tmp_path)["weight_sync"]
+    assert json.loads((tmp_path / "weight_sync.json").read_text())["time"] == again["time"]
+    assert all(t["seconds"]["n"] >= SYNC_REPEATS for t in again["by_transport"].values())
+    assert json.loads((tmp_path / "scaling.json").read_text()) == json.loads(json.dumps(g))
+    assert "(a) Per-step breakdown" in (tmp_path / "README.md").read_text()

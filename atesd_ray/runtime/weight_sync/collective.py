@@ -1,6 +1,8 @@
 """Collective transport: a broadcast from student rank 0 to the receivers over a process group of
 their own (gloo on CPU, NCCL on GPU), in buckets of at most ``trainer.weight_bucket_mb``, gathered
-one parameter at a time, so neither side ever holds a second full copy of the model.
+one parameter at a time, so neither side ever holds a second full copy of the model. Each member
+stages every bucket in one buffer it keeps for the group's life: a buffer allocated per sync is
+fresh memory whose first touch (page faults) costs several times the copy itself on CPU.
 
 The student ranks already form torch.distributed's default group (FSDP2), and a process can hold
 only one default group; ``ray.util.collective``'s gloo backend would try to create a second one.
@@ -36,6 +38,13 @@ class BroadcastGroup:
             self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
         else:
             raise ValueError(f"weight broadcast backend must be gloo or nccl, got '{backend}'")
+        self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of this member's staging buffer (grown to the largest bucket once)."""
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._staging[:nbytes]
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Broadcast ``tensor`` in place from ``src`` (moved to the group's device and back)."""
@@ -76,7 +85,7 @@ def send(sender: WeightSender, fmt: str, buckets: list[list[TensorSpec]], allowe
     for bucket in buckets:
         named = take_bucket(stream, bucket)
         if group is not None:
-            buffer = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=group.device)
+            buffer = group.staging(bucket_bytes(bucket))
             group.broadcast(flatten(named, buffer))
             sent += buffer.numel()
     return sent
@@ -87,9 +96,10 @@ def receive(receiver: WeightReceiver, version: int, buckets: list[list[TensorSpe
     if not allowed:
         return receiver.weight_version
     newer = version > receiver.weight_version
+    group = receiver.weight_group
     for bucket in buckets:
-        buffer = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=receiver.weight_group.device)
-        receiver.weight_group.broadcast(buffer)
+        buffer = group.staging(bucket_bytes(bucket))
+        group.broadcast(buffer)
         if newer:
             receiver.apply_weights(unflatten(buffer, bucket), version)
     if newer:
