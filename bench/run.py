@@ -180,8 +180,6 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_c = _peer_results(context, version, results, vllm, load_mid)
     _write(out, f"{prefix}peer_trl.json", results_c)
 
-    results_d = _weight_sync(context, dist, repeats, out, prefix)
-
     atesd_cfg = bench_config(model, "algorithm=atesd")
     dist.use_controller(atesd_cfg, "bench-atesd-controller")
     atesd_steps = [dist.run() for _ in range(repeats + 1)][1:]
@@ -201,6 +199,8 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_e["resident_bytes"] = memory.resident_memory(dist)
     results_e["load_average"] = load_average()
     _write(out, f"{prefix}memory.json", results_e)
+    # after the memory reading: a collective's staging buffer is the transport's, not a step's
+    results_d = _weight_sync(context, dist, repeats, out, prefix)
     batch = dist.batch
     dist.shutdown()
 
