@@ -109,8 +109,12 @@ def _peer_results(context: dict, version: str | None, results: dict, vllm: dict,
     return out
 
 
-def _context(cfg: Config, model: str, repeats: int) -> dict:
-    return {
+def _start(model: str, repeats: int) -> tuple[Config, dict]:
+    """Torch's threads, the local Ray instance, the workload's config and the results' context."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    start_ray()
+    cfg = bench_config(model)
+    return cfg, {
         "machine": machine(),
         "model": model,
         "workload": WORKLOADS[model] | {"teacher_topk": cfg.teacher.topk},
@@ -129,10 +133,7 @@ def _weight_sync(context: dict, dist: DistributedStep, repeats: int, out: Path, 
 
 def run_weight_sync(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     """(d) alone, on actors that have run one step; the other tables are kept as they are."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    start_ray()
-    cfg = bench_config(model)
-    context = _context(cfg, model, repeats)
+    cfg, context = _start(model, repeats)
     dist = DistributedStep(cfg)
     context["niceness"] = dist.niceness()
     dist.run()
@@ -143,10 +144,7 @@ def run_weight_sync(model: str, repeats: int, out: Path, prefix: str = "") -> di
 
 
 def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
-    start_ray()
-    cfg = bench_config(model)
-    context = _context(cfg, model, repeats)
+    cfg, context = _start(model, repeats)
     version = trl_version()
     batch = prepare_data(cfg).train[: cfg.trainer.prompts_per_step]  # the batch every arm trains on
     peers = {name: cls(cfg, batch) for name, cls in PEERS.items()} if version else {}
