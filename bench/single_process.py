@@ -4,7 +4,9 @@ Generate with ``model.generate`` (KV cache) from the problem-only prompt, with t
 rollout actor uses; score the response under the privileged prompt (α = 1) with a frozen copy of
 the step-0 model; forward/backward of the student with the project's loss (``distill_loss``, the
 same code the student actor runs); clip and step AdamW. No Ray, no FSDP, no weight sync: the model
-that generates is the model that trains. What the distributed step does on top (the rollout's
+that generates is the model that trains. Its linear layers are the rollout engine's
+(:func:`~workers.few_row_linear.use_few_row_linear`), so that (b) compares orchestration, not
+decode kernels. What the distributed step does on top (the rollout's
 log-probs and grades, the probe NLL, the controller; for ATESD also the teacher's grounding g) is
 not repeated here: it is part of the overhead being measured.
 """
@@ -23,6 +25,7 @@ from atesd_ray.models import eos_token_ids, load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.sampling import rollout_seed
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
+from workers.few_row_linear import use_few_row_linear
 
 
 class SingleProcessStep:
@@ -30,7 +33,7 @@ class SingleProcessStep:
         self.cfg = cfg
         self.batch = batch
         self.tokenizer = load_tokenizer(cfg.model)
-        self.student = load_model(cfg.model, vocab_size=len(self.tokenizer))
+        self.student = use_few_row_linear(load_model(cfg.model, vocab_size=len(self.tokenizer)))
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(

@@ -12,6 +12,7 @@ from atesd_ray.models import eos_token_ids
 from atesd_ray.runtime.weights import load_into
 from atesd_ray.sampling import Completion, SamplingParams
 from atesd_ray.sequences import left_pad, response_logprobs, slices, token_logprobs
+from workers.few_row_linear import use_few_row_linear
 
 
 class GenerationEngine(Protocol):
@@ -67,13 +68,14 @@ class HFEngine:
 
     Sampled-token log-probs are read off while decoding (:class:`SampledLogprobs`), one step's
     [B, V] at a time: no B x R x V logits are kept, and no second forward pass over the finished
-    sequences is needed (``score`` is that pass, for responses not sampled here).
+    sequences is needed (``score`` is that pass, for responses not sampled here). The model's
+    linear layers decode with :class:`~workers.few_row_linear.FewRowLinear` (CPU float32).
     """
 
     weight_format = "trainable"
 
     def __init__(self, model: nn.Module, tokenizer, micro_batch: int = 16, score_micro_batch: int = 4):
-        self.model = model.eval()
+        self.model = use_few_row_linear(model).eval()
         self.tokenizer = tokenizer
         self.micro_batch = micro_batch
         self.score_micro_batch = score_micro_batch
