@@ -16,6 +16,7 @@ STAGES = (
     "driver_overhead",
     "step_wall",
 )
+FIT_AXES = {"prompts": "more prompts", "length": "longer generations"}
 
 
 def _load(out: Path, name: str) -> dict | None:
@@ -210,9 +211,10 @@ def render(out: Path) -> str:
                 f"{r['ratio_distributed_over_single']:.2f} | {r['distributed_tokens_per_s']:.1f} / "
                 f"{r['single_process_tokens_per_s']:.1f} |"
             )
-        for arm, f in d["fit"].items():
-            lines.append(
-                f"| {label} | fit: {arm} | | {_s(f['intercept_s'])} s + {_s(f['per_1k_tokens_s'])} s per 1k tokens "
-                f"| R² {f['r2']:.3f} | | |"
-            )
+        for arm, by_axis in d["fit"].items():
+            for axis, f in by_axis.items():
+                lines.append(
+                    f"| {label} | fit: {arm}, {FIT_AXES[axis]} | | {_s(f['intercept_s'])} s + "
+                    f"{_s(f['per_1k_tokens_s'])} s per 1k tokens | R² {f['r2']:.3f} | | |"
+                )
     return "\n".join(lines) + "\n"

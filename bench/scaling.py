@@ -2,8 +2,10 @@
 reference, alternating, against prompts per step at the workload's generation length, and against
 the generation length at the workload's prompts (``SHAPES``), on fresh actors for each shape.
 
-Cost is fitted as seconds = a + b * tokens over the shapes (least squares); the table gives each
-shape's tokens/s and its ratio of step times, and ``scaling.png`` both curves.
+Cost is fitted along each axis as seconds = a + b * tokens (least squares): more prompts and
+longer generations add tokens at different prices (a prompt brings its forward passes, a longer
+generation only decoding steps of the same batch). The table gives each shape's tokens/s and its
+ratio of step times, and ``scaling.png`` both curves.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from bench.single_process import SingleProcessStep
 # (prompts per step, new tokens): the workload's shape, then each axis varied alone
 SHAPES = {
     "smollm2_135m": [(4, 32), (8, 32), (16, 32), (4, 64), (4, 128)],
-    "tiny": [(4, 8), (8, 16)],
+    "tiny": [(4, 8), (8, 8), (4, 16)],
 }
+
+
+def axes(rows: list[dict]) -> dict[str, list[dict]]:
+    """The shapes along each axis: more prompts at the first shape's length, longer generations
+    at its prompts (the first shape is on both)."""
+    base = rows[0]
+    return {
+        "prompts": [r for r in rows if r["new_tokens"] == base["new_tokens"]],
+        "length": [r for r in rows if r["prompts"] == base["prompts"]],
+    }
 
 
 def _fit(points: list[tuple[float, float]]) -> dict:
@@ -72,10 +84,18 @@ def measure(model: str, repeats: int) -> dict:
     return {
         "workload": WORKLOADS[model],
         "shapes": rows,
-        "fit": {
-            arm: _fit([(r["tokens"]["median"], r[f"{arm}_s"]["median"]) for r in rows])
-            for arm in ("distributed", "single_process")
-        },
+        "fit": fits(rows),
+    }
+
+
+def fits(rows: list[dict]) -> dict:
+    """Per arm and axis: seconds = intercept + per_token * tokens."""
+    return {
+        arm: {
+            axis: _fit([(r["tokens"]["median"], r[f"{arm}_s"]["median"]) for r in chosen])
+            for axis, chosen in axes(rows).items()
+        }
+        for arm in ("distributed", "single_process")
     }
 
 
@@ -87,14 +107,10 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, base = data["shapes"], data["shapes"][0]
-    axes_rows = {
-        "prompts per step": [r for r in rows if r["new_tokens"] == base["new_tokens"]],
-        "new tokens per response": [r for r in rows if r["prompts"] == base["prompts"]],
-    }
+    labels = {"prompts": ("prompts per step", "prompts"), "length": ("new tokens per response", "new_tokens")}
     fig, panels = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (label, chosen) in zip(panels, axes_rows.items(), strict=True):
-        key = "prompts" if label.startswith("prompts") else "new_tokens"
+    for ax, (axis, chosen) in zip(panels, axes(data["shapes"]).items(), strict=True):
+        label, key = labels[axis]
         chosen = sorted(chosen, key=lambda r: r[key])
         for arm, color in (("distributed", "black"), ("single_process", "gray")):
             ax.plot([r[key] for r in chosen], [r[f"{arm}_s"]["median"] for r in chosen], "o-", color=color,

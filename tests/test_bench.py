@@ -60,6 +60,9 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     assert len(g["shapes"]) >= 2 and (tmp_path / "scaling.png").stat().st_size > 0
     assert all(r["distributed_s"]["median"] > 0 and r["single_process_s"]["median"] > 0 for r in g["shapes"])
     assert {r["tokens"]["median"] for r in g["shapes"]} != {g["shapes"][0]["tokens"]["median"]}
+    for arm in ("distributed", "single_process"):
+        assert set(g["fit"][arm]) == {"prompts", "length"}
+        assert all(f.keys() == {"intercept_s", "per_1k_tokens_s", "r2"} for f in g["fit"][arm].values())
 
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table
