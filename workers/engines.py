@@ -27,9 +27,17 @@ class GenerationEngine(Protocol):
         """Log-probs of fixed response tokens after each prompt."""
         ...
 
+    def begin_load(self) -> None:
+        """Before the first chunk of a sync (``WeightReceiver.open_weights``)."""
+        ...
+
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         """Tensors of ``weight_format`` by name: a whole sync, or one bucket of it. ``shared``: they
         view read-only memory the engine may keep as its weights (an object-store read)."""
+        ...
+
+    def finish_load(self) -> None:
+        """After the last chunk of a sync."""
         ...
 
 
@@ -158,5 +166,11 @@ class HFEngine:
             result.extend(token_lp[i, : len(r)].tolist() for i, r in enumerate(rows))
         return result
 
+    def begin_load(self) -> None:
+        """Weights load tensor by tensor (``load_into``): nothing to open."""
+
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         load_into(self.model, named, share=shared)
+
+    def finish_load(self) -> None:
+        """Nothing to close."""

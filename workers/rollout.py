@@ -16,7 +16,7 @@ from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_paramete
 from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.runtime.checkpoint import fingerprint, read_state, read_student_weights
 from atesd_ray.runtime.weight_formats import stream_weights
-from atesd_ray.runtime.weight_sync import StaleWeightsError, WeightReceiver
+from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import load_into
 from atesd_ray.sampling import SamplingParams, rollout_seed
 from atesd_ray.sequences import left_pad, right_pad
@@ -56,8 +56,14 @@ class RolloutWorker(WeightReceiver):
         self.payload_format = self.engine.weight_format
 
     # -- weights ---------------------------------------------------------------------------------
-    def apply_weights(self, named: dict[str, torch.Tensor], version: int, shared: bool = False) -> None:
+    def open_weights(self) -> None:
+        self.engine.begin_load()
+
+    def apply_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         self.engine.load_weights(named, shared)
+
+    def close_weights(self) -> None:
+        self.engine.finish_load()
 
     def load_checkpoint(self, checkpoint: str) -> int:
         """Serve a trained student: the student tensors of ``checkpoint`` (checkpoints/step_<N>) over
@@ -76,7 +82,9 @@ class RolloutWorker(WeightReceiver):
         load_into(student, read_student_weights(path, mine))
         if self.engine.weight_format == "merged":
             merged = stream_weights(student, "merged", DTYPES[m.dtype], "cpu", m.lora.alpha / m.lora.r)
+            self.engine.begin_load()
             self.engine.load_weights(dict(merged))
+            self.engine.finish_load()
         self.weight_version = read_state(path)["step"]
         return self.weight_version
 
@@ -97,10 +105,7 @@ class RolloutWorker(WeightReceiver):
         thinking: bool | None = None,
     ) -> DataProto:
         """Sample ``params.n`` responses per record; refuse weights older than ``min_version``."""
-        if self.weight_version < min_version:
-            raise StaleWeightsError(
-                f"rollout {self.replica} holds weights v{self.weight_version}, step {step} needs >= v{min_version}"
-            )
+        self.check_weights(min_version, f"rollout {self.replica}", f"step {step}")
         t0 = time.perf_counter()
         params = params or sampling_params(self.cfg)
         prompts = self.prompt_ids([r["problem"] for r in records], thinking)
@@ -155,10 +160,7 @@ class RolloutWorker(WeightReceiver):
         or after ``motab.max_step_tokens``; returns per state the step's ``ids`` (an EOS that ended it
         left out, so a step may be empty), ``text``, how it ``ended`` and ``value``, the student's own
         geometric-mean probability of it at temperature 1."""
-        if self.weight_version < min_version:
-            raise StaleWeightsError(
-                f"rollout {self.replica} holds weights v{self.weight_version}, needs >= v{min_version}"
-            )
+        self.check_weights(min_version, f"rollout {self.replica}")
         r, m = self.cfg.rollout, self.cfg.algorithm.motab
         params = SamplingParams(
             temperature=r.temperature,

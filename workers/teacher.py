@@ -76,9 +76,17 @@ class TeacherWorker(WeightReceiver):
     def _synced_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def apply_weights(self, named: dict[str, torch.Tensor], version: int, shared: bool = False) -> None:
+    def open_weights(self) -> None:
+        if self.vllm is not None:
+            self.vllm.engine.begin_load()
+
+    def close_weights(self) -> None:
+        if self.vllm is not None:
+            self.vllm.engine.finish_load()
+
+    def apply_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         if self.vllm is not None:  # a live teacher (the config allows no EMA in vLLM)
-            self.vllm.load_weights(named)
+            self.vllm.engine.load_weights(named)
         elif self.mode == "live":
             load_into(self.model, named, share=shared)
         elif self.mode == "ema":

@@ -29,7 +29,7 @@ import torch
 from atesd_ray.config import Config
 from atesd_ray.console import quiet
 from atesd_ray.models import DTYPES, pretrained_path, tokenizer_path
-from atesd_ray.runtime.weight_formats import VLLMWorkerExtension, load_merged
+from atesd_ray.runtime.weight_formats import VLLMWorkerExtension
 from atesd_ray.sampling import Completion, SamplingParams
 from atesd_ray.sections import VLLMConfig
 
@@ -105,6 +105,7 @@ class VLLMEngine:
 
         self.tokenizer = tokenizer
         self.dtype = DTYPES[cfg.model.dtype]
+        self.loading = False
         self.llm = LLM(**engine_args(cfg, settings, max_logprobs, torch.cuda.is_available()))
         path = self.llm.llm_engine.model_config.model
         try:  # the EOS ids the HF engine stops at: generation_config.json's, else config.json's
@@ -176,10 +177,26 @@ class VLLMEngine:
             for row, p, r in zip(rows, prompts, responses, strict=True)
         ]
 
+    def begin_load(self) -> None:
+        """Open one in-place load for a whole sync (``VLLMWorkerExtension``); one left open by an
+        interrupted sync is closed first, since the new load carries every weight again."""
+        if self.loading:
+            self.llm.collective_rpc("finish_weight_load", kwargs={"complete": False})
+        self.llm.collective_rpc("begin_weight_load")
+        self.loading = True
+
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
-        """Whole tensors by Hugging Face name (all of them or one bucket), copied into vLLM's own
-        (fused) parameters whether or not they are ``shared``."""
-        load_merged(self.llm, named, self.dtype)
+        """Whole tensors by Hugging Face name (a whole sync or one bucket of it), copied into vLLM's
+        own (fused) parameters whether or not they are ``shared``."""
+        self.llm.collective_rpc(
+            "load_weight_chunk", args=([(n, t.to(self.dtype)) for n, t in named.items()],)
+        )
+
+    def finish_load(self) -> None:
+        """Close the load; the prefix cache goes, since its KV was computed with the old weights."""
+        self.loading = False
+        self.llm.collective_rpc("finish_weight_load")
+        self.llm.reset_prefix_cache()
 
 
 class VLLMTeacherScorer:
@@ -215,9 +232,6 @@ class VLLMTeacherScorer:
         """Mean temperature-1 log-prob of each answer after its prompt (the grounding signal g)."""
         rows = self.engine.score(prompts, answers, 1.0)
         return torch.tensor([sum(r) / max(1, len(r)) for r in rows])
-
-    def load_weights(self, named: dict[str, torch.Tensor]) -> None:
-        self.engine.load_weights(named)
 
 
 def temper(

@@ -6,11 +6,11 @@ student, and loaded by the receiver. Receivers name the format they load (``weig
   name (``weights.load_into``).
 - ``merged``, the vLLM load path: every weight of the base network under its Hugging Face name,
   LoRA merged in (W + alpha/r * B A), for engines that load checkpoints by HF name and know
-  nothing of PEFT. :func:`load_merged` loads them with vLLM's own in-place reload
-  (``reload_weights(is_checkpoint_format=True)``: the fused qkv/gate-up layers are filled and
-  re-packed for the CPU GEMM kernels; a partial bucket is fine), re-packs a tied LM head, which the
-  reload does not touch (:class:`VLLMWorkerExtension`, inside vLLM's worker), and drops the prefix
-  cache, whose KV was computed with the old weights.
+  nothing of PEFT. :class:`VLLMWorkerExtension`, inside vLLM's worker, loads a whole sync as one
+  in-place layerwise reload (the fused qkv/gate-up layers are filled and re-packed for the
+  kernels once complete, so any bucket layout is exact) and re-packs a tied LM head, which the
+  reload does not touch; the engine then drops its prefix cache, whose KV was computed with the
+  old weights.
 
 Parameters are gathered one at a time (``DTensor.full_tensor``, a collective every rank joins in
 the same order), so a bucketed sync holds one bucket at a time instead of a second copy of the
@@ -88,22 +88,61 @@ def stream_weights(
 
 
 class VLLMWorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``); ``self`` is the worker."""
+    """Mixed into vLLM's worker (``worker_extension_cls``); ``self`` is the worker.
 
-    def load_hf_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Load whole tensors by Hugging Face name, in place; returns how many were given."""
+    A sync loads as ONE layerwise reload, however many chunks it comes in (vLLM's own
+    weight-transfer protocol does the same): :meth:`begin_weight_load` opens it, each chunk goes
+    through the model's ``load_weights`` (:meth:`load_weight_chunk`), :meth:`finish_weight_load`
+    closes it. vLLM processes a layer (fuses q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``,
+    re-packs for the CPU kernels) once every weight of it has arrived, so a bucket boundary inside a
+    fused layer is fine. A reload per chunk is not: it would rebuild the split layer from
+    uninitialized memory and keep only that chunk's shards, silently.
+    """
+
+    def begin_weight_load(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        self.weights_expected = {name for name, _ in model.named_parameters()}
+        self.weights_loaded: set[str] = set()
+        initialize_layerwise_reload(model)
+
+    def load_weight_chunk(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Whole tensors by Hugging Face name; returns how many were given."""
+        model = self.model_runner.get_model()
+        self.weights_loaded |= model.load_weights(iter(named))
+        _own_pending_tensors(model, named)
+        return len(named)
+
+    def finish_weight_load(self, complete: bool = True) -> None:
+        """Process the layers still waiting and re-pack a tied LM head. A load that left any
+        parameter out is refused (vLLM itself would only log it) unless it is closed as abandoned
+        (``complete=False``), before a new load starts over."""
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
-        for module in self.model_runner.get_model().modules():
+        model = self.model_runner.get_model()
+        finalize_layerwise_reload(model, self.model_runner.model_config)
+        for module in model.modules():
             # a tied head shares the embedding's tensor, but the CPU backend packed its own copy of it
             if isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear"):
                 module.quant_method.process_weights_after_loading(module)
-        return len(named)
+        missing = sorted(self.weights_expected - self.weights_loaded)
+        if missing and complete:
+            raise RuntimeError(
+                f"a weight load into vLLM gave no tensor for {len(missing)} parameters, e.g. {missing[:3]}"
+            )
 
 
-def load_merged(llm, named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Whole tensors by Hugging Face name (all of them or one bucket) into a ``vllm.LLM`` running in
-    this process, in place; then its prefix cache is reset."""
-    llm.collective_rpc("load_hf_weights", args=([(n, t.to(dtype)) for n, t in named.items()],))
-    llm.reset_prefix_cache()
+def _own_pending_tensors(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> None:
+    """A layer whose weights have not all arrived keeps the chunk's tensors until they have. The
+    transport reuses the memory they view (a staging buffer, a CUDA IPC buffer) for the next chunk,
+    so the ones kept get memory of their own."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    chunk = {t.untyped_storage().data_ptr() for _, t in named}
+    for layer in model.modules():
+        for _, bound in get_layerwise_info(layer).loaded_weights:
+            for key, value in bound.arguments.items():
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in chunk:
+                    bound.arguments[key] = value.clone()

@@ -81,18 +81,64 @@ class WeightSender:
 
 
 class WeightReceiver:
-    """Mixin of an actor holding a copy of the student (rollout; live or EMA teacher). Subclasses
-    implement :meth:`apply_weights` (called once per object-store sync, once per bucket of a
-    broadcast or CUDA IPC sync) and set ``payload_format``; ``weight_version`` is the last version
-    fully applied."""
+    """Mixin of an actor holding a copy of the student (rollout; live or EMA teacher).
+
+    A sync reaches it as one update, whatever the transport: :meth:`begin_update`, then
+    :meth:`apply_weights` once per chunk (the whole sync on the object store, one bucket of a
+    broadcast or a CUDA IPC hand-off), then :meth:`finish_update`. The receiver owns its version:
+    ``weight_version`` is the last version fully applied, set only by :meth:`finish_update`. An
+    engine that must see a sync whole (vLLM re-packs fused layers once all of a layer's weights are
+    in) opens its load in :meth:`open_weights` and closes it in :meth:`close_weights`.
+
+    Subclasses implement :meth:`apply_weights` and set ``payload_format``.
+    """
 
     weight_version: int = 0
     payload_format: str = "trainable"
+    updating: int | None = None  # the version of an update begun and not finished
 
-    def apply_weights(self, named: dict[str, torch.Tensor], version: int, shared: bool = False) -> None:
-        """``shared``: ``named`` views read-only memory that lives as long as its tensors (the object
-        store's); a receiver that only reads its weights may keep the tensors instead of copying them."""
+    def begin_update(self, version: int) -> bool:
+        """Open an update to ``version``; False (nothing to apply) when it is not newer than what is
+        held, so a resumed EMA teacher is not blended twice. An update left unfinished (its sender
+        died mid-sync) is dropped: the new one carries every weight again."""
+        if version <= self.weight_version:
+            return False
+        if self.updating is not None:
+            log.warning("update to v%d was interrupted; starting over with v%d", self.updating, version)
+        self.updating = version
+        self.open_weights()
+        return True
+
+    def finish_update(self, version: int) -> int:
+        """Close the update to ``version`` (if one is open); returns the version now held."""
+        if self.updating == version:
+            self.close_weights()
+            self.weight_version, self.updating = version, None
+        return self.weight_version
+
+    def open_weights(self) -> None:
+        """Called before the first chunk of an update."""
+
+    def close_weights(self) -> None:
+        """Called after the last chunk of an update."""
+
+    def apply_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
+        """One chunk of an update. ``shared``: ``named`` views read-only memory that lives as long
+        as its tensors (the object store's); a receiver that only reads its weights may keep the
+        tensors instead of copying them. Otherwise the memory is the transport's and is reused
+        once this returns."""
         raise NotImplementedError
+
+    def check_weights(self, min_version: int, who: str, what: str = "") -> None:
+        """Refuse to serve on weights older than ``min_version``, or half-updated ("{who} holds
+        weights v1, {what} needs >= v2")."""
+        if self.updating is not None:
+            raise StaleWeightsError(
+                f"{who}: the update to v{self.updating} did not finish, so its weights are incomplete"
+            )
+        if self.weight_version < min_version:
+            need = f"{what} needs" if what else "needs"
+            raise StaleWeightsError(f"{who} holds weights v{self.weight_version}, {need} >= v{min_version}")
 
     def weight_format(self) -> str:
         return self.payload_format

