@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # verl (and transformers behind it) load where batches are bu
     from verl import DataProto
 
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+# the rows of the student's own samples: with the engine's log-probs of them, which the student's
+# step compares with its own (the train-inference gap, atesd_ray/rollout_gap.py)
+ON_POLICY_KEYS = (*ROLLOUT_KEYS, "rollout_logprobs")
 TEACHER_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_sampled_logprob")
 
 

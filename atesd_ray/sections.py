@@ -232,6 +232,10 @@ class RolloutConfig(Section):
     stop: list[str] = setting(list)
     micro_batch: int = setting(16, positive)  # sequences generated together
     max_staleness: int = setting(0, one_of(0, 1))  # 1: generate batch t+1 while the student trains on batch t
+    # the run stops when the token mean of |log p_rollout - log p_student| over a step's sampled
+    # tokens exceeds this (a weight sync went wrong); null: the default for model.dtype
+    # (atesd_ray/rollout_gap.py: 0.05 float32, 0.25 bfloat16/float16); inf: never
+    max_logprob_gap: float | None = setting(None, positive)
     vllm: VLLMConfig = setting(VLLMConfig)
 
 

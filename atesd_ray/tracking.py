@@ -28,6 +28,8 @@ CONSOLE_KEYS = (
     "response_len",
     "step_time_s",
 )
+# with --verbose (logging.level=debug) the step line also shows these
+VERBOSE_KEYS = ("rollout_logprob_gap_mean", "rollout_logprob_gap_max", "staleness", "time_to_sync_s")
 
 
 def _clean(value: Any) -> Any:
@@ -116,7 +118,7 @@ def progress_line(step: int, metrics: dict[str, Any], eta_s: float | None = None
     total = metrics.get("total_steps")
     head = f"step {step + 1}/{total}" if total else f"step {step + 1}"
     parts = [head]
-    for key in CONSOLE_KEYS:
+    for key in CONSOLE_KEYS + (() if quiet() else VERBOSE_KEYS):
         v = metrics.get(key)
         if isinstance(v, int | float):
             parts.append(f"{key}={v:.4g}")

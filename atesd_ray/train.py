@@ -22,6 +22,7 @@ from atesd_ray.config import Config
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.job import RunData, prepare_data, prepare_run_dir
+from atesd_ray.rollout_gap import check_step_gap, check_sync, sync_gap
 from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
 from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import (
@@ -128,6 +129,7 @@ def _launch(
         sampler.consumed = 0
         start, prefetched = _restore(actors, checkpoint, sampler) if checkpoint else (0, None)
         ray.get(actors.weight_sync.sync(version=start))
+        check_sync(cfg, start, sync_gap(ray.get(actors.weight_sync.verify())), checkpoint)
         if start == 0 and "probe_nll" in actors.signals:
             ray.get(actors.controller.baseline.remote(0, actors.students.collective("probe_nll")))
     except BaseException:
@@ -270,6 +272,8 @@ def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
             try:
                 next_batch = [records[i] for i in sampler.next_indices()] if step + 1 < total else None
                 metrics, prefetched = _step(cfg, actors, step, batch, next_batch, prefetched)
+                check_step_gap(cfg, step, metrics, checkpoint)
+                check_sync(cfg, step + 1, metrics.get("sync_logprob_gap"), checkpoint)
                 metrics.update(total_steps=total, epoch=sampler.epoch)
                 checkpoint = (
                     _after_step(

@@ -74,6 +74,21 @@ TRAINER_SERIES = (
     Series("atesd_trainer_accuracy", "Rollout accuracy of the step's batch", "accuracy"),
     Series("atesd_trainer_probe_nll", "Student NLL of the probe set's reference solutions", "probe_nll"),
     Series("atesd_trainer_grad_norm", "Gradient norm before clipping", "grad_norm"),
+    Series(
+        "atesd_trainer_rollout_logprob_gap_mean",
+        "Train-inference gap: token mean of |rollout log-prob - student log-prob|",
+        "rollout_logprob_gap_mean",
+    ),
+    Series(
+        "atesd_trainer_rollout_logprob_gap_max",
+        "Train-inference gap: largest |rollout log-prob - student log-prob| of the step",
+        "rollout_logprob_gap_max",
+    ),
+    Series(
+        "atesd_trainer_sync_logprob_gap",
+        "Weight-sync check: largest receiver's mean |log-prob - student log-prob| on the check sequence",
+        "sync_logprob_gap",
+    ),
     Series("atesd_trainer_weight_version", "Student weight version after the step's sync", "weight_version"),
     Series(
         "atesd_trainer_staleness", "Steps between the rollout weights and the trained weights", "staleness"

@@ -9,18 +9,22 @@ boundaries placed inside q/k/v and inside gate/up, then samples with the student
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import ray
+import torch
 
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.data.synthetic import generate
+from atesd_ray.rollout_gap import RolloutGapError, SamplerCut, sampler_logprobs
 from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.weight_sync.collective import CollectiveSync
 from atesd_ray.runtime.weights import split_buckets
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import rows_to_lists
-from tests.conftest import make_config
+from atesd_ray.train import run
+from tests.conftest import TINY, make_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -135,3 +139,100 @@ def test_bucketed_syncs_that_split_fused_layers_load_exactly(ray_cluster):
         assert max(gaps.values()) < 1e-4, f"the vLLM rollout is off the student by (nats): {gaps}"
     finally:
         actors.shutdown()
+
+
+# -- the train-inference gap and its guard ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 1.0), (0, 0.9), (20, 0.95), (5, 0.5)])
+def test_sampler_logprobs_are_vllms_processed_logprobs(top_k, top_p):
+    """The student's log-prob of a sampled token under the engine's cut equals vLLM's own
+    ``processed_logprobs`` (temperature, then its own top-k/top-p function) wherever vLLM could
+    have sampled the token."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(top_k)) * 4
+    temperature = 1.1
+    k = torch.full((64,), top_k) if top_k else None
+    p = torch.full((64,), top_p) if top_p < 1 else None
+    processed = apply_top_k_top_p_pytorch(logits.clone() / temperature, k, p).log_softmax(-1)
+    tokens = torch.multinomial(processed.exp(), 1, generator=torch.Generator().manual_seed(1))[:, 0]
+    ours = sampler_logprobs(logits, tokens, SamplerCut(temperature, top_k, top_p))
+    torch.testing.assert_close(ours, processed.gather(-1, tokens[:, None])[:, 0], atol=1e-5, rtol=0)
+
+
+def test_a_token_outside_the_students_cut_is_kept():
+    """A token the engine sampled at the edge of its cut, which the student's (slightly different)
+    logits would cut, gets a finite log-prob: the gap stays as small as the logits' difference."""
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.99]])
+    kept = sampler_logprobs(logits, torch.tensor([3]), SamplerCut(1.0, top_k=3))
+    assert torch.isfinite(kept).all()
+    expected = torch.tensor([4.0, 3.0, 1.0, 0.99]).log_softmax(-1)[3]  # the top 3, and the token
+    torch.testing.assert_close(kept[0], expected)
+
+
+def test_the_hf_engines_logprobs_are_compared_without_a_cut():
+    """The HF engine's log-probs are of softmax(logits / T) over the whole vocabulary; vLLM's carry
+    the cut."""
+    hf = make_config("rollout.engine=hf", "rollout.top_k=20", "rollout.top_p=0.9", "rollout.temperature=1.1")
+    vllm = make_config(
+        "rollout.engine=vllm", "rollout.top_k=20", "rollout.top_p=0.9", "rollout.temperature=1.1"
+    )
+    assert SamplerCut.of(hf.rollout) == SamplerCut(1.1)
+    assert SamplerCut.of(vllm.rollout) == SamplerCut(1.1, 20, 0.9)
+
+
+GUARDED = [
+    *TINY,
+    "rollout.engine=vllm",
+    "trainer.total_steps=3",
+    "trainer.save_every=1",
+    "trainer.weight_transport=collective",
+    "trainer.weight_bucket_mb=1",
+    "trainer.lr=1e-3",
+]
+
+
+def corrupting_receive(receiver, version, buckets, allowed):
+    """The collective transport's receive with the second bucket's bytes garbled on arrival from
+    v2 on: a corrupted sync, which nothing but the gap can see."""
+    from atesd_ray.runtime.weight_sync import collective
+
+    if not allowed:
+        return receiver.weight_version
+    newer = receiver.begin_update(version)
+    group = receiver.weight_group
+    for k, bucket in enumerate(buckets):
+        buffer = group.staging(collective.bucket_bytes(bucket))
+        group.broadcast(buffer)
+        if k == 1 and version >= 2:
+            buffer[::7] = 0
+        if newer:
+            receiver.apply_weights(collective.unflatten(buffer, bucket))
+    return receiver.finish_update(version)
+
+
+def test_a_corrupted_sync_stops_the_run_and_keeps_the_last_checkpoint(ray_cluster, tmp_path, monkeypatch):
+    """Step 1 trains on rollouts of the v0 weights, which vLLM loaded itself: the gap is rounding
+    noise, and so is the check of the v1 sync it sends. Step 2's sync (v2) arrives garbled: its
+    check stops the run before any rollout samples from it, with an error naming the weight version,
+    the transport and the bucket size; the checkpoint of step 1 is kept and no later one is written."""
+    from atesd_ray.runtime.weight_sync import collective
+
+    monkeypatch.setattr(collective, "receive", corrupting_receive)
+    out = tmp_path / "corrupted"
+    with pytest.raises(RolloutGapError) as err:
+        run(make_config(*GUARDED, f"run_dir={out}"), out)
+    message = str(err.value)
+    print(message)
+    for part in ("sync of weights v2", "trainer.weight_transport=collective", "trainer.weight_bucket_mb=1"):
+        assert part in message
+    assert str(out / "checkpoints" / "step_1") in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
+    (first,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(
+        f"honest step: gap mean {first['rollout_logprob_gap_mean']:.2e}, max {first['rollout_logprob_gap_max']:.2e}; "
+        f"sync check {first['sync_logprob_gap']:.2e}"
+    )
+    assert first["rollout_logprob_gap_mean"] < 1e-5 and first["rollout_logprob_gap_max"] < 1e-4
+    assert first["sync_logprob_gap"] < 1e-5

@@ -65,6 +65,9 @@ class RolloutWorker(WeightReceiver):
     def close_weights(self) -> None:
         self.engine.finish_load()
 
+    def score_check(self, prompt: list[int], response: list[int]) -> list[float]:
+        return self.engine.score([prompt], [response], 1.0)[0]
+
     def load_checkpoint(self, checkpoint: str) -> int:
         """Serve a trained student: the student tensors of ``checkpoint`` (checkpoints/step_<N>) over
         the configured model; a checkpoint written for another model is refused. Returns N.

@@ -37,11 +37,12 @@ from atesd_ray.losses import mismatch_per_token, nll_loss
 from atesd_ray.models import DTYPES, load_model, load_tokenizer
 from atesd_ray.objective import ROLLOUT_KEYS, TEACHER_KEYS, Objective, Response, fetch, take, teacher_targets
 from atesd_ray.prompts import encode_chat, student_messages
+from atesd_ray.rollout_gap import CHECK_PROBLEM, CHECK_RESPONSE, SamplerCut, gap_terms
 from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
 from atesd_ray.runtime.cluster import free_port
 from atesd_ray.runtime.hf_export import HF_DIR, save_hf_model
 from atesd_ray.runtime.weight_formats import stream_weights
-from atesd_ray.runtime.weight_sync import WeightSender
+from atesd_ray.runtime.weight_sync import WeightCheck, WeightSender
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
 from workers.common import once_per_step, setup_actor
 
@@ -174,6 +175,11 @@ class StudentRank(WeightSender):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def _max_float(self, value: float) -> float:
+        t = torch.tensor([value], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def _micro_batches(self, n_rows: int) -> list[list[int]]:
         """This rank's row indices in micro-batches; every rank runs the same number of them
         (FSDP gathers parameters in each forward), so a short rank repeats rows with weight 0."""
@@ -213,19 +219,40 @@ class StudentRank(WeightSender):
     # -- training --------------------------------------------------------------------------------
     @once_per_step
     def train_step(self, step: int, *inputs) -> dict:
-        """One optimizer step of the objective on ``inputs`` (object refs, resolved here)."""
+        """One optimizer step of the objective on ``inputs`` (object refs, resolved here). Where the
+        rows carry the rollout engine's log-probs, the step also measures the train-inference gap
+        (``atesd_ray/rollout_gap.py``) on the logits it computes anyway."""
         t0 = time.perf_counter()
         prepared = self.objective.prepare(self, step, *inputs)
         t_fetch = time.perf_counter() - t0
         self.policy.train()
+        measure_gap = "rollout_logprobs" in prepared.rows
+        cut = SamplerCut.of(self.cfg.rollout)
+        gap_max = torch.zeros((), dtype=torch.float64)
 
         def loss(out: Response, rows: Rows) -> tuple:
-            return self.objective.loss(out, rows, prepared)
+            nonlocal gap_max
+            value, stats = self.objective.loss(out, rows, prepared)
+            if not measure_gap:
+                return value, stats
+            gap_sum, largest = gap_terms(
+                out.hidden,
+                out.tokens,
+                rows["rollout_logprobs"][out.valid],
+                out.head,
+                cut,
+                self.cfg.algorithm.loss.chunk_size,
+            )
+            gap_max = torch.maximum(gap_max, largest.cpu())
+            count = gap_sum.new_tensor(float(out.tokens.numel()))
+            return value, torch.cat([stats.to(gap_sum), torch.stack([gap_sum, count])])
 
-        totals = self._accumulate(prepared.rows, len(self.objective.stats), loss)
-        metrics = self.objective.metrics(
-            dict(zip(self.objective.stats, totals.tolist(), strict=True)), prepared
-        )
+        width = len(self.objective.stats) + (2 if measure_gap else 0)
+        totals = self._accumulate(prepared.rows, width, loss).tolist()
+        metrics = self.objective.metrics(dict(zip(self.objective.stats, totals, strict=False)), prepared)
+        if measure_gap:
+            metrics["rollout_logprob_gap_mean"] = totals[-2] / max(totals[-1], 1.0)
+            metrics["rollout_logprob_gap_max"] = self._max_float(float(gap_max))
         return (
             metrics
             | self._apply_update(step, metrics["loss"])
@@ -312,7 +339,8 @@ class StudentRank(WeightSender):
     @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs (temperature 1) of fixed responses under the current student (every
-        rank returns all)."""
+        rank returns all), without dropout."""
+        self.policy.eval()
 
         def logprobs(out: Response, _rows: Rows) -> torch.Tensor:
             return torch.log_softmax(out.head(out.hidden).float(), dim=-1).gather(-1, out.tokens[:, None])[
@@ -329,6 +357,11 @@ class StudentRank(WeightSender):
         return out
 
     # -- weights out -----------------------------------------------------------------------------
+    def weight_check(self) -> WeightCheck:
+        prompt = self.student_prompts([CHECK_PROBLEM])[0]
+        response = self.tokenizer(CHECK_RESPONSE, add_special_tokens=False)["input_ids"]
+        return WeightCheck(self.step, prompt, response, self.score([prompt], [response])[0])
+
     def weight_stream(self, fmt: str, device: torch.device, meta: bool = False):
         """The weights a sync in format ``fmt`` carries, gathered one parameter at a time."""
         lora = self.cfg.model.lora

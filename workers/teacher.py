@@ -57,6 +57,7 @@ class TeacherWorker(WeightReceiver):
             self.privileged or self.student_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         )
         self.mode = cfg.teacher.weights
+        self.mirrors_student = self.mode == "live"  # an EMA teacher holds a blend; a frozen one takes no sync
         self.vllm = None
         if cfg.teacher.engine == "vllm":  # the privileged self-teacher, scoring only (checked in the config)
             from workers.vllm_engine import VLLMTeacherScorer
@@ -83,6 +84,13 @@ class TeacherWorker(WeightReceiver):
     def close_weights(self) -> None:
         if self.vllm is not None:
             self.vllm.engine.finish_load()
+
+    def score_check(self, prompt: list[int], response: list[int]) -> list[float]:
+        if self.vllm is not None:
+            return self.vllm.engine.score([prompt], [response], 1.0)[0]
+        with torch.no_grad():
+            ((_, logp, r_ids, _),) = self._forward(self.model, [prompt], [response])
+            return token_logprobs(logp, r_ids)[0, : len(response)].tolist()
 
     def apply_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         if self.vllm is not None:  # a live teacher (the config allows no EMA in vLLM)

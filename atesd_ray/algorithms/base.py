@@ -10,7 +10,7 @@ An :class:`Algorithm` (one module of this package) brings
   ranks' ``train_step``, as object refs passed between actors (:class:`Launched`).
 
 :func:`run_step` is the rest of every step: the rollouts of the next step when they may run ahead,
-the weight sync, the probe NLL (every step when the controller learns from it, else every
+the weight sync and its check (``atesd_ray/rollout_gap.py``), the probe NLL (every step when the controller learns from it, else every
 ``tracking.probe_every`` steps), the controller's observation and the step's metrics.
 """
 
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import ray
 
+from atesd_ray.rollout_gap import sync_gap
 from atesd_ray.runtime.cluster import split_evenly
 
 if TYPE_CHECKING:
@@ -93,12 +94,14 @@ def run_step(
             actors, next_batch, step + 1, min_version=step + 1 - cfg.rollout.max_staleness
         )
     synced = actors.weight_sync.sync(version=step + 1)
+    checked = actors.weight_sync.verify()
     done, every = step + 1, cfg.tracking.probe_every
     probe = None
     if "probe_nll" in actors.signals or done % every == 0 or done == cfg.trainer.total_steps:
         probe = actors.students.collective("probe_nll")
     observed = actors.controller.observe.remote(step, launched.stats, probe)
     *_, controller_metrics = ray.get(synced + [observed])
+    gap = sync_gap(ray.get(checked))
     t_sync = time.perf_counter()
     metrics = ray.get(launched.stats)
     metrics.pop("per_example", None)  # the per-problem statistics are for the controller only
@@ -108,6 +111,8 @@ def run_step(
         metrics["alpha"] = float(alpha) if not isinstance(alpha, dict) else sum(alpha.values()) / len(alpha)
     if probe is not None:
         metrics["probe_nll"] = ray.get(probe)
+    if gap is not None:
+        metrics["sync_logprob_gap"] = gap
     metrics.update(
         controller_metrics,
         weight_version=step + 1,

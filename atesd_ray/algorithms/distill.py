@@ -16,7 +16,7 @@ import torch
 from atesd_ray.algorithms.base import Algorithm, Launched, launch_rollouts
 from atesd_ray.losses import DistillStats, distill_loss
 from atesd_ray.objective import (
-    ROLLOUT_KEYS,
+    ON_POLICY_KEYS,
     TEACHER_KEYS,
     Objective,
     Prepared,
@@ -74,7 +74,7 @@ class DistillObjective(Objective):
         info = rollout_metrics(step, rollout, rollout_meta) | teacher_metrics(teacher, teacher_meta)
         if self.per_example:
             info["per_example"] = example_stats(rollout, teacher)
-        rows = take(rollout, ROLLOUT_KEYS) | take(teacher, TEACHER_KEYS)
+        rows = take(rollout, ON_POLICY_KEYS) | take(teacher, TEACHER_KEYS)
         return Prepared(rows, trainer.world / max(tokens, 1.0), info)
 
     def loss(self, out: Response, rows: dict, prepared: Prepared) -> tuple:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from atesd_ray.algorithms.base import Algorithm, Launched, launch_rollouts
 from atesd_ray.losses import Project, over_chunks, student_logprobs
-from atesd_ray.objective import ROLLOUT_KEYS, Objective, Prepared, Response, fetch, rollout_metrics, take
+from atesd_ray.objective import ON_POLICY_KEYS, Objective, Prepared, Response, fetch, rollout_metrics, take
 from atesd_ray.schema import Section, at_least, non_negative, one_of, positive, require, setting
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class GRPOObjective(Objective):
             weights = mask * trainer.world / lengths.sum().clamp(min=1.0)
         else:
             weights = mask / lengths.clamp(min=1.0)[:, None] * trainer.world / len(rollout)
-        rows = take(rollout, ROLLOUT_KEYS + ("rollout_logprobs",)) | {
+        rows = take(rollout, ON_POLICY_KEYS) | {
             "advantages": advantages,
             "token_weights": weights,
         }

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import ray
@@ -49,6 +51,18 @@ class StaleWeightsError(RuntimeError):
     """A rollout was asked to run on weights older than the configured staleness allows."""
 
 
+@dataclass(frozen=True)
+class WeightCheck:
+    """The student's temperature-1 log-probs of one fixed short sequence at weight ``version``: a
+    receiver holding the same version scores the sequence too, and the two must agree to rounding
+    noise. It checks every sync as it lands, whatever the transport and however stale the rollouts."""
+
+    version: int
+    prompt: list[int]
+    response: list[int]
+    logprobs: list[float]
+
+
 class WeightSender:
     """Mixin of a student rank. Subclasses set ``rank``, ``device`` and ``step`` (updates applied)
     and implement :meth:`weight_stream`."""
@@ -61,6 +75,10 @@ class WeightSender:
         self, fmt: str, device: torch.device, meta: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors a sync in format ``fmt`` carries, whole, one at a time, in a fixed order."""
+        raise NotImplementedError
+
+    def weight_check(self) -> WeightCheck:
+        """This rank's :class:`WeightCheck` at the weights it holds (every rank joins)."""
         raise NotImplementedError
 
     def weight_layout(self, fmt: str) -> list[TensorSpec]:
@@ -96,6 +114,7 @@ class WeightReceiver:
     weight_version: int = 0
     payload_format: str = "trainable"
     updating: int | None = None  # the version of an update begun and not finished
+    mirrors_student: bool = True  # holds the student's weights as synced (an EMA teacher does not)
 
     def begin_update(self, version: int) -> bool:
         """Open an update to ``version``; False (nothing to apply) when it is not newer than what is
@@ -140,6 +159,19 @@ class WeightReceiver:
             need = f"{what} needs" if what else "needs"
             raise StaleWeightsError(f"{who} holds weights v{self.weight_version}, {need} >= v{min_version}")
 
+    def score_check(self, prompt: list[int], response: list[int]) -> list[float]:
+        """Temperature-1 log-probs of ``response`` after ``prompt`` under the weights held."""
+        raise NotImplementedError
+
+    def verify_weights(self, check: WeightCheck) -> float | None:
+        """Mean |log p_mine - log p_student| over the check sequence, when this receiver should hold
+        the weights ``check`` was taken at; None when it holds other weights by design."""
+        if not self.mirrors_student or self.updating is not None or self.weight_version != check.version:
+            return None
+        mine = self.score_check(check.prompt, check.response)
+        gaps = [abs(a - b) for a, b in zip(mine, check.logprobs, strict=True)]
+        return math.fsum(gaps) / max(1, len(gaps))
+
     def weight_format(self) -> str:
         return self.payload_format
 
@@ -182,6 +214,13 @@ class WeightTransport:
     def sync(self, version: int) -> list[ray.ObjectRef]:
         allowed = self.students.actors[0].holds_version.remote(version)
         return self.send(version, allowed)
+
+    def verify(self) -> list[ray.ObjectRef]:
+        """Per receiver, a ref to its :meth:`WeightReceiver.verify_weights` against the student's
+        :class:`WeightCheck` at the weights it holds now: call right after :meth:`sync`, whose
+        loads every receiver finishes first (an actor runs its calls in order)."""
+        check = self.students.collective("weight_check")
+        return [r.verify_weights.remote(check) for r in self.receivers]
 
     def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
         """Move the weights tagged ``version``; every call on either side takes ``allowed`` (rank 0's

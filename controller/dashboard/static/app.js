@@ -346,6 +346,14 @@ function renderSteps() {
   chart(document.getElementById("probe-chart"), {
     series: [{ name: "probe NLL", points: stepSeries("probe_nll"), color: COLORS[4] }], integerX: true, xLabel: "step",
   });
+  chart(document.getElementById("gap-chart"), {
+    series: [
+      { name: "mean", points: stepSeries("rollout_logprob_gap_mean"), color: COLORS[0] },
+      { name: "max", points: stepSeries("rollout_logprob_gap_max"), color: COLORS[3] },
+      { name: "sync check", points: stepSeries("sync_logprob_gap"), color: COLORS[2] },
+    ],
+    integerX: true, xLabel: "step",
+  });
 }
 
 function renderHeader() {
