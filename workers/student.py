@@ -10,25 +10,16 @@ log-probs of fixed responses), sends its weights (``WeightSender``) and writes c
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import ray
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -38,13 +29,12 @@ from atesd_ray.models import DTYPES, load_model, load_tokenizer
 from atesd_ray.objective import ROLLOUT_KEYS, TEACHER_KEYS, Objective, Response, fetch, take, teacher_targets
 from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.rollout_gap import CHECK_PROBLEM, CHECK_RESPONSE, SamplerCut, gap_terms
-from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
 from atesd_ray.runtime.cluster import free_port
-from atesd_ray.runtime.hf_export import HF_DIR, save_hf_model
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weight_sync import WeightCheck, WeightSender
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
 from workers.common import once_per_step, setup_actor
+from workers.student_state import CheckpointedRank
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +86,7 @@ def _shard(n: int, rank: int, world: int) -> range:
     return range(start, start + per + (rank < extra))
 
 
-class StudentRank(WeightSender):
+class StudentRank(CheckpointedRank, WeightSender):
     def __init__(self, cfg: Config, rank: int, world_size: int, objective: Objective):
         self.threads = setup_actor(cfg, f"student{rank}")
         self.cfg = cfg
@@ -368,60 +358,6 @@ class StudentRank(WeightSender):
         return stream_weights(
             self.model, fmt, DTYPES[self.cfg.model.dtype], device, lora.alpha / lora.r, meta
         )
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def save(self, directory: str) -> bool:
-        """Write this group's state into ``directory`` (rank 0 writes; all ranks gather)."""
-        from safetensors.torch import save_file
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(self.model, options=options)
-        optim_sd = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
-        rng = [None] * self.world
-        dist.all_gather_object(rng, torch.get_rng_state())
-        merged = dict(self.weight_stream("merged", torch.device("cpu"))) if self.cfg.trainer.save_hf else None
-        if self.rank == 0:
-            out = Path(directory)
-            out.mkdir(parents=True, exist_ok=True)
-            weights = {n: model_sd[n].contiguous() for n in self.trainable}
-            save_file(weights, str(out / "student.safetensors"), metadata={"model": self.cfg.model.name})
-            torch.save({"optimizer": optim_sd, "rng": rng}, out / "optimizer.pt")
-            state = {
-                "step": self.step,
-                "scheduler": self.scheduler.state_dict(),
-                "skipped_nonfinite": self.skipped_nonfinite,
-                "world_size": self.world,
-                "fingerprint": self._fingerprint(),
-            }
-            (out / "student_state.json").write_text(json.dumps(state))
-            if merged is not None:  # beside student/: checkpoints/step_<N>/huggingface
-                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-                save_hf_model(out.parent / HF_DIR, merged, base, self.tokenizer)
-        dist.barrier()
-        return True
-
-    def load(self, directory: str) -> int:
-        """Restore from a checkpoint written by :meth:`save`; code in it is never executed."""
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        state = json.loads((d / "student_state.json").read_text())
-        check_fingerprint(state["fingerprint"], self._fingerprint(), d)
-        weights = load_file(str(d / "student.safetensors"))
-        blob = load_tensors(d / "optimizer.pt")
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
-        set_model_state_dict(self.model, weights, options=options)
-        set_optimizer_state_dict(self.policy, self.optimizer, blob["optimizer"], options=options)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.skipped_nonfinite = state["skipped_nonfinite"]
-        rng = blob["rng"]
-        torch.set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
-        return self.step
-
-    def _fingerprint(self) -> dict:
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        return fingerprint(self.cfg.model.name, self.cfg.model.lora.enabled, trainable)
 
     def pid(self) -> int:
         return os.getpid()
