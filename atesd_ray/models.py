@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU = torch.device("cpu")
 # SmolLM2-Instruct's chat turns end with <|im_end|>; the GGUF metadata names <|im_start|> as EOS.
 _BUNDLED_EOS = "<|im_end|>"
 
@@ -154,16 +155,21 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def attn_implementation(name: str) -> str:
-    """``auto``: flash-attn 2 where a GPU and the flash-attn package are present, else PyTorch SDPA."""
+def attn_implementation(name: str, device: torch.device) -> str:
+    """``auto``: flash-attn 2 for a model on a GPU where transformers finds a working flash-attn (it
+    checks the build against this torch and CUDA, which a package merely being there does not
+    say), else PyTorch SDPA."""
     if name != "auto":
         return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if device.type == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
     return "sdpa"
 
 
-def build_tiny(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+def build_tiny(cfg: ModelConfig, vocab_size: int, device: torch.device = CPU) -> nn.Module:
     """A random tiny Qwen3 for tests; its initialization depends only on ``cfg.tiny.init_seed``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -178,7 +184,7 @@ def build_tiny(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         head_dim=t.head_dim,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-        attn_implementation=attn_implementation(cfg.attn_implementation),
+        attn_implementation=attn_implementation(cfg.attn_implementation, device),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.init_seed)
@@ -186,22 +192,26 @@ def build_tiny(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return model.to(DTYPES[cfg.dtype])
 
 
-def load_model(cfg: ModelConfig, vocab_size: int | None = None, lora: bool = True) -> nn.Module:
-    """The student/teacher network on the CPU, in ``cfg.dtype``, with LoRA applied when enabled.
+def load_model(
+    cfg: ModelConfig, vocab_size: int | None = None, lora: bool = True, device: torch.device = CPU
+) -> nn.Module:
+    """The student/teacher network on ``device`` (the actor's: ``runtime/devices.py``), in
+    ``cfg.dtype``, with its attention chosen for that device and LoRA applied when enabled.
 
     ``vocab_size`` is needed for the tiny model (the tokenizer's size).
     """
     if cfg.source == "tiny":
         if vocab_size is None:
             vocab_size = len(load_tokenizer(cfg))
-        model = build_tiny(cfg, vocab_size)
+        model = build_tiny(cfg, vocab_size, device).to(device)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
             pretrained_path(cfg),
             dtype=DTYPES[cfg.dtype],
-            attn_implementation=attn_implementation(cfg.attn_implementation),
+            attn_implementation=attn_implementation(cfg.attn_implementation, device),
+            device_map=None if device.type == "cpu" else str(device),
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

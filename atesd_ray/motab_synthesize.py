@@ -26,7 +26,7 @@ from atesd_ray.grading import grade_many
 from atesd_ray.job import prepare_data, prepare_run_dir
 from atesd_ray.monitored import monitored_rollouts
 from atesd_ray.runtime.actors import controller_actor, rollout_group, teacher_group
-from atesd_ray.runtime.cluster import connect
+from atesd_ray.runtime.devices import place
 from atesd_ray.trajectories import Trajectory, summarize
 
 OUTPUT = "synthesized.jsonl"
@@ -78,8 +78,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     print(data.summary, flush=True)
     output = run_dir / OUTPUT
     output.write_text("")
-    c = cfg.cluster
-    connect(c, needed_cpus=cfg.rollout.replicas * c.rollout.cpus + cfg.teacher.replicas * c.teacher.cpus)
+    place(cfg, roles=("rollout", "teacher"))
     name = f"motab-{run_dir.resolve().name}-{int(time.time())}"
     rollouts = rollout_group(cfg, f"{name}-rollout")
     teachers = teacher_group(cfg, f"{name}-teacher")

@@ -49,8 +49,13 @@ class EvalConfig(Section):
 
 @dataclass
 class RoleResources(Section):
-    cpus: float = setting(1.0, non_negative)
-    gpus: float = setting(0.0, non_negative)
+    """What each actor of a role reserves, and so its torch threads (``cluster.torch_threads``
+    overrides). null sizes it to the machine the driver runs on (``cluster=local``,
+    ``atesd_ray/runtime/devices.py``): cpus, one CPU reserved and the machine's cores as threads
+    (a student rank its share); gpus, one per actor when there is one for each, else shared."""
+
+    cpus: float | None = setting(1.0, non_negative)
+    gpus: float | None = setting(0.0, non_negative)
     # extra Ray custom resources each actor of the role needs, e.g. {"node_b": 1}
     resources: dict[str, float] = setting({})
 
@@ -61,7 +66,7 @@ class ClusterConfig(Section):
     address: str | None = None  # None: $RAY_ADDRESS if set, else start a local instance
     num_cpus: int | None = None  # local instance size; None: the machine's cores
     connect_timeout_s: float = setting(15.0, positive)
-    torch_threads: int | None = None  # per actor; None: what its CPU share allows (at least 1)
+    torch_threads: int | None = setting(None, positive)  # per actor; None: see RoleResources
     student: RoleResources = setting(RoleResources)
     rollout: RoleResources = setting(RoleResources)
     teacher: RoleResources = setting(RoleResources)

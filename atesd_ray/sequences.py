@@ -77,10 +77,12 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score fixed responses after their prompts: log-softmax(logits / ``temperature``) [B, W, V] at
     the positions that predict each response token, and the responses padded to ``width`` (default:
-    the longest), ids and mask [B, W]. Only the logits of those positions are computed."""
+    the longest), ids and mask [B, W], all on the model's device. Only the logits of those
+    positions are computed."""
+    device = model.get_input_embeddings().weight.device
     p_ids, p_mask = left_pad(prompts, pad_id)
-    r_ids, r_mask = right_pad(responses, pad_id, width)
-    ids, mask, pos, _ = join(p_ids, p_mask, r_ids, r_mask)
+    r_ids, r_mask = (t.to(device) for t in right_pad(responses, pad_id, width))
+    ids, mask, pos, _ = join(p_ids.to(device), p_mask.to(device), r_ids, r_mask)
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=r_ids.shape[1] + 1
     ).logits

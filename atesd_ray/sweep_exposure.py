@@ -30,7 +30,7 @@ from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data, prepare_run_dir
 from atesd_ray.runtime.actors import build_actors
-from atesd_ray.runtime.cluster import connect
+from atesd_ray.runtime.devices import place
 from atesd_ray.tables import markdown_table
 
 
@@ -140,13 +140,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     data = prepare_data(cfg)
     records = data.train[: cfg.sweep.problems]
     print(f"{data.summary}; sweeping α over {cfg.sweep.alphas} on {len(records)} problems", flush=True)
-    c = cfg.cluster
-    connect(
-        c,
-        needed_cpus=cfg.trainer.ranks * c.student.cpus
-        + cfg.rollout.replicas * c.rollout.cpus
-        + cfg.teacher.replicas * c.teacher.cpus,
-    )
+    place(cfg)
     # the sweep reports g per exposure: its teachers measure it whatever the controller
     name = f"atesd-sweep-{run_dir.resolve().name}-{int(time.time())}"
     actors = build_actors(cfg, 1, name=name, signals=frozenset({"grounding"}))

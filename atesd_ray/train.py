@@ -32,7 +32,7 @@ from atesd_ray.runtime.checkpoint import (
     read_state,
     save_rollouts,
 )
-from atesd_ray.runtime.cluster import connect
+from atesd_ray.runtime.devices import place
 from atesd_ray.runtime.faults import Rollback, retrying
 from atesd_ray.tracking import Tracker
 
@@ -214,12 +214,7 @@ def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
     there while it looks at the live page), and the end of the run."""
     prepare_run_dir(run_dir, cfg)
     # join (or start) the cluster first: a wrong address fails in seconds, before data loading
-    connect(
-        cfg.cluster,
-        needed_cpus=cfg.trainer.ranks * cfg.cluster.student.cpus
-        + cfg.rollout.replicas * cfg.cluster.rollout.cpus
-        + cfg.teacher.replicas * cfg.cluster.teacher.cpus,
-    )
+    place(cfg)
     data = prepare_data(cfg)
     print(data.summary, flush=True)
     total = cfg.trainer.total_steps

@@ -47,7 +47,7 @@ def _broadcast_alone(member, sizes: list[int]) -> bool:
 
 def measure(dist: DistributedStep, repeats: int) -> dict:
     actors = dist.actors
-    backend = actors.topology[0]["backend"]
+    backend = actors.topology["student"][0]["backend"]
     transports = {
         "object_store": ObjectStoreSync(actors.students, actors.rollouts.actors, backend),
         "collective": CollectiveSync(actors.students, actors.rollouts.actors, backend),

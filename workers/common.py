@@ -6,17 +6,20 @@ import functools
 import os
 from collections.abc import Callable
 
-from atesd_ray.config import Config
+import torch
+
+from atesd_ray.config import Config, RoleResources
 from atesd_ray.console import configure_actor
 from atesd_ray.models import set_torch_threads
+from atesd_ray.runtime.devices import actor_device, threads
 
 
-def setup_actor(cfg: Config, role: str) -> int:
-    """Logging and thread settings for an actor process; returns its torch thread count."""
-    configure_actor(role)
+def setup_actor(cfg: Config, res: RoleResources, name: str) -> tuple[int, torch.device]:
+    """Logging and threads for an actor process (``runtime/devices.py``: as many as it reserved);
+    returns its torch thread count and the device of its models."""
+    configure_actor(name)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.trainer.ranks))
-    return set_torch_threads(threads)
+    return set_torch_threads(threads(cfg, res)), actor_device(res, name)
 
 
 def once_per_step(method: Callable) -> Callable:

@@ -84,6 +84,7 @@ class HFEngine:
 
     def __init__(self, model: nn.Module, tokenizer, micro_batch: int = 16, score_micro_batch: int = 4):
         self.model = use_few_row_linear(model).eval()
+        self.device = model.get_input_embeddings().weight.device
         self.tokenizer = tokenizer
         self.micro_batch = micro_batch
         self.score_micro_batch = score_micro_batch
@@ -108,9 +109,11 @@ class HFEngine:
         )
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.micro_batch):
-            ids, mask = left_pad(expanded[start : start + self.micro_batch], self.pad_id)
+            ids, mask = (
+                t.to(self.device) for t in left_pad(expanded[start : start + self.micro_batch], self.pad_id)
+            )
             recorder = SampledLogprobs(params.temperature if not greedy else 1.0)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed * 1_000_003 + start)
                 out = self.model.generate(
                     input_ids=ids,

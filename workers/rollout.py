@@ -40,18 +40,18 @@ def sampling_params(cfg: Config) -> SamplingParams:
 
 class RolloutWorker(WeightReceiver):
     def __init__(self, cfg: Config, replica: int = 0):
-        self.threads = setup_actor(cfg, f"rollout{replica}")
+        self.threads, self.device = setup_actor(cfg, cfg.cluster.rollout, f"rollout {replica}")
         self.cfg = cfg
         self.replica = replica
         self.tokenizer = load_tokenizer(cfg.model)
         if cfg.rollout.engine == "vllm":
             from workers.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(cfg, self.tokenizer, cfg.rollout.vllm)
+            self.engine = VLLMEngine(cfg, self.tokenizer, cfg.rollout.vllm, self.device)
         else:
             from workers.engines import HFEngine
 
-            model = load_model(cfg.model, vocab_size=len(self.tokenizer))
+            model = load_model(cfg.model, vocab_size=len(self.tokenizer), device=self.device)
             self.engine = HFEngine(model, self.tokenizer, micro_batch=cfg.rollout.micro_batch)
         self.payload_format = self.engine.weight_format
 

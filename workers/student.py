@@ -20,16 +20,18 @@ import ray
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from atesd_ray.config import Config
 from atesd_ray.losses import mismatch_per_token, nll_loss
-from atesd_ray.models import DTYPES, load_model, load_tokenizer
+from atesd_ray.models import CPU, DTYPES, load_model, load_tokenizer
 from atesd_ray.objective import ROLLOUT_KEYS, TEACHER_KEYS, Objective, Response, fetch, take, teacher_targets
 from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.rollout_gap import CHECK_PROBLEM, CHECK_RESPONSE, SamplerCut, gap_terms
 from atesd_ray.runtime.cluster import free_port
+from atesd_ray.runtime.devices import backend
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weight_sync import WeightCheck, WeightSender
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
@@ -88,7 +90,7 @@ def _shard(n: int, rank: int, world: int) -> range:
 
 class StudentRank(CheckpointedRank, WeightSender):
     def __init__(self, cfg: Config, rank: int, world_size: int, objective: Objective):
-        self.threads = setup_actor(cfg, f"student{rank}")
+        self.threads, self.device = setup_actor(cfg, cfg.cluster.student, f"student rank {rank}")
         self.cfg = cfg
         self.rank = rank
         self.world = world_size
@@ -102,22 +104,24 @@ class StudentRank(CheckpointedRank, WeightSender):
         return ray.util.get_node_ip_address(), free_port()
 
     def init_distributed(self, address: str, port: int) -> dict:
-        backend = self.cfg.trainer.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        )
+        """Join the group and build the model. With several ranks the model is loaded on the CPU and
+        sharded layer by layer, each layer moving to this rank's device as it is sharded, so a rank
+        never holds a whole copy on its GPU (beside a colocated vLLM engine, say)."""
+        name = backend(self.cfg)
         dist.init_process_group(
-            backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
+            name, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
         )
-        self.model = load_model(self.cfg.model, vocab_size=len(self.tokenizer)).to(self.device)
+        single = self.world == 1  # one rank holds the whole model: sharding it would only copy it
+        self.model = load_model(
+            self.cfg.model, vocab_size=len(self.tokenizer), device=self.device if single else CPU
+        )
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.policy = StudentPolicy(self.model)
-        if self.world > 1:  # one rank holds the whole model: sharding it would only copy it
+        if not single:
+            mesh = init_device_mesh(self.device.type, (self.world,))
             for layer in self.model.get_decoder().layers:
-                fully_shard(layer)
-            fully_shard(self.policy, reshard_after_forward=False)
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.policy, mesh=mesh, reshard_after_forward=False)
         t = self.cfg.trainer
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
@@ -130,7 +134,8 @@ class StudentRank(CheckpointedRank, WeightSender):
         self.skipped_nonfinite = 0
         return {
             "rank": self.rank,
-            "backend": backend,
+            "backend": name,
+            "device": str(self.device),
             "node": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "threads": self.threads,

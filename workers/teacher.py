@@ -34,7 +34,7 @@ from atesd_ray.config import Config
 from atesd_ray.models import base_weights, load_model, load_tokenizer
 from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weight_sync import WeightReceiver
-from atesd_ray.runtime.weights import load_into
+from atesd_ray.runtime.weights import blend_into, load_into
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import response_logprobs, rows_to_lists, slices, token_logprobs
 from atesd_ray.trajectories import step_end, topk_entropy
@@ -44,7 +44,7 @@ from workers.engines import HFEngine
 
 class TeacherWorker(WeightReceiver):
     def __init__(self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset()):
-        self.threads = setup_actor(cfg, f"teacher{replica}")
+        self.threads, self.device = setup_actor(cfg, cfg.cluster.teacher, f"teacher {replica}")
         self.cfg = cfg
         self.replica = replica
         self.grounding = "grounding" in signals
@@ -62,12 +62,12 @@ class TeacherWorker(WeightReceiver):
         if cfg.teacher.engine == "vllm":  # the privileged self-teacher, scoring only (checked in the config)
             from workers.vllm_engine import VLLMTeacherScorer
 
-            self.vllm = VLLMTeacherScorer(cfg, self.tokenizer)
+            self.vllm = VLLMTeacherScorer(cfg, self.tokenizer, self.device)
             self.payload_format = self.vllm.engine.weight_format
             self.vocab = len(self.tokenizer)
         else:
             self.model = load_model(
-                self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged
+                self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged, device=self.device
             ).eval()
             self.vocab = self.model.get_output_embeddings().weight.shape[0]
         k = cfg.teacher.topk
@@ -98,17 +98,14 @@ class TeacherWorker(WeightReceiver):
         elif self.mode == "live":
             load_into(self.model, named, share=shared)
         elif self.mode == "ema":
-            own = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in named.items():
-                    own[name].lerp_(tensor.to(own[name].dtype), 1.0 - self.cfg.teacher.ema_decay)
+            blend_into(self.model, named, 1.0 - self.cfg.teacher.ema_decay)
 
     def save(self, directory: str) -> bool:
         """Checkpoint the EMA weights; frozen and live teachers are rebuilt from the student."""
         if self.mode == "ema":
             from safetensors.torch import save_file
 
-            named = {k: v.contiguous() for k, v in self._synced_parameters().items()}
+            named = {k: v.detach().cpu().contiguous() for k, v in self._synced_parameters().items()}
             save_file(named, str(Path(directory) / "teacher_ema.safetensors"))
         return True
 

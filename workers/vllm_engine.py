@@ -89,7 +89,9 @@ def _token_prompts(prompts: list[list[int]]) -> list:
 class VLLMEngine:
     weight_format = "merged"
 
-    def __init__(self, cfg: Config, tokenizer, settings: VLLMConfig, max_logprobs: int = 20):
+    def __init__(
+        self, cfg: Config, tokenizer, settings: VLLMConfig, device: torch.device, max_logprobs: int = 20
+    ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this actor's process
         from transformers import GenerationConfig
 
@@ -106,7 +108,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.dtype = DTYPES[cfg.model.dtype]
         self.loading = False
-        self.llm = LLM(**engine_args(cfg, settings, max_logprobs, torch.cuda.is_available()))
+        self.llm = LLM(**engine_args(cfg, settings, max_logprobs, on_gpu=device.type == "cuda"))
         path = self.llm.llm_engine.model_config.model
         try:  # the EOS ids the HF engine stops at: generation_config.json's, else config.json's
             eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -202,10 +204,10 @@ class VLLMEngine:
 class VLLMTeacherScorer:
     """The teacher's targets from a vLLM engine: top-k per response position, at the loss temperature."""
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, device: torch.device):
         self.topk = cfg.teacher.topk
         self.temperature = cfg.algorithm.loss.temperature
-        self.engine = VLLMEngine(cfg, tokenizer, cfg.teacher.vllm, max_logprobs=max(20, self.topk))
+        self.engine = VLLMEngine(cfg, tokenizer, cfg.teacher.vllm, device, max_logprobs=max(20, self.topk))
 
     def targets(
         self, prompts: list[list[int]], responses: list[list[int]], width: int

@@ -21,16 +21,16 @@ class Actors:
     teachers: ActorGroup
     controller: ActorHandle
     weight_sync: WeightTransport
-    topology: list[dict]
+    topology: dict[str, list[dict]]  # per role, per actor: its device, threads (and a rank's backend)
     signals: frozenset[str]  # what each step measures for the run's consumers (build_actors)
     shared: list[Placement] = field(default_factory=list)  # placements of colocated roles
 
     def placement_report(self) -> dict:
         """Where every actor runs (``topology.json`` in the run directory)."""
+        groups = {"student": self.students, "rollout": self.rollouts, "teacher": self.teachers}
         return {
-            "student": [t | n for t, n in zip(self.topology, self.students.nodes, strict=True)],
-            "rollout": self.rollouts.nodes,
-            "teacher": self.teachers.nodes,
+            role: [t | n for t, n in zip(self.topology[role], group.nodes, strict=True)]
+            for role, group in groups.items()
         }
 
     def shutdown(self) -> None:
@@ -151,11 +151,15 @@ def build_actors(
         created.append(teachers)
         controller = controller_actor(cfg, f"{name}-controller", total_steps, timeline_path, run)
         created.append(controller)
+        if c.colocate_rollout:
+            # vLLM sizes its KV cache from the device's free memory while it starts: the colocated
+            # student ranks load their weights onto the shared GPU only once it has
+            ray.get(rollouts.call("ping"))
         address, port = ray.get(students.actors[0].master_address.remote())
         topology = ray.get(students.call("init_distributed", address, port))
-        ray.get(rollouts.call("ping") + teachers.call("ping"))
+        placed = ray.get(rollouts.call("placement") + teachers.call("placement"))
         receivers = rollouts.actors + (teachers.actors if cfg.teacher.weights != "frozen" else [])
-        backend = topology[0]["backend"]
+        backend = topology[0]["backend"]  # the weight broadcast's: the student group's
         weight_sync = make_weight_sync(
             cfg.trainer.weight_transport,
             students,
@@ -168,6 +172,7 @@ def build_actors(
         for thing in reversed(created):
             _release(thing)
         raise
+    topology = {"student": topology, "rollout": placed[: len(rollouts)], "teacher": placed[len(rollouts) :]}
     return Actors(
         students, rollouts, teachers, controller, weight_sync, topology, signals, [shared] if shared else []
     )

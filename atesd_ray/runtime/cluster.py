@@ -23,6 +23,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from atesd_ray.console import actor_env_vars, quiet
+from atesd_ray.runtime.devices import hidden_gpus
 from atesd_ray.sections_run import ClusterConfig, RoleResources
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def merge_bundles(*bundles: dict[str, float]) -> dict[str, float]:
 
 
 def role_bundle(res: RoleResources) -> dict[str, float]:
-    bundle = {"CPU": float(res.cpus)}
+    bundle = {"CPU": float(1 if res.cpus is None else res.cpus)}
     if res.gpus:
         bundle["GPU"] = float(res.gpus)
     bundle.update({k: float(v) for k, v in res.resources.items()})
@@ -274,14 +275,14 @@ class ActorGroup:
         for i in range(count):
             args, kwargs = make_args(i)
             options = dict(
-                num_cpus=res.cpus,
+                num_cpus=1 if res.cpus is None else res.cpus,
                 num_gpus=res.gpus,
                 resources=dict(res.resources) or None,
                 name=f"{name}-{i}",
                 scheduling_strategy=self.placement.strategy(i),
                 max_restarts=max_restarts,
                 max_task_retries=0,
-                runtime_env={"env_vars": actor_env_vars()},
+                runtime_env={"env_vars": actor_env_vars() | hidden_gpus(res)},
             )
             self.actors.append(remote_cls.options(**options).remote(*args, **kwargs))
 

@@ -114,18 +114,13 @@ def unpack(packed: PackedWeights) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, named: dict[str, torch.Tensor], share: bool = False) -> None:
     """Copy ``named`` into the model's parameters/buffers of the same names; every name must exist.
+    Each parameter keeps its device and dtype (a model on a GPU takes CPU tensors by copy).
 
     With ``share`` the model takes the tensors of ``named`` as its own instead, with no copy: for
     memory that lives as long as its tensors and that nobody writes (an object-store read), in a
-    model that only reads its weights. A later copy into a shared tensor first gives it memory of
-    its own, so the store's is never written."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    missing = [n for n in named if n not in own]
-    if missing:
-        raise KeyError(
-            f"weights for unknown tensors {missing[:5]} (of {len(missing)}); is this the same model?"
-        )
+    model that only reads its weights and sits where they are. A later copy into a shared tensor
+    first gives it memory of its own, so the store's is never written."""
+    own = _targets(model, named)
     with torch.no_grad():
         for name, tensor in named.items():
             target = own[name]
@@ -133,11 +128,32 @@ def load_into(model: torch.nn.Module, named: dict[str, torch.Tensor], share: boo
                 raise ValueError(
                     f"shape mismatch for '{name}': model {tuple(target.shape)}, weights {tuple(tensor.shape)}"
                 )
-            if share and target.dtype == tensor.dtype:
+            if share and target.dtype == tensor.dtype and target.device == tensor.device:
                 target.data = tensor
                 target.shares_weights = True
             elif getattr(target, "shares_weights", False):
-                target.data = tensor.to(target.dtype, copy=True)
+                target.data = tensor.to(target.device, target.dtype, copy=True)
                 target.shares_weights = False
             else:
                 target.copy_(tensor)
+
+
+def blend_into(model: torch.nn.Module, named: dict[str, torch.Tensor], weight: float) -> None:
+    """An exponential moving average step: each named parameter moves ``weight`` of the way to the
+    tensor of its name, on the parameter's own device and in its dtype."""
+    own = _targets(model, named)
+    with torch.no_grad():
+        for name, tensor in named.items():
+            own[name].lerp_(tensor.to(own[name].device, own[name].dtype), weight)
+
+
+def _targets(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by name; every name of ``named`` must be one."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    missing = [n for n in named if n not in own]
+    if missing:
+        raise KeyError(
+            f"weights for unknown tensors {missing[:5]} (of {len(missing)}); is this the same model?"
+        )
+    return own

@@ -111,6 +111,8 @@ class WeightReceiver:
     Subclasses implement :meth:`apply_weights` and set ``payload_format``.
     """
 
+    device: torch.device  # of its models (``runtime/devices.py``)
+    threads: int
     weight_version: int = 0
     payload_format: str = "trainable"
     updating: int | None = None  # the version of an update begun and not finished
@@ -181,6 +183,10 @@ class WeightReceiver:
 
     def get_weight_version(self) -> int:
         return self.weight_version
+
+    def placement(self) -> dict:
+        """Where this actor's models live and how many threads it runs (``topology.json``)."""
+        return {"device": str(self.device), "threads": self.threads}
 
     def ping(self) -> bool:
         return True

@@ -19,22 +19,9 @@ import torch
 import torch.distributed as dist
 
 from atesd_ray.runtime.cluster import free_port
+from atesd_ray.runtime.transfer import backend_group
 from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport, take_bucket
 from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
-
-
-def backend_group(
-    backend: str, store: dist.Store, rank: int, world_size: int, timeout: timedelta
-) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:
-    """A standalone gloo or NCCL group with the same timeout: a broadcast a dead peer never joins
-    fails after ``timeout`` on either backend (NCCL's own default is its 10-minute watchdog)."""
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, options)
-    raise ValueError(f"weight broadcast backend must be gloo or nccl, got '{backend}'")
 
 
 class BroadcastGroup:

@@ -6,34 +6,19 @@ once, like every transport's).
 
 A colocated rollout and student rank see the same GPU, possibly under different device indices
 (each actor's CUDA_VISIBLE_DEVICES), so the receiver opens the handle on its own current device.
+
+The chain is the same for a CPU buffer, whose "handle" is its bytes (through the object store): so
+the CPU tests run every step of it but the IPC handle itself, which ``make gpu-check`` runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import ray
 import torch
 
+from atesd_ray.runtime.transfer import open_shared, share
 from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport, take_bucket
 from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
-
-_DEVICE_ARG = 6  # position of the device index in torch's rebuild_cuda_tensor arguments
-
-
-def share(buffer: torch.Tensor) -> tuple[Callable, tuple]:
-    """A picklable handle to ``buffer``; the sender keeps ``buffer`` alive until the receiver is done."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    torch.cuda.current_stream(buffer.device).synchronize()
-    return reduce_tensor(buffer)
-
-
-def open_shared(handle: tuple[Callable, tuple]) -> torch.Tensor:
-    rebuild, args = handle
-    args = list(args)
-    args[_DEVICE_ARG] = torch.cuda.current_device()
-    return rebuild(*args)
 
 
 def begin(sender: WeightSender, fmt: str, buckets: list[list[TensorSpec]], allowed: bool) -> bool:
@@ -69,8 +54,10 @@ def receive(
     if first:
         receiver.begin_update(version)
     if receiver.updating == version:
-        receiver.apply_weights(unflatten(open_shared(handle), bucket))
-        torch.cuda.synchronize()  # done reading before the sender reuses its buffer
+        buffer = open_shared(handle)
+        receiver.apply_weights(unflatten(buffer, bucket))
+        if buffer.is_cuda:
+            torch.cuda.synchronize()  # done reading before the sender reuses its buffer
     return receiver.finish_update(version) if last else receiver.weight_version
 
 
@@ -79,9 +66,11 @@ def end(sender: WeightSender, _last_applied: object) -> bool:
     stays in torch's IPC limbo, which ``empty_cache`` does not reach, until ``ipc_collect``: without
     it each sync's buffer would linger on a GPU shared with vLLM."""
     if sender.ipc is not None:
+        on_gpu = sender.ipc[1].is_cuda
         sender.ipc = None
-        torch.cuda.empty_cache()
-        torch.cuda.ipc_collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()
     return True
 
 
