@@ -323,6 +323,17 @@ def test_gpu_check_stops_with_one_line_where_there_is_no_gpu():
     assert "no CUDA device" in direct.stdout
 
 
+def test_gpu_checks_torch_part_runs_where_only_pytorch_is_installed():
+    """The torch part is for GPU machines without Ray, Hydra or vLLM (a bare PyTorch image)."""
+    code = (
+        "import sys\n"
+        "for m in ('ray', 'omegaconf', 'hydra', 'vllm', 'verl'): sys.modules[m] = None\n"
+        "import atesd_ray.gpu_check.kernels\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 # -- what a resumed run and the IPC handle need --------------------------------------------------------
 
 
