@@ -211,6 +211,10 @@ def test_attention_is_chosen_for_where_the_model_is(monkeypatch):
     its first forward)."""
     import transformers.utils
 
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: real("torch") if n == "flash_attn" else real(n, *a)
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     assert attn_implementation("auto", torch.device("cpu")) == "sdpa"
