@@ -28,17 +28,6 @@ def _slug(method: str) -> str:
     return method.lower().replace(" ", "-").replace("α=", "alpha")
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from atesd_ray.config import register_schemas, to_config
-
-    register_schemas()
-    with initialize_config_module("conf", version_base=None):
-        return to_config(hydra_compose("config", overrides=list(overrides)))
-
-
 def curves(run_dir: Path) -> dict:
     """Held-out accuracy by step (0: before training) and mismatch KL per step, from one run."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -106,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parser.parse_known_args(argv)
     out = args.out.resolve()
 
+    from atesd_ray.config import compose
     from atesd_ray.console import configure_driver
 
     configure_driver("info")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import ray
 
+from atesd_ray.config import EvalConfig
 from atesd_ray.grading import Grade, answers_match
 from atesd_ray.runtime.cluster import ActorGroup
 from atesd_ray.sampling import SamplingParams
-from atesd_ray.sections_run import EvalConfig
 
 EVAL_SEED_OFFSET = 1_000_000  # eval sampling seeds never collide with training steps'
 

@@ -51,7 +51,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
-    from atesd_ray.sections import LossConfig
+    from atesd_ray.config import LossConfig
 
 Project = Callable[[Tensor], Tensor]
 

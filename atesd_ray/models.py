@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from atesd_ray.sections import LoraConfig, ModelConfig
+from atesd_ray.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 

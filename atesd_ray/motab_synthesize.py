@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 
+from atesd_ray import algorithms
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.job import prepare_data, prepare_run_dir
@@ -73,6 +74,7 @@ def summary_text(cfg: Config, stats: dict, problems: int, output: Path) -> str:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Synthesize; returns the summary (also written to ``summary.json``)."""
+    algorithms.check(cfg)
     prepare_run_dir(run_dir, cfg)
     data = prepare_data(cfg)
     print(data.summary, flush=True)

@@ -30,7 +30,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from atesd_ray.sections import PromptConfig
+from atesd_ray.config import PromptConfig
 
 Messages = list[dict[str, str]]
 

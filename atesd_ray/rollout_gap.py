@@ -32,8 +32,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from atesd_ray.config import Config
-    from atesd_ray.sections import RolloutConfig
+    from atesd_ray.config import Config, RolloutConfig
 
 # the sequence every sync is checked on (student prompt and response, in the student's tokens)
 CHECK_PROBLEM = "Sam has 12 apples and buys 30 more. How many apples does Sam have now?"

@@ -192,16 +192,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/soak"))
     args, extra = parser.parse_known_args()  # extra: Hydra overrides of both runs
 
-    from hydra import compose, initialize_config_module
-
-    from atesd_ray.config import register_schemas, to_config
+    from atesd_ray.config import compose
     from atesd_ray.train import run
 
-    register_schemas()
-
     def config(run_dir: Path):
-        with initialize_config_module("conf", version_base=None):
-            return to_config(compose("config", overrides=[*overrides(args.steps, run_dir), *extra]))
+        return compose(*overrides(args.steps, run_dir), *extra)
 
     reference_dir, faulty_dir = args.out / "reference", args.out / "faulty"
     t0 = time.monotonic()

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from atesd_ray import algorithms
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data, prepare_run_dir
@@ -136,6 +137,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Run the sweep; returns what ``sweep_exposure.json`` holds."""
+    algorithms.check(cfg)
     prepare_run_dir(run_dir, cfg)
     data = prepare_data(cfg)
     records = data.train[: cfg.sweep.problems]

@@ -212,6 +212,7 @@ def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
     """Train; returns the summary (also written to ``summary.json``). ``watchers`` are told each
     step's metrics once recorded, in the driver (a notebook can plot there; a test can hold the run
     there while it looks at the live page), and the end of the run."""
+    algorithms.check(cfg)
     prepare_run_dir(run_dir, cfg)
     # join (or start) the cluster first: a wrong address fails in seconds, before data loading
     place(cfg)

@@ -8,9 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
-from atesd_ray.config import Config, register_schemas, to_config
+from atesd_ray.config import Config, compose
 
 # One fixed workload for every part: the same prompts each step, plain temperature-1 sampling
 # (what TRL's GKDTrainer does: top_k=0, top_p=1) and the loss at temperature 1 (as TRL's).
@@ -51,9 +49,7 @@ def bench_config(
         "dashboard.enabled=false",
         *extra,
     ]
-    register_schemas()
-    with initialize_config_module("conf", version_base=None):
-        return to_config(compose("config", overrides=overrides))
+    return compose(*overrides)
 
 
 def machine() -> dict:

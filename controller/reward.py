@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from atesd_ray.sections import ControllerConfig
+from atesd_ray.config import ControllerConfig
 
 
 @dataclass

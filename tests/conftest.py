@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_module
 
-from atesd_ray.config import Config, register_schemas, to_config
-
-register_schemas()
+from atesd_ray import algorithms
+from atesd_ray.config import Config, compose
 
 # A tiny-model run small enough for unit tests (seconds per step on two cores).
 TINY = [
@@ -29,9 +27,8 @@ TINY = [
 
 
 def make_config(*overrides: str) -> Config:
-    """The config `atesd-ray <overrides>` would run with, validated."""
-    with initialize_config_module("conf", version_base=None):
-        return to_config(compose("config", overrides=list(overrides)))
+    """The config `atesd-ray <overrides>` would run with, validated (the algorithm's rules included)."""
+    return algorithms.check(compose(*overrides))
 
 
 @pytest.fixture(scope="module")

@@ -364,7 +364,7 @@ def test_the_ipc_handle_is_opened_on_the_receivers_own_device():
 
 
 def test_a_cpu_actor_gets_the_cpu_and_reports_it():
-    from atesd_ray.sections_run import RoleResources
+    from atesd_ray.config import RoleResources
 
     assert actor_device(RoleResources(cpus=1, gpus=0), "x") == torch.device("cpu")
     assert actor_device(RoleResources(cpus=1, gpus=None), "x") == torch.device("cpu")  # auto, unresolved

@@ -26,12 +26,11 @@ import os
 
 import torch
 
-from atesd_ray.config import Config
+from atesd_ray.config import Config, VLLMConfig
 from atesd_ray.console import quiet
 from atesd_ray.models import DTYPES, pretrained_path, tokenizer_path
 from atesd_ray.runtime.weight_formats import VLLMWorkerExtension
 from atesd_ray.sampling import Completion, SamplingParams
-from atesd_ray.sections import VLLMConfig
 
 
 def max_model_len(cfg: Config, settings: VLLMConfig) -> int:

@@ -3,8 +3,9 @@
 Every module of this package that defines ``ALGORITHMS`` (instances of
 :class:`~atesd_ray.algorithms.base.Algorithm`) registers them under their names, which
 ``algorithm.name`` (``conf/algorithm/<name>.yaml``) selects. Adding an algorithm is adding its
-module and its YAML file: the config schema takes its settings section from here, and the training
-loop, the student and the checks reach it through :func:`get`.
+module and its YAML file, plus its settings section in ``atesd_ray/config/algorithm.py`` if it
+has settings of its own; the training loop, the student and the checks reach it through
+:func:`get`, and :func:`check` runs its rules about the config.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING
 
+from atesd_ray.config import ConfigError
+
 if TYPE_CHECKING:
     from atesd_ray.algorithms.base import Algorithm
+    from atesd_ray.config import Config
 
 
 @functools.cache
@@ -33,3 +37,19 @@ def registry() -> dict[str, Algorithm]:
 
 def get(name: str) -> Algorithm:
     return registry()[name]
+
+
+def check(cfg: Config) -> Config:
+    """The chosen algorithm's rules about the config (its ``check``), on top of the config's own;
+    every mode that runs an algorithm calls this before any actor starts. Returns ``cfg``."""
+    algorithms = registry()
+    name = cfg.algorithm.name
+    if name not in algorithms:
+        raise ConfigError(
+            f"config error at 'algorithm.name': got {name!r}; allowed values: {', '.join(algorithms)}"
+        )
+    if cfg.mode == "motab_synthesize" and not algorithms[name].stepwise:
+        stepwise = [n for n, a in algorithms.items() if a.stepwise]
+        raise ConfigError(f"config error at 'algorithm': got {name!r}; allowed values: {', '.join(stepwise)}")
+    algorithms[name].check(cfg)
+    return cfg

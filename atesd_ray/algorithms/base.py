@@ -2,7 +2,7 @@
 
 An :class:`Algorithm` (one module of this package) brings
 
-- ``settings``: its own config section, ``algorithm.<key>``, a dataclass with its checks;
+- its settings, when it has any: a section of ``atesd_ray/config/algorithm.py`` (``algorithm.<key>``);
 - ``check(cfg)``: its rules about the rest of the config, run before any actor starts;
 - ``objective(cfg, signals)``: its student-side half (``atesd_ray/objective.py``), handed to the
   student ranks when they are built;
@@ -41,7 +41,6 @@ class Launched:
 
 
 class Algorithm:
-    settings: ClassVar[tuple[str, type] | None] = None  # (key under algorithm., its dataclass)
     prefetches: ClassVar[bool] = False  # its rollouts may be generated a step ahead (rollout.max_staleness=1)
     stepwise: ClassVar[bool] = False  # it builds step-wise monitored trajectories (mode=motab_synthesize)
 

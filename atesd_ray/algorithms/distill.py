@@ -32,10 +32,9 @@ from atesd_ray.schema import require
 if TYPE_CHECKING:
     from verl import DataProto
 
-    from atesd_ray.config import Config
+    from atesd_ray.config import Config, LossConfig
     from atesd_ray.objective import Trainer
     from atesd_ray.runtime.actors import Actors
-    from atesd_ray.sections import LossConfig
 
 
 def example_stats(rollout: DataProto, teacher: DataProto) -> dict[str, dict[str, float]]:

@@ -11,7 +11,6 @@ one version behind, and the clipped ratio corrects for it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -22,24 +21,12 @@ from torch import Tensor
 from atesd_ray.algorithms.base import Algorithm, Launched, launch_rollouts
 from atesd_ray.losses import Project, over_chunks, student_logprobs
 from atesd_ray.objective import ON_POLICY_KEYS, Objective, Prepared, Response, fetch, rollout_metrics, take
-from atesd_ray.schema import Section, at_least, non_negative, one_of, positive, require, setting
+from atesd_ray.schema import require
 
 if TYPE_CHECKING:
-    from atesd_ray.config import Config
+    from atesd_ray.config import Config, GRPOConfig
     from atesd_ray.objective import Trainer
     from atesd_ray.runtime.actors import Actors
-
-
-@dataclass
-class GRPOConfig(Section):
-    n_samples: int = setting(8, at_least(2, "GRPO needs groups of >= 2"))
-    clip_eps: float = setting(0.2, positive)
-    # k3 KL to the frozen step-0 model (the teacher actor); 0 skips the reference pass
-    kl_coef: float = setting(0.0, non_negative)
-    scale_rewards: bool = True  # divide by the group's std (TRL scale_rewards="group")
-    # token_mean: sum over all tokens / tokens (DAPO, TRL "dapo"); seq_mean_token_mean: token mean per
-    # response, then the mean over responses (TRL loss_type="grpo", the OPSD repository's baseline)
-    loss_agg: str = setting("token_mean", one_of("token_mean", "seq_mean_token_mean"))
 
 
 def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
@@ -219,7 +206,6 @@ class GRPOObjective(Objective):
 
 
 class GRPO(Algorithm):
-    settings = ("grpo", GRPOConfig)
     prefetches = True
 
     def check(self, cfg: Config) -> None:

@@ -13,7 +13,6 @@ trajectories is ``mode=motab_synthesize`` (``atesd_ray/motab_synthesize.py``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,38 +38,18 @@ from atesd_ray.objective import (
 )
 from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.runtime.cluster import split_evenly
-from atesd_ray.schema import Section, between, non_negative, positive, require, setting
+from atesd_ray.schema import require
 from atesd_ray.sequences import left_pad, right_pad
 from atesd_ray.trajectories import Trajectory, summarize
 
 if TYPE_CHECKING:
     from verl import DataProto
 
-    from atesd_ray.config import Config
+    from atesd_ray.config import Config, LossConfig, ModelConfig, MotabConfig
     from atesd_ray.objective import Trainer
     from atesd_ray.runtime.actors import Actors
-    from atesd_ray.sections import LossConfig, ModelConfig
 
 ROLES = ("distill", "nll")
-
-
-@dataclass
-class MotabConfig(Section):
-    eps0: float = setting(0.2, positive)
-    theta: float = setting(1.0, non_negative)
-    entropy_topk: int = setting(20, positive)
-    step_delimiter: str = setting(".\n\n", lambda v: None if v else "must not be empty")
-    max_steps: int = setting(16, positive)
-    max_step_tokens: int = setting(
-        512, positive
-    )  # a step not ended by the delimiter within this many tokens is cut there
-    teacher_temperature: float = setting(0.6, positive)
-    n_trajectories: int = setting(
-        5, positive
-    )  # per problem, in synthesis and on-policy (rollout.n_samples is not used)
-    prefix_weight: float = setting(1.0, non_negative)  # distillation loss on the accepted student prefix
-    suffix_weight: float = setting(1.0, non_negative)  # teacher-forced NLL on the teacher's suffix
-    skd_gamma: float = setting(0.9, between(0.0, 10.0))
 
 
 _TOKENIZERS: dict[str, object] = {}
@@ -194,7 +173,6 @@ class Monitored(Algorithm):
     trajectory; ``skd``: the teacher rewrites each step it rejects. No rollouts ahead: a round
     needs the last one's decisions."""
 
-    settings = ("motab", MotabConfig)
     stepwise = True
 
     def check(self, cfg: Config) -> None:

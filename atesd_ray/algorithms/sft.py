@@ -9,7 +9,6 @@ prompt instead (``teacher_prompt_frac``), so that the small model can read a ref
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ray
@@ -18,23 +17,12 @@ from atesd_ray.algorithms.base import Algorithm, Launched
 from atesd_ray.losses import nll_loss
 from atesd_ray.objective import Objective, Prepared, Response
 from atesd_ray.prompts import encode_chat, teacher_messages
-from atesd_ray.schema import Section, between, positive, setting
 from atesd_ray.sequences import left_pad, right_pad
 
 if TYPE_CHECKING:
     from atesd_ray.config import Config
     from atesd_ray.objective import Trainer
     from atesd_ray.runtime.actors import Actors
-
-
-@dataclass
-class SFTConfig(Section):
-    # reference tokens trained on per example; longer references are cut (counted as truncated_frac)
-    max_response_tokens: int = setting(4096, positive)
-    # the fraction of examples trained after the privileged teacher prompt (at an exposure drawn
-    # uniformly from [0, 1]) instead of the student's: teaches a small model to read a reference, so
-    # that it can be its own privileged teacher afterwards (the embedded demo's warm-up)
-    teacher_prompt_frac: float = setting(0.0, between(0.0, 1.0))
 
 
 class SFTObjective(Objective):
@@ -88,8 +76,6 @@ class SFTObjective(Objective):
 
 
 class SFT(Algorithm):
-    settings = ("sft", SFTConfig)
-
     def objective(self, cfg: Config, signals: frozenset[str]) -> SFTObjective:
         return SFTObjective(cfg)
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atesd_ray.config import DataConfig, EvalSetConfig, SyntheticDataConfig
 from atesd_ray.data.records import REQUIRED, DataError, Record, check_mapping, column_for, to_record
 from atesd_ray.data.synthetic import train_eval_split
-from atesd_ray.sections import DataConfig, SyntheticDataConfig
-from atesd_ray.sections_run import EvalSetConfig
 
 LOCAL_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 

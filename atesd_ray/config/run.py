@@ -1,12 +1,21 @@
-"""The config sections around training: evaluation, the cluster, tracking, the live page, and the
-other modes' settings (sweep, report, export), each with its checks (``atesd_ray/schema.py``)."""
+"""The run's surroundings: evaluation, the cluster, tracking, the live page, and the other modes'
+settings (sweep, report, export)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atesd_ray.schema import Section, between, non_negative, one_of, positive, require, setting, subkey
-from atesd_ray.sections import DATA_SOURCES
+from atesd_ray.config.data import DATA_SOURCES
+from atesd_ray.schema import (
+    Section,
+    between,
+    non_negative,
+    one_of,
+    positive,
+    require,
+    setting,
+    subkey,
+)
 
 PAPER_MODELS = ("qwen3_1_7b", "qwen3_4b", "qwen3_8b")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -1,41 +1,27 @@
-"""The config: the root :class:`Config` behind the Hydra tree in ``conf/``, assembled from the
-sections (``sections.py``, ``sections_run.py``) and the algorithms' own sections (each algorithm
-module's ``settings``, found by the registry in ``atesd_ray/algorithms/``).
+"""The config: the root :class:`Config` behind the Hydra tree in ``conf/``, assembled from plain
+sections (``model``, ``data``, ``training``, ``algorithm``, ``run`` in this package). It imports no
+algorithm code: an algorithm's rules about the rest of the config are checked by
+``atesd_ray.algorithms.check``, which every mode that runs one calls before any actor starts.
 
 ``Config.__post_init__`` validates the whole tree, so ``OmegaConf.to_object(cfg)`` (done by
 :func:`to_config` before any actor starts) either returns a typed, checked :class:`Config` or
 raises :class:`ConfigError` naming the offending key and the values it allows. Unknown keys are
 rejected by OmegaConf's struct mode; :func:`suggest_key` adds the closest valid key to that message.
-Rules between sections are :meth:`Config.check`, plus the chosen algorithm's ``check``.
+Rules between sections are :meth:`Config.check`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from atesd_ray import algorithms
-from atesd_ray.schema import ConfigError, Section, between, one_of, require, setting
-from atesd_ray.sections import (
-    ControllerConfig,
-    DataConfig,
-    LoraConfig,
-    LossConfig,
-    ModelConfig,
-    PromptConfig,
-    RolloutConfig,
-    SyntheticDataConfig,
-    TeacherConfig,
-    TinyModelConfig,
-    TrainerConfig,
-    VLLMConfig,
-    model_preset,
-    model_presets,
-)
-from atesd_ray.sections_run import (
+from atesd_ray.config.algorithm import AlgorithmConfig, GRPOConfig, MotabConfig, SFTConfig
+from atesd_ray.config.data import DATA_SOURCES, DataConfig, PromptConfig, SyntheticDataConfig
+from atesd_ray.config.model import LoraConfig, ModelConfig, TinyModelConfig, model_preset, model_presets
+from atesd_ray.config.run import (
+    PAPER_MODELS,
     ClusterConfig,
     DashboardConfig,
     EvalConfig,
@@ -47,9 +33,25 @@ from atesd_ray.sections_run import (
     SweepConfig,
     TrackingConfig,
 )
+from atesd_ray.config.training import (
+    ENGINES,
+    ControllerConfig,
+    LossConfig,
+    RolloutConfig,
+    TeacherConfig,
+    TrainerConfig,
+    VLLMConfig,
+)
+from atesd_ray.schema import ConfigError, Section, one_of, require, setting
 
 __all__ = [
+    "DATA_SOURCES",
+    "ENGINES",
+    "PAPER_MODELS",
     "AlgorithmConfig",
+    "GRPOConfig",
+    "MotabConfig",
+    "SFTConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -74,6 +76,7 @@ __all__ = [
     "TrackingConfig",
     "TrainerConfig",
     "VLLMConfig",
+    "compose",
     "model_preset",
     "model_presets",
 ]
@@ -86,32 +89,6 @@ def module_available(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-def _algorithm_config() -> type:
-    """``algorithm``: the name, the fixed exposure and the loss that several algorithms share, then
-    one sub-section per algorithm module that has settings (``algorithm.grpo``, ``algorithm.motab``, ...)."""
-    registry = algorithms.registry()
-    own: dict[str, type] = {}
-    for a in registry.values():
-        if a.settings is not None:
-            own.setdefault(*a.settings)
-    cls = dataclasses.make_dataclass(
-        "AlgorithmConfig",
-        [
-            ("name", str, setting("opsd", one_of(*registry))),
-            # the fixed reveal ratio of opsd (1.0), fixed_exposure and a self-taught MOTAB
-            ("alpha", float, setting(1.0, between(0.0, 1.0))),
-            ("loss", LossConfig, setting(LossConfig)),
-            *((key, cls, setting(cls)) for key, cls in own.items()),
-        ],
-        bases=(Section,),
-    )
-    cls.__module__ = __name__  # pickled by reference: workers import it from here
-    return cls
-
-
-AlgorithmConfig = _algorithm_config()
 
 
 @dataclass
@@ -141,7 +118,7 @@ class Config(Section):
         self.validate()
 
     def check(self, key: str) -> None:
-        """Rules between sections; then the chosen algorithm's own."""
+        """Rules between sections (the chosen algorithm's own: ``algorithms.check``)."""
         require(
             self.trainer.prompts_per_step * self.rollout.n_samples >= self.trainer.ranks,
             "trainer.prompts_per_step",
@@ -161,13 +138,6 @@ class Config(Section):
                 "teacher.model",
                 f"{self.teacher.model} is the student; leave it null for the privileged self-teacher",
             )
-        if self.mode == "motab_synthesize":
-            stepwise = [name for name, a in algorithms.registry().items() if a.stepwise]
-            require(
-                self.algorithm.name in stepwise,
-                "algorithm",
-                f"got {self.algorithm.name!r}; allowed values: {', '.join(stepwise)}",
-            )
         if self.mode == "report":
             require(
                 bool(self.report.runs) or bool(self.report.paper_rows),
@@ -175,7 +145,6 @@ class Config(Section):
                 "mode=report needs run directories (report.runs) or paper rows (report.paper_rows)",
             )
         self._check_runtime()
-        algorithms.get(self.algorithm.name).check(self)
 
     def _check_runtime(self) -> None:
         """Placement, weight transport and engine choices that depend on one another."""
@@ -295,6 +264,16 @@ def check_override_keys(overrides: list[str]) -> None:
         raise ConfigError(
             f"config error at '{key}': no such key" + (f"; did you mean '{hint}'?" if hint else "")
         )
+
+
+def compose(*overrides: str) -> Config:
+    """The config ``atesd-ray <overrides>`` would run with (Hydra's composition of ``conf/``), validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_schemas()
+    with initialize_config_module("conf", version_base=None):
+        return to_config(hydra_compose("config", overrides=list(overrides)))
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
