@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     from atesd_ray.console import configure_driver
 
     configure_driver("info")
-    from atesd_ray.report import build_report, report_markdown
-    from atesd_ray.train import run
+    from atesd_ray.modes.report import build_report, report_markdown
+    from atesd_ray.modes.train import run
 
     warmup = out / "warmup"
     run(compose("experiment=demo_warmup", *args.warmup, f"run_dir={warmup}"), warmup)

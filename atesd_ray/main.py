@@ -21,31 +21,31 @@ register_schemas()
 
 def run_mode(cfg: Config, run_dir: Path) -> dict:
     if cfg.mode == "train":
-        from atesd_ray.train import run
+        from atesd_ray.modes.train import run
         from controller.dashboard.live import RunMonitor
 
         with RunMonitor(cfg, run_dir) as monitor:
             return run(cfg, run_dir, watchers=[monitor])
     if cfg.mode == "motab_synthesize":
-        from atesd_ray.motab_synthesize import run
+        from atesd_ray.modes.motab_synthesize import run
 
         return run(cfg, run_dir)
     if cfg.mode == "eval":
-        from atesd_ray.evaluate import run
+        from atesd_ray.modes.evaluate import run
 
         return run(cfg, run_dir)
     if cfg.mode == "sweep_exposure":
-        from atesd_ray.sweep_exposure import run
+        from atesd_ray.modes.sweep_exposure import run
 
         return run(cfg, run_dir)
     if cfg.mode == "report":
-        from atesd_ray.report import run
+        from atesd_ray.modes.report import run
 
         return run(cfg, run_dir)
     if cfg.mode == "export":
-        from atesd_ray.runtime.hf_export import export
+        from atesd_ray.modes.export import run
 
-        return {"out": str(export(cfg))}
+        return {"out": str(run(cfg))}
     raise ConfigError(f"config error at 'mode': mode={cfg.mode} is not available in this build")
 
 

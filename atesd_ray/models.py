@@ -125,7 +125,7 @@ def pretrained_path(cfg: ModelConfig) -> str:
     if cfg.source == "tiny":
         return str(ensure_tiny(cfg))
     if cfg.source == "path":
-        from atesd_ray.runtime.hf_export import model_directory
+        from atesd_ray.model_folders import model_directory
 
         if not Path(cfg.path).exists():
             raise FileNotFoundError(f"model.path '{cfg.path}' does not exist")
@@ -139,7 +139,7 @@ def tokenizer_path(cfg: ModelConfig) -> str:
     if cfg.tokenizer is not None:
         return cfg.tokenizer
     if cfg.source == "path":
-        from atesd_ray.runtime.hf_export import check_tokenizer_folder
+        from atesd_ray.model_folders import check_tokenizer_folder
 
         return str(check_tokenizer_folder(Path(pretrained_path(cfg))))
     return pretrained_path(cfg)

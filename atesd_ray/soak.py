@@ -193,7 +193,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()  # extra: Hydra overrides of both runs
 
     from atesd_ray.config import compose
-    from atesd_ray.train import run
+    from atesd_ray.modes.train import run
 
     def config(run_dir: Path):
         return compose(*overrides(args.steps, run_dir), *extra)

@@ -15,10 +15,11 @@ import time
 import ray
 
 from atesd_ray import algorithms
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import run_step
+from atesd_ray.assembly import Actors, controller_actor, teacher_group
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data
-from atesd_ray.runtime.actors import Actors, build_actors, controller_actor, teacher_group
 from atesd_ray.runtime.cluster import _runtime_env_for_checkout
 
 # the actor methods of a distillation step, by stage
@@ -62,8 +63,8 @@ class DistributedStep:
         data = prepare_data(cfg)
         self.batch = data.train[: cfg.trainer.prompts_per_step]
         self.actors: Actors = build_actors(cfg, cfg.trainer.total_steps, name=name)
-        ray.get(self.actors.students.call("set_probe", data.probe))
-        ray.get(self.actors.weight_sync.sync(version=0))
+        self.actors.students.set_probe(data.probe).get()
+        self.actors.weight_sync.sync(version=0).get()
         self.step_index = 0
 
     def niceness(self) -> dict:
@@ -80,7 +81,7 @@ class DistributedStep:
         signals = needed_signals(cfg)
         teachers = teacher_group(cfg, f"{name}-teacher", signals)
         controller = controller_actor(cfg, name, cfg.trainer.total_steps)
-        ray.get(controller.baseline.remote(self.step_index, self.actors.students.collective("probe_nll")))
+        ray.get(controller.baseline.remote(self.step_index, self.actors.students.probe_nll().ref))
         self.actors.teachers.shutdown()
         ray.kill(self.actors.controller, no_restart=True)
         self.actors = dataclasses.replace(

@@ -82,7 +82,7 @@ def measure(dist: DistributedStep, repeats: int) -> dict:
             for i in range(repeats + 1):  # the first round warms up (process groups, buffers)
                 ray.get([r.__ray_call__.remote(_hold_version, version - 1) for r in receivers])
                 t0 = time.perf_counter()
-                ray.get(sync.sync(version))
+                sync.sync(version).get()
                 t1 = time.perf_counter()
                 held = ray.get([r.get_weight_version.remote() for r in receivers])
                 if held != [version] * len(receivers):

@@ -21,9 +21,9 @@ import torch
 
 from atesd_ray.config import Config
 from atesd_ray.runtime.checkpoint import load_tensors
+from atesd_ray.runtime.once import once_per_step
 from controller.core import Controller
 from controller.metrics import ControllerMetrics
-from workers.common import once_per_step
 
 STATE_FILE = "controller.json"
 TENSOR_FILE = "controller_policy.pt"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atesd_ray.train import run
+from atesd_ray.modes.train import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.ray

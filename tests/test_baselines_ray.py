@@ -10,11 +10,11 @@ import ray
 import torch
 
 from atesd_ray import algorithms
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import run_step
 from atesd_ray.data.synthetic import generate
 from atesd_ray.main import run_mode
 from atesd_ray.models import load_model, load_tokenizer
-from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.checkpoint import fingerprint, read_student_weights
 from atesd_ray.sequences import rows_to_lists
 from tests.conftest import make_config
@@ -133,7 +133,7 @@ def test_grpo_moves_probability_to_the_rewarded_response(ray_cluster, tmp_path):
         responses = rows_to_lists(rollout.batch["response_ids"], rollout.batch["response_mask"])
         student = actors.students.actors[0]
         before = [sum(lp) for lp in ray.get(student.score.remote(prompts, responses))]
-        stats = ray.get(actors.students.collective("train_step", 0, [rollout_ref], [reference]))
+        stats = actors.students.train_step(0, [rollout_ref], [reference]).get()
         after = [sum(lp) for lp in ray.get(student.score.remote(prompts, responses))]
 
         assert stats["zero_adv_frac"] == 0 and stats["accuracy"] == 0.25
@@ -143,7 +143,7 @@ def test_grpo_moves_probability_to_the_rewarded_response(ray_cluster, tmp_path):
         assert sum(after[1:]) < sum(before[1:])  # advantages -0.5 each
 
         # the driver's step: rollouts on the synced weights, reference pass, update, sync
-        ray.get(actors.weight_sync.sync(version=1))
+        actors.weight_sync.sync(version=1).get()
         metrics, ahead = run_step(algorithms.get("grpo"), cfg, actors, 1, records[1:], None, None)
         assert ahead is None and metrics["weight_version"] == 2 and metrics["rollout_version"] == 1
         assert metrics["tokens"] > 0 and metrics["kl_ref"] > 0  # the student has moved off the reference

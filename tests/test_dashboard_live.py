@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from atesd_ray.train import run
+from atesd_ray.modes.train import run
 from controller.dashboard.live import RunMonitor
 from controller.metrics import SERIES
 from tests.browser import Chromium, find_chromium

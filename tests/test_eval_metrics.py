@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from atesd_ray.evaluate import eval_markdown, resolve_model, set_summary
 from atesd_ray.evaluation import summarize_rows
 from atesd_ray.grading import shutdown_helpers
+from atesd_ray.modes.evaluate import eval_markdown, resolve_model, set_summary
 from tests.conftest import make_config
 
 

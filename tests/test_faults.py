@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from atesd_ray.modes.train import run
 from atesd_ray.soak import FaultInjector, differences, metrics
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 ROOT = Path(__file__).resolve().parents[1]

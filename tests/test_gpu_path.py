@@ -22,12 +22,12 @@ import ray
 import torch
 
 from atesd_ray.models import attn_implementation, build_tiny, load_tokenizer
+from atesd_ray.runtime.cluster import place
 from atesd_ray.runtime.devices import (
     PlacementError,
     actor_device,
     backend,
     check_gpu_nodes,
-    place,
     resolve_gpus,
     threads,
 )

@@ -30,9 +30,9 @@ def test_every_role_keeps_its_models_on_its_device_through_every_kind_of_sync(ra
     """Built, then after an object-store, a collective and a CUDA IPC sync (its chain, on CPU buffers)
     into the HF rollout and a live teacher, every role's parameters sit on the device its actor
     reports (here the CPU: the same code puts them on the reserved GPU)."""
+    from atesd_ray.algorithms import build_actors
     from atesd_ray.algorithms.base import launch_rollouts
     from atesd_ray.data.synthetic import generate
-    from atesd_ray.runtime.actors import build_actors
     from atesd_ray.runtime.weight_sync.collective import CollectiveSync
     from atesd_ray.runtime.weight_sync.cuda_ipc import CudaIpcSync
 
@@ -52,8 +52,8 @@ def test_every_role_keeps_its_models_on_its_device_through_every_kind_of_sync(ra
                 sync.setup()
             rollouts = launch_rollouts(actors, records, step, min_version=step)
             scored = [actors.teachers.actors[0].score.remote(r, 1.0) for r in rollouts]
-            ray.get(actors.students.call("train_step", step, rollouts, scored))
-            ray.get(sync.sync(step + 1))
+            actors.students.train_step(step, rollouts, scored).get()
+            sync.sync(step + 1).get()
             gaps = ray.get(sync.verify())
             assert all(g is not None and g < 1e-5 for g in gaps), (sync.name, gaps)
             assert _role_devices(actors) == {"student": {"cpu"}, "rollout": {"cpu"}, "teacher": {"cpu"}}

@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from atesd_ray.data.synthetic import generate
 from atesd_ray.main import run_mode
+from atesd_ray.model_folders import model_directory
 from atesd_ray.models import load_model, load_tokenizer, pretrained_path, synced_parameters
+from atesd_ray.modes.train import run
 from atesd_ray.runtime.checkpoint import fingerprint, read_student_weights
-from atesd_ray.runtime.hf_export import model_directory
 from atesd_ray.runtime.weights import load_into
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.ray

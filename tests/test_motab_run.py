@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from atesd_ray.job import prepare_data
-from atesd_ray.motab_synthesize import OUTPUT
-from atesd_ray.motab_synthesize import run as synthesize
-from atesd_ray.train import run as train
+from atesd_ray.modes.motab_synthesize import OUTPUT
+from atesd_ray.modes.motab_synthesize import run as synthesize
+from atesd_ray.modes.train import run as train
 from atesd_ray.trajectories import root_cause, safety_boundary, skd_accept, stitch
 from tests.conftest import TINY, make_config
 

@@ -15,9 +15,9 @@ from verl import DataProto
 from atesd_ray.config import ConfigError, model_preset
 from atesd_ray.data.synthetic import generate
 from atesd_ray.models import load_model
+from atesd_ray.modes.train import run
 from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 OPD = [*TINY, "model.tiny.num_hidden_layers=1", "algorithm=opd", "teacher.model=tiny", "teacher.topk=16"]

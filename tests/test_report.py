@@ -9,7 +9,7 @@ import pytest
 
 from atesd_ray.config import ConfigError
 from atesd_ray.main import run_mode
-from atesd_ray.report import ReportError, build_report, method_label
+from atesd_ray.modes.report import ReportError, build_report, method_label
 from tests.conftest import make_config
 
 

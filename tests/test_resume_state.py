@@ -24,15 +24,15 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from atesd_ray.algorithms import build_actors
 from atesd_ray.config import ConfigError
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.data.synthetic import generate
 from atesd_ray.job import prepare_data
-from atesd_ray.runtime.actors import build_actors
+from atesd_ray.modes.train import run
 from atesd_ray.runtime.checkpoint import PREFETCHED, load_rollouts, read_state
 from atesd_ray.runtime.weight_sync import StaleWeightsError
 from atesd_ray.soak import FaultInjector, differences, metrics
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.ray
@@ -131,8 +131,8 @@ def test_weights_older_than_allowed_are_refused_with_the_versions_named(ray_clus
     actors = build_actors(make_config(*TINY), total_steps=2, name="test-stale-weights")
     try:
         rollout = actors.rollouts.actors[0]
-        ray.get(actors.weight_sync.sync(version=0))
-        ray.get(actors.weight_sync.sync(version=3))  # the student has made 0 updates: refused
+        actors.weight_sync.sync(version=0).get()
+        actors.weight_sync.sync(version=3).get()  # the student has made 0 updates: refused
         assert ray.get(rollout.get_weight_version.remote()) == 0
         records = [dataclasses.asdict(r) for r in generate(2, seed=3)]
         with pytest.raises(StaleWeightsError, match=r"rollout 0 holds weights v0, step 1 needs >= v1"):

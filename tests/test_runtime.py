@@ -10,9 +10,9 @@ import ray
 import torch
 
 from atesd_ray import algorithms
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.data.synthetic import generate
-from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.cluster import ActorGroup
 from atesd_ray.runtime.weight_sync import object_store
 from atesd_ray.runtime.weight_sync.collective import CollectiveSync
@@ -32,7 +32,7 @@ def run(ray_cluster):
     # a large learning rate so one update visibly moves the weights
     cfg = make_config(*TINY, "trainer.lr=1e-2", "trainer.grad_clip=10")
     actors = build_actors(cfg, total_steps=4, name="test-runtime", signals=frozenset({"grounding"}))
-    ray.get(actors.students.call("set_probe", RECORDS[:2]))
+    actors.students.set_probe(RECORDS[:2]).get()
     yield cfg, actors
     actors.shutdown()
 
@@ -54,8 +54,7 @@ def _student_group(cfg, ranks: int, name: str) -> ActorGroup:
 
 
 def _weights(group: ActorGroup) -> dict[str, torch.Tensor]:
-    version = ray.get(group.actors[0].updates.remote())  # an export is tagged with the student's update count
-    packed = group.call("weight_transfer", object_store.export, version, "trainable", True)[0]
+    packed = group.call("weight_transfer", object_store.export, "trainable", True)[0]
     return {k: v.clone() for k, v in unpack(ray.get(packed)).items()}
 
 
@@ -102,11 +101,11 @@ def test_weight_sync_gives_rollout_the_students_logprobs(run):
         sync.setup()
         version = ray.get(rollout.get_weight_version.remote())
         rollouts, scored = _batch(actors, step=step)
-        ray.get(actors.students.call("train_step", step, rollouts, scored))
-        student = ray.get(actors.students.call("score", prompts, responses))[0]
+        actors.students.train_step(step, rollouts, scored).get()
+        student = actors.students.score(prompts, responses).get()
         stale = ray.get(rollout.score.remote(prompts, responses))
         assert _max_gap(student, stale) > 1e-3, "the update should change the student's log-probs"
-        ray.get(sync.sync(version + 1))
+        sync.sync(version + 1).get()
         assert ray.get(rollout.get_weight_version.remote()) == version + 1
         synced = ray.get(rollout.score.remote(prompts, responses))
         assert _max_gap(student, synced) < 1e-5
@@ -149,7 +148,7 @@ def test_non_finite_loss_skips_the_update(run):
     poisoned = ray.get(scored[0])
     poisoned.batch["teacher_logprobs"][0, 0] = float("nan")
     before = _weights(actors.students)
-    stats = ray.get(actors.students.call("train_step", 7, rollouts, [ray.put(poisoned)]))[0]
+    stats = actors.students.train_step(7, rollouts, [ray.put(poisoned)]).get()
     after = _weights(actors.students)
     assert stats["update_skipped"] == 1 and stats["skipped_nonfinite_total"] >= 1
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
+from atesd_ray.modes.train import run
 from atesd_ray.runtime.checkpoint import CheckpointError, CheckpointManager, verify
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.ray

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atesd_ray.sweep_exposure import plot, rises_with_alpha, summarize_alpha, sweep_table
+from atesd_ray.modes.sweep_exposure import plot, rises_with_alpha, summarize_alpha, sweep_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]

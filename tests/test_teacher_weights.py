@@ -21,7 +21,7 @@ def test_teacher_weight_modes(mode):
     before = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
     student = _shifted(teacher, 1.0)
     # a frozen teacher is never made a sync receiver; handed weights anyway, it keeps its own
-    assert teacher.weight_transfer(object_store.receive, pack(student, 1), 1) == 1
+    assert teacher.weight_transfer(object_store.receive, pack(student), 1) == 1
     name = next(iter(student))
     now = dict(teacher.model.named_parameters())[name].detach()
     expected = {
@@ -31,5 +31,5 @@ def test_teacher_weight_modes(mode):
     }[mode]
     assert torch.allclose(now, expected, atol=1e-6)
     # an older or equal version is ignored (a resumed EMA teacher is not blended twice)
-    assert teacher.weight_transfer(object_store.receive, pack(_shifted(teacher, 5.0), 1), 1) == 1
+    assert teacher.weight_transfer(object_store.receive, pack(_shifted(teacher, 5.0)), 1) == 1
     assert torch.allclose(dict(teacher.model.named_parameters())[name].detach(), expected, atol=1e-6)

@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from atesd_ray.train import run
+from atesd_ray.modes.train import run
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.ray

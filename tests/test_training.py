@@ -10,8 +10,8 @@ import pytest
 
 from atesd_ray.data.records import DataError
 from atesd_ray.job import RunDirError, prepare_data, prepare_run_dir
+from atesd_ray.modes.train import run
 from atesd_ray.soak import COMPARED, metrics
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 

@@ -12,14 +12,14 @@ import pytest
 import ray
 import torch
 
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.data.synthetic import generate
-from atesd_ray.runtime.actors import build_actors
+from atesd_ray.modes.train import run
 from atesd_ray.runtime.cluster import ActorGroup
 from atesd_ray.runtime.weight_sync.collective import CollectiveSync
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import rows_to_lists
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 from workers.rollout import RolloutWorker
 from workers.teacher import TeacherWorker
@@ -65,13 +65,13 @@ def test_weight_syncs_reach_the_vllm_rollout_exactly(ray_cluster):
             ray.get(rollout.generate.remote(LONG, 100 + step, 0, version, UNTRUNCATED))  # fills the cache
             rollouts = launch_rollouts(actors, RECORDS, step, min_version=version)
             scored = [actors.teachers.actors[0].score.remote(r, 1.0) for r in rollouts]
-            ray.get(actors.students.call("train_step", step, rollouts, scored))
-            ray.get(sync.sync(version + 1))
+            actors.students.train_step(step, rollouts, scored).get()
+            sync.sync(version + 1).get()
             assert ray.get(rollout.get_weight_version.remote()) == version + 1
             prompts, responses, sampled = _sampled(
                 ray.get(rollout.generate.remote(LONG, 100 + step, 0, version + 1, UNTRUNCATED))
             )
-            student = ray.get(actors.students.call("score", prompts, responses))[0]
+            student = actors.students.score(prompts, responses).get()
             assert _gap(student, sampled) < 1e-4
             # the same through prompt logprobs (which skip the prefix cache)
             assert _gap(student, ray.get(rollout.score.remote(prompts, responses))) < 1e-4

@@ -15,15 +15,15 @@ import pytest
 import ray
 import torch
 
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.data.synthetic import generate
+from atesd_ray.modes.train import run
 from atesd_ray.rollout_gap import RolloutGapError, SamplerCut, sampler_logprobs
-from atesd_ray.runtime.actors import build_actors
 from atesd_ray.runtime.weight_sync.collective import CollectiveSync
 from atesd_ray.runtime.weights import split_buckets
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import rows_to_lists
-from atesd_ray.train import run
 from tests.conftest import TINY, make_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -71,14 +71,14 @@ def _train_and_check(actors, sync, step: int) -> float:
     version = ray.get(rollout.get_weight_version.remote())
     rollouts = launch_rollouts(actors, RECORDS[:2], step, min_version=version)
     scored = [actors.teachers.actors[0].score.remote(r, 1.0) for r in rollouts]
-    ray.get(actors.students.call("train_step", step, rollouts, scored))
-    ray.get(sync.sync(version + 1))
+    actors.students.train_step(step, rollouts, scored).get()
+    sync.sync(version + 1).get()
     assert ray.get(rollout.get_weight_version.remote()) == version + 1
     b = ray.get(rollout.generate.remote(RECORDS, 100 + step, 0, version + 1, UNTRUNCATED)).batch
     prompts = rows_to_lists(b["prompt_ids"], b["prompt_mask"])
     responses = rows_to_lists(b["response_ids"], b["response_mask"])
     sampled = [b["rollout_logprobs"][i, : len(r)].tolist() for i, r in enumerate(responses)]
-    student = ray.get(actors.students.call("score", prompts, responses))[0]
+    student = actors.students.score(prompts, responses).get()
     return max(_gap(student, sampled), _gap(student, ray.get(rollout.score.remote(prompts, responses))))
 
 

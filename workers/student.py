@@ -32,10 +32,11 @@ from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.rollout_gap import CHECK_PROBLEM, CHECK_RESPONSE, SamplerCut, gap_terms
 from atesd_ray.runtime.cluster import free_port
 from atesd_ray.runtime.devices import backend
+from atesd_ray.runtime.once import once_per_step
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weight_sync import WeightCheck, WeightSender
 from atesd_ray.sequences import join, left_pad, response_slice, right_pad
-from workers.common import once_per_step, setup_actor
+from workers.common import setup_actor
 from workers.student_state import CheckpointedRank
 
 log = logging.getLogger(__name__)

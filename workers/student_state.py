@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from atesd_ray.model_folders import HF_DIR, save_hf_model
 from atesd_ray.runtime.checkpoint import check_fingerprint, fingerprint, load_tensors
-from atesd_ray.runtime.hf_export import HF_DIR, save_hf_model
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from atesd_ray.config import ConfigError
 
 if TYPE_CHECKING:
     from atesd_ray.algorithms.base import Algorithm
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config
 
 
@@ -53,3 +54,22 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"config error at 'algorithm': got {name!r}; allowed values: {', '.join(stepwise)}")
     algorithms[name].check(cfg)
     return cfg
+
+
+def build_actors(
+    cfg: Config,
+    total_steps: int,
+    name: str,
+    timeline_path: str | None = None,
+    run: str = "",
+    signals: frozenset[str] | None = None,
+) -> Actors:
+    """The actors of a run of ``cfg``'s algorithm (``assembly.assemble``): its objective built for
+    ``signals``, what a step must measure besides the algorithm's own statistics (default: what the
+    exposure controller declares it needs)."""
+    from atesd_ray.assembly import assemble
+    from controller.actor import needed_signals
+
+    signals = needed_signals(cfg) if signals is None else signals
+    objective = get(cfg.algorithm.name).objective(cfg, signals)
+    return assemble(cfg, objective, signals, total_steps, name, timeline_path, run)

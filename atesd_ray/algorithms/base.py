@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import ray
 
 from atesd_ray.rollout_gap import sync_gap
-from atesd_ray.runtime.cluster import split_evenly
+from atesd_ray.runtime.cluster import GroupCall, split_evenly
 
 if TYPE_CHECKING:
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config
     from atesd_ray.objective import Objective
-    from atesd_ray.runtime.actors import Actors
 
 
 @dataclass
 class Launched:
     """What an algorithm's step has set going."""
 
-    stats: ray.ObjectRef  # rank 0's train_step metrics
+    stats: GroupCall  # the student ranks' train_step
     alpha: Any = None  # the exposure the teacher saw: a float, or a ref to a float or {uid: alpha}
     metrics: dict = field(default_factory=dict)  # metrics the driver computed itself
 
@@ -97,24 +97,24 @@ def run_step(
     done, every = step + 1, cfg.tracking.probe_every
     probe = None
     if "probe_nll" in actors.signals or done % every == 0 or done == cfg.trainer.total_steps:
-        probe = actors.students.collective("probe_nll")
-    observed = actors.controller.observe.remote(step, launched.stats, probe)
-    *_, controller_metrics = ray.get(synced + [observed])
+        probe = actors.students.probe_nll()
+    observed = actors.controller.observe.remote(step, launched.stats.ref, probe and probe.ref)
+    held = synced.get()  # the versions the receivers report holding
     gap = sync_gap(ray.get(checked))
     t_sync = time.perf_counter()
-    metrics = ray.get(launched.stats)
+    metrics = launched.stats.get()  # every rank's answer: one that failed is seen here
     metrics.pop("per_example", None)  # the per-problem statistics are for the controller only
     metrics.update(launched.metrics)
+    metrics.update(ray.get(observed))
     if launched.alpha is not None:
         alpha = ray.get(launched.alpha) if isinstance(launched.alpha, ray.ObjectRef) else launched.alpha
         metrics["alpha"] = float(alpha) if not isinstance(alpha, dict) else sum(alpha.values()) / len(alpha)
     if probe is not None:
-        metrics["probe_nll"] = ray.get(probe)
+        metrics["probe_nll"] = probe.get()
     if gap is not None:
         metrics["sync_logprob_gap"] = gap
     metrics.update(
-        controller_metrics,
-        weight_version=step + 1,
+        weight_version=min(held),
         step_time_s=time.perf_counter() - t0,
         time_to_sync_s=t_sync - t0,
     )

@@ -32,9 +32,9 @@ from atesd_ray.schema import require
 if TYPE_CHECKING:
     from verl import DataProto
 
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config, LossConfig
     from atesd_ray.objective import Trainer
-    from atesd_ray.runtime.actors import Actors
 
 
 def example_stats(rollout: DataProto, teacher: DataProto) -> dict[str, dict[str, float]]:
@@ -122,8 +122,8 @@ class Distill(Algorithm):
     ) -> Launched:
         rollouts = rollouts or launch_rollouts(actors, batch, step, min_version=step)
         alpha = actors.controller.exposure.remote(step, [r["id"] for r in batch])
-        scored = actors.teachers.round_robin("score", rollouts, alpha)
-        return Launched(actors.students.collective("train_step", step, rollouts, scored), alpha)
+        scored = actors.teachers.score(rollouts, alpha)
+        return Launched(actors.students.train_step(step, rollouts, scored), alpha)
 
 
 ALGORITHMS = (Distill("opsd"), Distill("fixed_exposure"), Distill("atesd"))

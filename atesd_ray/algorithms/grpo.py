@@ -24,9 +24,9 @@ from atesd_ray.objective import ON_POLICY_KEYS, Objective, Prepared, Response, f
 from atesd_ray.schema import require
 
 if TYPE_CHECKING:
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config, GRPOConfig
     from atesd_ray.objective import Trainer
-    from atesd_ray.runtime.actors import Actors
 
 
 def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
@@ -237,8 +237,8 @@ class GRPO(Algorithm):
         rollouts = rollouts or launch_rollouts(actors, batch, step, min_version=step)
         reference = None
         if cfg.algorithm.grpo.kl_coef:
-            reference = actors.teachers.round_robin("reference_logprobs", rollouts, cfg.rollout.temperature)
-        return Launched(actors.students.collective("train_step", step, rollouts, reference))
+            reference = actors.teachers.reference_logprobs(rollouts, cfg.rollout.temperature)
+        return Launched(actors.students.train_step(step, rollouts, reference))
 
 
 ALGORITHMS = (GRPO("grpo"),)

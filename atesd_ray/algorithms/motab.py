@@ -45,9 +45,9 @@ from atesd_ray.trajectories import Trajectory, summarize
 if TYPE_CHECKING:
     from verl import DataProto
 
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config, LossConfig, ModelConfig, MotabConfig
     from atesd_ray.objective import Trainer
-    from atesd_ray.runtime.actors import Actors
 
 ROLES = ("distill", "nll")
 
@@ -209,8 +209,8 @@ class Monitored(Algorithm):
         # one batch, one width, one chunk per teacher replica (the student concatenates them again)
         chunks = split_evenly(list(range(len(full))), max(len(actors.teachers), len(actors.students)))
         rows = [ray.put(full[chunk]) for chunk in chunks]
-        scored = actors.teachers.round_robin("score", rows, alpha)
-        stats = actors.students.collective("train_step", step, rows, scored)
+        scored = actors.teachers.score(rows, alpha)
+        stats = actors.students.train_step(step, rows, scored)
         summary = {k: v for k, v in summarize(trajectories).items() if k != "trajectories"}
         return Launched(stats, float(alpha), summary)
 

@@ -22,8 +22,8 @@ from atesd_ray.algorithms.distill import DistillObjective
 from atesd_ray.schema import require
 
 if TYPE_CHECKING:
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config
-    from atesd_ray.runtime.actors import Actors
 
 
 class OPD(Algorithm):
@@ -51,8 +51,8 @@ class OPD(Algorithm):
     ) -> Launched:
         rollouts = rollouts or launch_rollouts(actors, batch, step, min_version=step)
         # the separate teacher reads the student's prompt: the exposure it is given plays no part
-        scored = actors.teachers.round_robin("score", rollouts, 1.0)
-        return Launched(actors.students.collective("train_step", step, rollouts, scored))
+        scored = actors.teachers.score(rollouts, 1.0)
+        return Launched(actors.students.train_step(step, rollouts, scored))
 
 
 ALGORITHMS = (OPD("opd"),)

@@ -20,9 +20,9 @@ from atesd_ray.prompts import encode_chat, teacher_messages
 from atesd_ray.sequences import left_pad, right_pad
 
 if TYPE_CHECKING:
+    from atesd_ray.assembly import Actors
     from atesd_ray.config import Config
     from atesd_ray.objective import Trainer
-    from atesd_ray.runtime.actors import Actors
 
 
 class SFTObjective(Objective):
@@ -82,7 +82,7 @@ class SFT(Algorithm):
     def launch(
         self, cfg: Config, actors: Actors, step: int, batch: list[dict], rollouts: list[ray.ObjectRef] | None
     ) -> Launched:
-        return Launched(actors.students.collective("train_step", step, ray.put(batch)))
+        return Launched(actors.students.train_step(step, ray.put(batch)))
 
 
 ALGORITHMS = (SFT("sft"),)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from atesd_ray.gpu_check import check
+from atesd_ray.gpu_check.checks import check
 
 
 def _loss_cfg(**kw):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from atesd_ray.gpu_check import check
+from atesd_ray.gpu_check.checks import check
 
 
 def run_part(out: Path) -> None:
     import ray
 
     from atesd_ray.config import compose
+    from atesd_ray.modes.train import run
     from atesd_ray.rollout_gap import max_gap
-    from atesd_ray.train import run
 
     gpus = torch.cuda.device_count()
     config = compose
@@ -72,10 +72,10 @@ def run_part(out: Path) -> None:
 
     @check("collective sync one tensor per bucket into the GPU vLLM, exact")
     def _buckets():
+        from atesd_ray.algorithms import build_actors
         from atesd_ray.algorithms.base import launch_rollouts
         from atesd_ray.data.synthetic import generate
-        from atesd_ray.runtime.actors import build_actors
-        from atesd_ray.runtime.devices import place
+        from atesd_ray.runtime.cluster import place
         from atesd_ray.runtime.weight_sync.collective import CollectiveSync
         from atesd_ray.sampling import SamplingParams
         from atesd_ray.sequences import rows_to_lists
@@ -98,9 +98,9 @@ def run_part(out: Path) -> None:
             records = [dataclasses.asdict(r) for r in generate(4, seed=5)]
             rollouts = launch_rollouts(actors, records, 0, min_version=0)
             scored = [actors.teachers.actors[0].score.remote(r, 1.0) for r in rollouts]
-            ray.get(actors.students.call("train_step", 0, rollouts, scored))
+            actors.students.train_step(0, rollouts, scored).get()
             t0 = time.perf_counter()
-            ray.get(sync.sync(1))
+            sync.sync(1).get()
             sync_s = time.perf_counter() - t0
             rollout = actors.rollouts.actors[0]
             b = ray.get(rollout.generate.remote(records, 9, 0, 1, SamplingParams(1.0, 1.0, 0, 16))).batch
@@ -108,7 +108,7 @@ def run_part(out: Path) -> None:
                 rows_to_lists(b["prompt_ids"], b["prompt_mask"]),
                 rows_to_lists(b["response_ids"], b["response_mask"]),
             )
-            student = ray.get(actors.students.call("score", prompts, responses))[0]
+            student = actors.students.score(prompts, responses).get()
             mine = ray.get(rollout.score.remote(prompts, responses))
             gap = max(
                 abs(x - y) for a, c in zip(student, mine, strict=True) for x, y in zip(a, c, strict=True)

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,8 +23,9 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from atesd_ray.config import ClusterConfig, RoleResources
+from atesd_ray.config import ClusterConfig, Config, RoleResources
 from atesd_ray.console import actor_env_vars, quiet
+from atesd_ray.runtime import devices
 from atesd_ray.runtime.devices import hidden_gpus
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,18 @@ def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
     log.info("started a local Ray instance: %d CPUs, dashboard http://127.0.0.1:8265", num_cpus)
 
 
+def place(cfg: Config, roles: tuple[str, ...] = devices.ROLES) -> None:
+    """Join or start the cluster for the actors of ``roles``, then settle and check where they run
+    (``runtime/devices.py``). Run before any actor is built; the config is validated again after."""
+    n, c = devices.role_counts(cfg), cfg.cluster
+    connect(c, needed_cpus=sum((getattr(c, r).cpus or 1) * n[r] for r in roles))
+    grows = bool(c.address or os.environ.get("RAY_ADDRESS"))  # a joined cluster may add nodes
+    devices.resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0), grows)
+    cfg.validate()
+    if any(getattr(c, r).gpus for r in roles):
+        devices.check_gpu_nodes()
+
+
 def _ray_level() -> int:
     """Ray's own driver-side notices (start-up, token authentication) only with logging.level=debug."""
     return logging.ERROR if quiet() else logging.INFO
@@ -243,6 +257,22 @@ class Placement:
             self.removed = True
 
 
+@dataclass(frozen=True)
+class GroupCall:
+    """One method run by every actor of a group together. ``ref`` is rank 0's answer, which speaks
+    for all and is what a step passes on to other actors; :meth:`get` waits on every rank's, so a
+    rank that failed is seen at once, not only when rank 0 hangs on it."""
+
+    refs: list[ray.ObjectRef]
+
+    @property
+    def ref(self) -> ray.ObjectRef:
+        return self.refs[0]
+
+    def get(self) -> Any:
+        return ray.get(self.refs)[0]
+
+
 class ActorGroup:
     """N actors of one class, actor i in slot i of a placement, called together. Actor i is named
     ``{name}-{i}`` (``ray.get_actor``), so operators and fault-injection tests can find it.
@@ -302,10 +332,9 @@ class ActorGroup:
         """``method`` on every actor; one ref each."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def collective(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-        """``method`` on every actor, which run it together (FSDP ranks gather and reduce as one);
-        the ref of rank 0's answer, which speaks for all."""
-        return self.call(method, *args, **kwargs)[0]
+    def together(self, method: str, *args: Any, **kwargs: Any) -> GroupCall:
+        """``method`` on every actor, which run it together (FSDP ranks gather and reduce as one)."""
+        return GroupCall(self.call(method, *args, **kwargs))
 
     def serving(self, i: int) -> ActorHandle:
         """The actor that serves item i of a list handed out round robin."""

@@ -1,7 +1,7 @@
 """Where every actor's models live, decided in one place.
 
-In the driver, before any actor starts, :func:`place` joins (or starts) the cluster for the roles a
-mode runs and settles their resources:
+In the driver, before any actor starts, ``runtime.cluster.place`` joins (or starts) the cluster for
+the roles a mode runs and settles their resources with:
 
 - an actor's torch threads (:func:`threads`) are the CPUs it reserved, so a node shared by
   several actors is not oversubscribed; ``cpus: null`` (``cluster=local``: a machine the run has
@@ -42,22 +42,6 @@ class PlacementError(RuntimeError):
 
 def role_counts(cfg: Config) -> dict[str, int]:
     return {"student": cfg.trainer.ranks, "rollout": cfg.rollout.replicas, "teacher": cfg.teacher.replicas}
-
-
-def place(cfg: Config, roles: tuple[str, ...] = ROLES) -> None:
-    """Join or start the cluster for the actors of ``roles``, then settle and check where they run
-    (see the module doc). Run before any actor is built; the config is validated again after."""
-    import ray
-
-    from atesd_ray.runtime.cluster import connect
-
-    n, c = role_counts(cfg), cfg.cluster
-    connect(c, needed_cpus=sum((getattr(c, r).cpus or 1) * n[r] for r in roles))
-    grows = bool(c.address or os.environ.get("RAY_ADDRESS"))  # a joined cluster may add nodes
-    resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0), grows)
-    cfg.validate()
-    if any(getattr(c, r).gpus for r in roles):
-        check_gpu_nodes()
 
 
 def backend(cfg: Config) -> str:

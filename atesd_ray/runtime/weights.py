@@ -30,7 +30,6 @@ class TensorSpec:
 
 @dataclass
 class PackedWeights:
-    version: int
     specs: list[TensorSpec]
     buffers: list[np.ndarray]  # per tensor, its bytes (uint8)
 
@@ -94,10 +93,10 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def pack(named: dict[str, torch.Tensor], version: int) -> PackedWeights:
+def pack(named: dict[str, torch.Tensor]) -> PackedWeights:
     """Byte views of CPU tensors (no copy; contiguous ones are viewed as they are): pack right
     before they are handed to Ray, which copies them into its store."""
-    return PackedWeights(version, layout(named), [_bytes(t).numpy() for t in named.values()])
+    return PackedWeights(layout(named), [_bytes(t).numpy() for t in named.values()])
 
 
 def unpack(packed: PackedWeights) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """What the driver runs beside training: the live page, the trainer's Prometheus series, and at
-the end of the run the timeline PNG. A watcher of ``atesd_ray.train.run``; the entry point
+the end of the run the timeline PNG. A watcher of ``atesd_ray.modes.train.run``; the entry point
 (``atesd_ray/main.py``) starts one for every training job."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One weight-sync interface, several transports (NeMo-RL style).
 
-The training loop calls ``weight_sync.sync(version)`` and waits on the refs it returns; it never
-knows how the bytes travel. Each transport is one module of this package holding its three sides:
+The training loop calls ``weight_sync.sync(version)`` and waits on what it returns (:class:`Synced`:
+the version each receiver then holds, as the receiver reports it); it never knows how the bytes
+travel. Each transport is one module of this package holding its three sides:
 the driver's :class:`WeightTransport` subclass (``TRANSPORT``), and the functions it runs inside the
 student ranks (senders) and inside the receivers, through their ``weight_transfer`` method:
 
@@ -61,6 +62,24 @@ class WeightCheck:
     prompt: list[int]
     response: list[int]
     logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class Synced:
+    """A sync under way: ``held``, per receiver, a ref to the version it holds once the sync is
+    done (the receivers own their version); ``senders``, the student ranks' side, to wait on too."""
+
+    held: list[ray.ObjectRef]
+    senders: list[ray.ObjectRef]
+
+    @property
+    def refs(self) -> list[ray.ObjectRef]:
+        return [*self.held, *self.senders]
+
+    def get(self) -> list[int]:
+        """Wait for both sides; the versions the receivers hold."""
+        ray.get(self.senders)
+        return ray.get(self.held)
 
 
 class WeightSender:
@@ -193,8 +212,9 @@ class WeightReceiver:
 
 
 class WeightTransport:
-    """The driver's side of a transport: ``sync(version)`` starts moving the weights and returns
-    refs that resolve once every receiver holds ``version`` (or, refused, keeps what it holds)."""
+    """The driver's side of a transport: ``sync(version)`` starts moving the weights; its
+    :class:`Synced` says, once done, what every receiver holds (``version``, or after a refused
+    sync what it held before)."""
 
     name: ClassVar[str]
 
@@ -217,7 +237,7 @@ class WeightTransport:
             )
         self.format = formats.pop() if formats else "trainable"
 
-    def sync(self, version: int) -> list[ray.ObjectRef]:
+    def sync(self, version: int) -> Synced:
         allowed = self.students.actors[0].holds_version.remote(version)
         return self.send(version, allowed)
 
@@ -225,10 +245,10 @@ class WeightTransport:
         """Per receiver, a ref to its :meth:`WeightReceiver.verify_weights` against the student's
         :class:`WeightCheck` at the weights it holds now: call right after :meth:`sync`, whose
         loads every receiver finishes first (an actor runs its calls in order)."""
-        check = self.students.collective("weight_check")
+        check = self.students.together("weight_check").ref
         return [r.verify_weights.remote(check) for r in self.receivers]
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
+    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
         """Move the weights tagged ``version``; every call on either side takes ``allowed`` (rank 0's
         ``holds_version``; Ray resolves it first) and does nothing when it is False."""
         raise NotImplementedError

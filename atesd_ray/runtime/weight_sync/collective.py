@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from atesd_ray.runtime.cluster import free_port
 from atesd_ray.runtime.transfer import backend_group
-from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport, take_bucket
+from atesd_ray.runtime.weight_sync import Synced, WeightReceiver, WeightSender, WeightTransport, take_bucket
 from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
 
 
@@ -128,11 +128,10 @@ class CollectiveSync(WeightTransport):
         )
         self.layout = ray.put(self.buckets())  # the layout travels once, by reference
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
+    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
         sent = self.students.call("weight_transfer", send, self.format, self.layout, allowed)
-        return sent + [
-            r.weight_transfer.remote(receive, version, self.layout, allowed) for r in self.receivers
-        ]
+        held = [r.weight_transfer.remote(receive, version, self.layout, allowed) for r in self.receivers]
+        return Synced(held, sent)
 
     def teardown(self) -> None:
         ray.get([m.weight_transfer.remote(leave) for m in [self.students.actors[0], *self.receivers]])

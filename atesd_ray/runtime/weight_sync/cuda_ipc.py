@@ -17,7 +17,7 @@ import ray
 import torch
 
 from atesd_ray.runtime.transfer import open_shared, share
-from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport, take_bucket
+from atesd_ray.runtime.weight_sync import Synced, WeightReceiver, WeightSender, WeightTransport, take_bucket
 from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
 
 
@@ -87,7 +87,7 @@ class CudaIpcSync(WeightTransport):
             )
         self.layout = self.buckets()
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
+    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
         applied = self.students.call("weight_transfer", begin, self.format, self.layout, allowed)
         last = len(self.layout) - 1
         for k, bucket in enumerate(self.layout):
@@ -100,7 +100,7 @@ class CudaIpcSync(WeightTransport):
                 for r, h in zip(self.receivers, handles, strict=True)
             ]
         ended = [s.weight_transfer.remote(end, a) for s, a in zip(self.students.actors, applied, strict=True)]
-        return applied + ended
+        return Synced(applied, ended)
 
 
 TRANSPORT = CudaIpcSync

@@ -8,16 +8,16 @@ from __future__ import annotations
 import ray
 import torch
 
-from atesd_ray.runtime.weight_sync import WeightReceiver, WeightSender, WeightTransport
+from atesd_ray.runtime.weight_sync import Synced, WeightReceiver, WeightSender, WeightTransport
 from atesd_ray.runtime.weights import PackedWeights, pack, unpack
 
 
-def export(sender: WeightSender, version: int, fmt: str, allowed: bool) -> PackedWeights | None:
+def export(sender: WeightSender, fmt: str, allowed: bool) -> PackedWeights | None:
     """Every rank gathers (a collective); rank 0 returns the packed weights, the others None."""
     if not allowed:
         return None
     named = dict(sender.weight_stream(fmt, torch.device("cpu")))
-    return pack(named, version) if sender.rank == 0 else None
+    return pack(named) if sender.rank == 0 else None
 
 
 def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int) -> int:
@@ -30,11 +30,11 @@ def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int
 class ObjectStoreSync(WeightTransport):
     name = "object_store"
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> list[ray.ObjectRef]:
-        exported = self.students.call("weight_transfer", export, version, self.format, allowed)
+    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
+        exported = self.students.call("weight_transfer", export, self.format, allowed)
         # rank 0's buffer travels as a ref from the student to the receivers, never through the driver
         received = [r.weight_transfer.remote(receive, exported[0], version) for r in self.receivers]
-        return received + exported[1:]
+        return Synced(received, exported[1:])
 
 
 TRANSPORT = ObjectStoreSync

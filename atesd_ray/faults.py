@@ -28,22 +28,13 @@ from ray.actor import ActorHandle
 from atesd_ray.config import Config
 
 if TYPE_CHECKING:
-    from atesd_ray.runtime.actors import Actors
+    from atesd_ray.assembly import Actors
 
 T = TypeVar("T")
 
 
 class Rollback(RuntimeError):
     """An actor died that a restart cannot bring back in step: continue from the last checkpoint."""
-
-
-def restart_limit(cfg: Config, role: str) -> int:
-    """``max_restarts`` of a role's actors: rollout and frozen/live teacher replicas come back as
-    often as they die (each step still gives up after ``trainer.fault_retries`` tries); the rest
-    stay dead, so that a fault there is seen and rolled back."""
-    if role == "rollout" or (role == "teacher" and cfg.teacher.weights != "ema"):
-        return -1
-    return 0
 
 
 def is_actor_fault(err: BaseException) -> bool:
@@ -95,7 +86,7 @@ def recover(cfg: Config, actors: Actors) -> None:
     version = ray.get(actors.students.actors[0].updates.remote())
     actors.weight_sync.teardown()
     actors.weight_sync.setup()  # a collective transport needs a new group with the new actor
-    ray.get(actors.weight_sync.sync(version=version))
+    actors.weight_sync.sync(version=version).get()
 
 
 def retrying(cfg: Config, actors: Actors, what: str, attempt: Callable[[bool], T]) -> T:

@@ -22,12 +22,12 @@ from pathlib import Path
 import ray
 
 from atesd_ray import algorithms
+from atesd_ray.assembly import controller_actor, rollout_group, teacher_group
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.job import prepare_data, prepare_run_dir
 from atesd_ray.monitored import monitored_rollouts
-from atesd_ray.runtime.actors import controller_actor, rollout_group, teacher_group
-from atesd_ray.runtime.devices import place
+from atesd_ray.runtime.cluster import place
 from atesd_ray.trajectories import Trajectory, summarize
 
 OUTPUT = "synthesized.jsonl"

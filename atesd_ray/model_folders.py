@@ -1,4 +1,5 @@
-"""Trained students as Hugging Face model folders: ``checkpoints/step_<N>/huggingface/`` and ``mode=export``.
+"""Trained students as Hugging Face model folders (``checkpoints/step_<N>/huggingface/``, ``mode=export``):
+writing one, and finding and checking one given as a model path.
 
 A folder holds ``config.json``, ``generation_config.json``, the tokenizer with its chat template,
 and the weights as safetensors (sharded past 5 GB, with an index) under Hugging Face names, with
@@ -82,38 +83,3 @@ def check_tokenizer_folder(folder: Path) -> Path:
             "or name one with model.tokenizer=<hub id or directory>"
         )
     return folder
-
-
-def export(cfg) -> Path:
-    """``mode=export``: the student of a checkpoint (``export.step``, default the latest complete one of
-    ``run_dir``) as a Hugging Face folder in ``export.out`` (default ``<checkpoint>/huggingface``).
-    The run's ``model=`` must be given, as for ``eval.model``: the checkpoint holds the tensors that
-    trained, over that model."""
-    from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_parameters
-    from atesd_ray.runtime.checkpoint import fingerprint, read_student_weights
-    from atesd_ray.runtime.weight_formats import stream_weights
-    from atesd_ray.runtime.weights import load_into
-
-    if cfg.run_dir is None:
-        raise ValueError("mode=export needs run_dir=<the training run>")
-    manager = CheckpointManager(Path(cfg.run_dir), keep_last=1)
-    if cfg.export.step is None:
-        checkpoint = manager.latest()
-    else:
-        checkpoint = next((p for n, p in manager.complete() if n == cfg.export.step), None)
-    if checkpoint is None:
-        which = "any" if cfg.export.step is None else f"step {cfg.export.step}'s"
-        raise FileNotFoundError(f"{cfg.run_dir}: no complete checkpoint ({which}) to export")
-    m = cfg.model
-    tokenizer = load_tokenizer(m)
-    student = load_model(m, vocab_size=len(tokenizer))
-    load_into(
-        student,
-        read_student_weights(checkpoint, fingerprint(m.name, m.lora.enabled, synced_parameters(student))),
-    )
-    merged = dict(stream_weights(student, "merged", DTYPES[m.dtype], "cpu", m.lora.alpha / m.lora.r))
-    base = student.get_base_model() if hasattr(student, "get_base_model") else student
-    out = Path(cfg.export.out) if cfg.export.out else checkpoint / HF_DIR
-    save_hf_model(out, merged, base, tokenizer)
-    print(f"exported {checkpoint} -> {out}", flush=True)
-    return out

@@ -17,14 +17,16 @@ import ray
 from omegaconf import OmegaConf
 
 from atesd_ray import algorithms
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import run_step
+from atesd_ray.assembly import Actors
 from atesd_ray.config import Config
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
+from atesd_ray.faults import Rollback, retrying
 from atesd_ray.job import RunData, prepare_data, prepare_run_dir
 from atesd_ray.rollout_gap import check_step_gap, check_sync, sync_gap
 from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
-from atesd_ray.runtime.actors import Actors, build_actors
 from atesd_ray.runtime.checkpoint import (
     PREFETCHED,
     CheckpointManager,
@@ -32,8 +34,7 @@ from atesd_ray.runtime.checkpoint import (
     read_state,
     save_rollouts,
 )
-from atesd_ray.runtime.devices import place
-from atesd_ray.runtime.faults import Rollback, retrying
+from atesd_ray.runtime.cluster import place
 from atesd_ray.tracking import Tracker
 
 
@@ -74,7 +75,7 @@ def _save(
     tmp = ckpts.begin(step)
     try:
         (tmp / "student").mkdir()
-        refs = actors.students.call("save", str(tmp / "student"))
+        refs = actors.students.save(str(tmp / "student")).refs
         refs += [actors.teachers.actors[0].save.remote(str(tmp))]
         refs += [actors.controller.save.remote(str(tmp))]
         ray.get(refs)
@@ -102,8 +103,8 @@ def _restore(
     """Bring the actors and the sampler to ``checkpoint``; returns its step and the next step's
     rollouts when the checkpoint holds them (one-step-off rollouts)."""
     state = read_state(checkpoint)
-    ray.get(actors.students.call("load", str(checkpoint / "student")))
-    ray.get(actors.teachers.call("load", str(checkpoint), state["weight_version"]))
+    actors.students.load(str(checkpoint / "student")).get()
+    ray.get(actors.teachers.load(str(checkpoint), state["weight_version"]))
     ray.get(actors.controller.load.remote(str(checkpoint)))
     sampler.consumed = state["consumed"]
     held = checkpoint / PREFETCHED
@@ -125,13 +126,13 @@ def _launch(
     )
     try:
         (run_dir / "topology.json").write_text(json.dumps(actors.placement_report(), indent=2))
-        ray.get(actors.students.call("set_probe", data.probe))
+        actors.students.set_probe(data.probe).get()
         sampler.consumed = 0
         start, prefetched = _restore(actors, checkpoint, sampler) if checkpoint else (0, None)
-        ray.get(actors.weight_sync.sync(version=start))
+        actors.weight_sync.sync(version=start).get()
         check_sync(cfg, start, sync_gap(ray.get(actors.weight_sync.verify())), checkpoint)
         if start == 0 and "probe_nll" in actors.signals:
-            ray.get(actors.controller.baseline.remote(0, actors.students.collective("probe_nll")))
+            ray.get(actors.controller.baseline.remote(0, actors.students.probe_nll().ref))
     except BaseException:
         actors.shutdown()
         raise

@@ -1,28 +1,101 @@
-"""The actors of one training run, created together and torn down together."""
+"""The composition root: a run's actors, built together and torn down together (:func:`assemble`).
+
+It knows the worker classes (``workers/``) and the exposure controller (``controller/``) and puts
+them in their placement groups, and it gives each role a typed group (:class:`StudentGroup`,
+:class:`RolloutGroup`, :class:`TeacherGroup`): the calls a step makes are methods, so a mistyped
+one fails where it is made, and a call the student ranks make together returns every rank's ref
+(``GroupCall``), so that a rank that fails is seen. It imports no algorithm: an algorithm's
+student-side objective arrives built (``algorithms.build_actors``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
 from atesd_ray.console import actor_env_vars
-from atesd_ray.runtime.cluster import ActorGroup, Placement, merge_bundles, role_bundle
-from atesd_ray.runtime.faults import restart_limit
+from atesd_ray.runtime.cluster import ActorGroup, GroupCall, Placement, merge_bundles, role_bundle
 from atesd_ray.runtime.weight_sync import WeightTransport, make_weight_sync
+
+if TYPE_CHECKING:
+    from atesd_ray.objective import Objective
+
+
+class StudentGroup(ActorGroup):
+    """The student ranks (``workers/student.py``): one FSDP group, every call on all ranks."""
+
+    def train_step(self, step: int, *inputs: Any) -> GroupCall:
+        """One optimizer step of the objective on ``inputs`` (refs the ranks resolve themselves)."""
+        return self.together("train_step", step, *inputs)
+
+    def probe_nll(self) -> GroupCall:
+        return self.together("probe_nll")
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]]) -> GroupCall:
+        return self.together("score", prompts, responses)
+
+    def mismatch(self, rollouts: list[ray.ObjectRef], scored: list[ray.ObjectRef]) -> GroupCall:
+        return self.together("mismatch", rollouts, scored)
+
+    def set_probe(self, records: list[dict]) -> GroupCall:
+        return self.together("set_probe", records)
+
+    def save(self, directory: str) -> GroupCall:
+        return self.together("save", directory)
+
+    def load(self, directory: str) -> GroupCall:
+        return self.together("load", directory)
+
+    def updates(self) -> ray.ObjectRef:
+        """The version of the weights the ranks hold: the optimizer steps they applied."""
+        return self.actors[0].updates.remote()
+
+
+class RolloutGroup(ActorGroup):
+    """The rollout replicas (``workers/rollout.py``)."""
+
+    def generate(
+        self, chunk: int, records: list[dict], step: int, min_version: int, *args: Any
+    ) -> ray.ObjectRef:
+        """The student's responses to ``records``, chunk ``chunk`` of step ``step``, on replica chunk mod R."""
+        return self.serving(chunk).generate.remote(records, step, chunk, min_version, *args)
+
+    def load_checkpoint(self, checkpoint: str) -> list[ray.ObjectRef]:
+        return self.call("load_checkpoint", checkpoint)
+
+
+class TeacherGroup(ActorGroup):
+    """The teacher replicas (``workers/teacher.py``): the privileged self-teacher or a separate
+    teacher model; the same role holds GRPO's frozen reference model and writes MOTAB's takeovers."""
+
+    def score(self, rollouts: list[ray.ObjectRef], alpha: Any) -> list[ray.ObjectRef]:
+        """Teacher targets for each rollout chunk at exposure ``alpha`` (a value or a ref), round robin."""
+        return self.round_robin("score", rollouts, alpha)
+
+    def reference_logprobs(self, rollouts: list[ray.ObjectRef], temperature: float) -> list[ray.ObjectRef]:
+        return self.round_robin("reference_logprobs", rollouts, temperature)
+
+    def save(self, directory: str) -> ray.ObjectRef:
+        """An EMA teacher's weights (the replicas hold the same)."""
+        return self.actors[0].save.remote(directory)
+
+    def load(self, directory: str, version: int) -> list[ray.ObjectRef]:
+        return self.call("load", directory, version)
 
 
 @dataclass
 class Actors:
-    students: ActorGroup
-    rollouts: ActorGroup
-    teachers: ActorGroup
+    students: StudentGroup
+    rollouts: RolloutGroup
+    teachers: TeacherGroup
     controller: ActorHandle
     weight_sync: WeightTransport
     topology: dict[str, list[dict]]  # per role, per actor: its device, threads (and a rank's backend)
-    signals: frozenset[str]  # what each step measures for the run's consumers (build_actors)
+    signals: frozenset[str]  # what each step measures for the run's consumers
     shared: list[Placement] = field(default_factory=list)  # placements of colocated roles
 
     def placement_report(self) -> dict:
@@ -45,6 +118,15 @@ class Actors:
             placement.remove()
 
 
+def restart_limit(cfg: Config, role: str) -> int:
+    """``max_restarts`` of a role's actors: rollout and frozen/live teacher replicas come back as
+    often as they die (each step still gives up after ``trainer.fault_retries`` tries); the rest
+    stay dead, so that a fault there is seen and rolled back (``atesd_ray/faults.py``)."""
+    if role == "rollout" or (role == "teacher" and cfg.teacher.weights != "ema"):
+        return -1
+    return 0
+
+
 def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
     if isinstance(thing, ActorGroup):
         thing.shutdown()
@@ -54,12 +136,12 @@ def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
         ray.kill(thing, no_restart=True)
 
 
-def rollout_group(cfg: Config, name: str, placement: Placement | None = None) -> ActorGroup:
-    """``rollout.replicas`` rollout actors (restarted by Ray when they die: see ``faults.py``)."""
+def rollout_group(cfg: Config, name: str, placement: Placement | None = None) -> RolloutGroup:
+    """``rollout.replicas`` rollout actors (restarted by Ray when they die)."""
     from workers.rollout import RolloutWorker
 
     c = cfg.cluster
-    return ActorGroup(
+    return RolloutGroup(
         RolloutWorker,
         cfg.rollout.replicas,
         c.rollout,
@@ -72,12 +154,12 @@ def rollout_group(cfg: Config, name: str, placement: Placement | None = None) ->
     )
 
 
-def teacher_group(cfg: Config, name: str, signals: frozenset[str] = frozenset()) -> ActorGroup:
+def teacher_group(cfg: Config, name: str, signals: frozenset[str] = frozenset()) -> TeacherGroup:
     """``teacher.replicas`` teacher actors, measuring ``signals`` besides their targets."""
     from workers.teacher import TeacherWorker
 
     c = cfg.cluster
-    return ActorGroup(
+    return TeacherGroup(
         TeacherWorker,
         cfg.teacher.replicas,
         c.teacher,
@@ -99,33 +181,30 @@ def controller_actor(
     return ray.remote(ExposureController).options(**options).remote(cfg, total_steps, timeline_path, run)
 
 
-def build_actors(
+def assemble(
     cfg: Config,
+    objective: Objective,
+    signals: frozenset[str],
     total_steps: int,
     name: str,
     timeline_path: str | None = None,
     run: str = "",
-    signals: frozenset[str] | None = None,
 ) -> Actors:
     """Rollout, teacher, student and controller actors in their placement groups; weight sync set up.
-    ``timeline_path``: where the controller keeps its decision timeline up to date; ``run`` labels
-    the controller's Prometheus series. ``signals``: what a step must measure besides the
-    algorithm's own statistics (default: what the controller declares it needs); the teachers and
-    the algorithm's objective are built with them.
+    ``objective``: the algorithm's student-side half, handed to every student rank; ``signals``:
+    what a step must measure besides the algorithm's own statistics (the teachers are built with
+    them). ``timeline_path``: where the controller keeps its decision timeline up to date; ``run``
+    labels the controller's Prometheus series.
 
     Placement groups per role: the student ranks per ``cluster.student_strategy`` (PACK: as few
     nodes as possible), rollout and teacher replicas per theirs (SPREAD). With
     ``cluster.colocate_rollout`` each student bundle also holds one rollout replica. Whatever was
     created is torn down again if a later actor cannot be built.
     """
-    from atesd_ray import algorithms
-    from controller.actor import needed_signals
     from workers.student import StudentRank
 
     c = cfg.cluster
     ranks = cfg.trainer.ranks
-    signals = needed_signals(cfg) if signals is None else signals
-    objective = algorithms.get(cfg.algorithm.name).objective(cfg, signals)
     timeout = c.placement_timeout_s
     created: list = []
     try:
@@ -134,7 +213,7 @@ def build_actors(
             bundle = merge_bundles(role_bundle(c.student), role_bundle(c.rollout))
             shared = Placement(f"{name}-student-rollout", ranks, bundle, c.student_strategy, timeout)
             created.append(shared)
-        students = ActorGroup(
+        students = StudentGroup(
             StudentRank,
             ranks,
             c.student,

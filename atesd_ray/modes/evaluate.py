@@ -21,13 +21,13 @@ from pathlib import Path
 import ray
 from omegaconf import OmegaConf
 
+from atesd_ray.assembly import rollout_group
 from atesd_ray.config import Config, ModelConfig
 from atesd_ray.data.loaders import load_eval_set
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.job import prepare_run_dir
-from atesd_ray.runtime.actors import rollout_group
 from atesd_ray.runtime.checkpoint import CheckpointManager, is_checkpoint, read_state
-from atesd_ray.runtime.devices import place
+from atesd_ray.runtime.cluster import place
 from atesd_ray.tables import markdown_table
 
 

@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 from tqdm import tqdm
 
 from atesd_ray import algorithms
+from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data, prepare_run_dir
-from atesd_ray.runtime.actors import build_actors
-from atesd_ray.runtime.devices import place
+from atesd_ray.runtime.cluster import place
 from atesd_ray.tables import markdown_table
 
 
@@ -156,8 +155,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         ) as bar:
             for alpha in cfg.sweep.alphas:
                 t0 = time.perf_counter()
-                scored = actors.teachers.round_robin("score", rollouts, alpha)
-                rows = ray.get(actors.students.collective("mismatch", rollouts, scored))
+                scored = actors.teachers.score(rollouts, alpha)
+                rows = actors.students.mismatch(rollouts, scored).get()
                 results.append(summarize_alpha(alpha, rows) | {"time_s": time.perf_counter() - t0})
                 r = results[-1]
                 bar.update(per_alpha)

@@ -64,7 +64,7 @@ def parse_run(entry: str) -> tuple[str | None, Path]:
 
 def _training_summary(path: Path) -> dict | None:
     """A training run's final held-out evaluation (``eval.at_end``) in the shape of an eval summary."""
-    from atesd_ray.evaluate import trained_by
+    from atesd_ray.modes.evaluate import trained_by
     from atesd_ray.runtime.checkpoint import CheckpointManager
 
     if not (path / "summary.json").is_file():
