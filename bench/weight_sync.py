@@ -29,11 +29,6 @@ from bench.common import summary
 from bench.distributed import DistributedStep
 
 
-def _hold_version(receiver, version: int) -> int:
-    receiver.weight_version = version
-    return version
-
-
 def _put_alone(sender, fmt: str) -> bool:
     ray.put(export(sender, sender.step, fmt, allowed=True))
     return True
@@ -80,7 +75,7 @@ def measure(dist: DistributedStep, repeats: int) -> dict:
         for name, sync in transports.items():
             floor, floor_refs = floors[name]
             for i in range(repeats + 1):  # the first round warms up (process groups, buffers)
-                ray.get([r.__ray_call__.remote(_hold_version, version - 1) for r in receivers])
+                ray.get([r.rewind_version.remote(version - 1) for r in receivers])
                 t0 = time.perf_counter()
                 sync.sync(version).get()
                 t1 = time.perf_counter()

@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from verl import DataProto
 
@@ -14,12 +13,12 @@ from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
 from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_parameters
 from atesd_ray.prompts import encode_chat, student_messages
+from atesd_ray.rollout_batch import rollout_batch
 from atesd_ray.runtime.checkpoint import fingerprint, read_state, read_student_weights
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import load_into
 from atesd_ray.sampling import SamplingParams, rollout_seed
-from atesd_ray.sequences import left_pad, right_pad
 from atesd_ray.trajectories import step_end, step_value
 from workers.common import setup_actor
 
@@ -113,37 +112,20 @@ class RolloutWorker(WeightReceiver):
         params = params or sampling_params(self.cfg)
         prompts = self.prompt_ids([r["problem"] for r in records], thinking)
         completions = self.engine.generate(prompts, params, rollout_seed(self.cfg.seed, step, chunk))
-        pad = self.tokenizer.pad_token_id
         expanded = [(r, p, s) for r, p in zip(records, prompts, strict=True) for s in range(params.n)]
-        prompt_ids, prompt_mask = left_pad([p for _, p, _ in expanded], pad)
-        response_ids, response_mask = right_pad([c.token_ids for c in completions], pad)
-        logprobs = torch.zeros(response_ids.shape, dtype=torch.float32)
-        for i, c in enumerate(completions):
-            if c.logprobs:
-                logprobs[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         grades = grade_many(texts, [str(r["answer"]) for r, _, _ in expanded], self.cfg.eval.grade_timeout_s)
-        return DataProto.from_dict(
-            tensors={
-                "prompt_ids": prompt_ids,
-                "prompt_mask": prompt_mask,
-                "response_ids": response_ids,
-                "response_mask": response_mask,
-                "rollout_logprobs": logprobs,
-                "reward": torch.tensor([float(g.correct) for g in grades]),
-            },
-            non_tensors={
-                "uid": np.array([r["id"] for r, _, _ in expanded], dtype=object),
-                "sample": np.array([s for _, _, s in expanded], dtype=object),
-                "problem": np.array([r["problem"] for r, _, _ in expanded], dtype=object),
-                "reference": np.array([r["reference"] for r, _, _ in expanded], dtype=object),
-                "answer": np.array([r["answer"] for r, _, _ in expanded], dtype=object),
-                "difficulty": np.array([r.get("difficulty") for r, _, _ in expanded], dtype=object),
-                "finish_reason": np.array([c.finish_reason for c in completions], dtype=object),
-                "response_text": np.array(texts, dtype=object),
-                "extracted": np.array([g.answer for g in grades], dtype=object),
-            },
-            meta_info={
+        return rollout_batch(
+            records=[r for r, _, _ in expanded],
+            samples=[s for _, _, s in expanded],
+            prompts=[p for _, p, _ in expanded],
+            responses=[c.token_ids for c in completions],
+            pad_id=self.tokenizer.pad_token_id,
+            finish_reasons=[c.finish_reason for c in completions],
+            texts=texts,
+            grades=grades,
+            logprobs=[c.logprobs for c in completions],
+            meta={
                 "weight_version": self.weight_version,
                 "step": step,
                 "chunk": chunk,

@@ -131,7 +131,7 @@ class StudentRank(CheckpointedRank, WeightSender):
             weight_decay=t.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
-        self.step = 0
+        self.version = 0
         self.skipped_nonfinite = 0
         return {
             "rank": self.rank,
@@ -276,7 +276,7 @@ class StudentRank(CheckpointedRank, WeightSender):
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        self.step = step + 1
+        self.version = step + 1
         return {
             "grad_norm": grad_norm,
             "lr": lr,
@@ -356,7 +356,7 @@ class StudentRank(CheckpointedRank, WeightSender):
     def weight_check(self) -> WeightCheck:
         prompt = self.student_prompts([CHECK_PROBLEM])[0]
         response = self.tokenizer(CHECK_RESPONSE, add_special_tokens=False)["input_ids"]
-        return WeightCheck(self.step, prompt, response, self.score([prompt], [response])[0])
+        return WeightCheck(self.version, prompt, response, self.score([prompt], [response])[0])
 
     def weight_stream(self, fmt: str, device: torch.device, meta: bool = False):
         """The weights a sync in format ``fmt`` carries, gathered one parameter at a time."""
@@ -370,4 +370,4 @@ class StudentRank(CheckpointedRank, WeightSender):
 
     def updates(self) -> int:
         """Optimizer steps applied so far: the version of the weights this rank holds."""
-        return self.step
+        return self.version

@@ -71,7 +71,7 @@ class CheckpointedRank:
             save_file(weights, str(out / "student.safetensors"), metadata={"model": self.cfg.model.name})
             torch.save({"optimizer": optim_sd, "rng": rng}, out / "optimizer.pt")
             state = {
-                "step": self.step,
+                "step": self.version,
                 "scheduler": self.scheduler.state_dict(),
                 "skipped_nonfinite": self.skipped_nonfinite,
                 "world_size": self.world,
@@ -97,11 +97,11 @@ class CheckpointedRank:
         set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.policy, self.optimizer, blob["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
+        self.version = state["step"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
         rng = blob["rng"]
         set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0], self.device)
-        return self.step
+        return self.version
 
     def _fingerprint(self) -> dict:
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}

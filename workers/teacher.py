@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from verl import DataProto
 
@@ -179,15 +178,7 @@ class TeacherWorker(WeightReceiver):
             tensors["grounding"] = g
         if indices is not None:
             tensors["teacher_ids"] = indices
-        return DataProto.from_dict(
-            tensors=tensors,
-            non_tensors={"alpha": np.array(alphas, dtype=object)},
-            meta_info={
-                "teacher_version": self.weight_version,
-                "topk": self.topk or 0,
-                "time_s": time.perf_counter() - t0,
-            },
-        )
+        return DataProto.from_dict(tensors=tensors, meta_info={"time_s": time.perf_counter() - t0})
 
     def _forward(
         self, model, prompts: list, responses: list, temperature: float = 1.0, width: int | None = None

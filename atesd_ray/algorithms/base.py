@@ -37,7 +37,9 @@ class Launched:
 
     stats: GroupCall  # the student ranks' train_step
     alpha: Any = None  # the exposure the teacher saw: a float, or a ref to a float or {uid: alpha}
-    metrics: dict = field(default_factory=dict)  # metrics the driver computed itself
+    metrics: dict | ray.ObjectRef = field(
+        default_factory=dict
+    )  # more of the step's metrics (or a ref to them)
 
 
 class Algorithm:
@@ -104,7 +106,9 @@ def run_step(
     t_sync = time.perf_counter()
     metrics = launched.stats.get()  # every rank's answer: one that failed is seen here
     metrics.pop("per_example", None)  # the per-problem statistics are for the controller only
-    metrics.update(launched.metrics)
+    metrics.update(
+        ray.get(launched.metrics) if isinstance(launched.metrics, ray.ObjectRef) else launched.metrics
+    )
     metrics.update(ray.get(observed))
     if launched.alpha is not None:
         alpha = ray.get(launched.alpha) if isinstance(launched.alpha, ray.ObjectRef) else launched.alpha

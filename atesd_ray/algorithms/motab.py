@@ -5,8 +5,8 @@ exposure (controller) -> monitored rollouts (``atesd_ray/monitored.py``; the rul
 ``atesd_ray/trajectories.py``) -> targets as training rows -> teacher scoring -> student update.
 The self-teacher's exposure comes from the controller actor, so ``controller.kind=atesd`` drives
 MOTAB's teacher as it drives ATESD's; ``teacher.model=<preset>`` is a separate teacher instead.
-The driver builds the rows from the trajectories it holds (token ids), puts one chunk per teacher
-replica in the object store, and passes refs on from there. Offline synthesis of the same
+A Ray task runs the rounds, grades the trajectories and builds the rows (one chunk per teacher
+replica); the driver passes its refs on, as for every algorithm. Offline synthesis of the same
 trajectories is ``mode=motab_synthesize`` (``atesd_ray/motab_synthesize.py``).
 """
 
@@ -15,12 +15,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
 import ray
 import torch
 
 from atesd_ray.algorithms.base import Algorithm, Launched
-from atesd_ray.grading import grade_many
+from atesd_ray.grading import Grade, grade_many
 from atesd_ray.losses import DistillStats, distill_loss, nll_loss
 from atesd_ray.models import load_tokenizer, tokenizer_path
 from atesd_ray.monitored import monitored_rollouts
@@ -37,9 +36,9 @@ from atesd_ray.objective import (
     teacher_targets,
 )
 from atesd_ray.prompts import encode_chat, student_messages
-from atesd_ray.runtime.cluster import split_evenly
+from atesd_ray.rollout_batch import rollout_batch
+from atesd_ray.runtime.cluster import ActorGroup, split_evenly
 from atesd_ray.schema import require
-from atesd_ray.sequences import left_pad, right_pad
 from atesd_ray.trajectories import Trajectory, summarize
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ _TOKENIZERS: dict[str, object] = {}
 
 
 def _tokenizer(model: ModelConfig):
-    """The student's tokenizer, loaded once per driver process."""
+    """The student's tokenizer, loaded once per process."""
     path = tokenizer_path(model)
     if path not in _TOKENIZERS:
         _TOKENIZERS[path] = load_tokenizer(model)
@@ -64,13 +63,11 @@ def _tokenizer(model: ModelConfig):
 
 
 def training_rows(
-    cfg: Config, trajectories: list[Trajectory], tokenizer, correct: list[bool], meta: dict
+    cfg: Config, trajectories: list[Trajectory], tokenizer, grades: list[Grade], meta: dict
 ) -> DataProto:
-    """The trajectories' targets after the student's problem-only prompt, with per-token loss masks
-    ``distill_mask`` / ``nll_mask`` (see :meth:`Trajectory.segments`) and the fields the teacher
-    scores with."""
-    from verl import DataProto  # loaded where batches are built, not with the config
-
+    """The trajectories as a rollout batch (``atesd_ray/rollout_batch.py``): their targets after the
+    student's problem-only prompt, with per-token loss masks ``distill_mask`` / ``nll_mask`` (see
+    :meth:`Trajectory.segments`). They carry no rollout log-probs: the teacher wrote part of them."""
     prompts, responses, masks = [], [], {role: [] for role in ROLES}
     for t in trajectories:
         messages = student_messages(t.record["problem"], cfg.prompts)
@@ -80,32 +77,43 @@ def training_rows(
         responses.append([i for ids, _ in pieces for i in ids])
         for role in ROLES:
             masks[role].append([int(r == role) for ids, r in pieces for _ in ids])
-    pad = tokenizer.pad_token_id
-    prompt_ids, prompt_mask = left_pad(prompts, pad)
-    response_ids, response_mask = right_pad(responses, pad)
-    records = [t.record for t in trajectories]
-    return DataProto.from_dict(
-        tensors={
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "response_ids": response_ids,
-            "response_mask": response_mask,
-            "distill_mask": right_pad(masks["distill"], 0, response_ids.shape[1])[0],
-            "nll_mask": right_pad(masks["nll"], 0, response_ids.shape[1])[0],
-            "reward": torch.tensor([float(c) for c in correct]),
-        },
-        non_tensors={
-            "uid": np.array([r["id"] for r in records], dtype=object),
-            "sample": np.array([t.sample for t in trajectories], dtype=object),
-            "problem": np.array([r["problem"] for r in records], dtype=object),
-            "reference": np.array([r["reference"] for r in records], dtype=object),
-            "answer": np.array([r["answer"] for r in records], dtype=object),
-            "finish_reason": np.array(
-                ["stop" if t.ends_with_eos else "length" for t in trajectories], dtype=object
-            ),
-        },
-        meta_info=meta,
+    return rollout_batch(
+        records=[t.record for t in trajectories],
+        samples=[t.sample for t in trajectories],
+        prompts=prompts,
+        responses=responses,
+        pad_id=tokenizer.pad_token_id,
+        finish_reasons=["stop" if t.ends_with_eos else "length" for t in trajectories],
+        texts=[t.text(cfg.prompts.revise_phrase) for t in trajectories],
+        grades=grades,
+        meta=meta,
+        masks={f"{role}_mask": rows for role, rows in masks.items()},
     )
+
+
+def monitored_batch(
+    cfg: Config,
+    rollouts: ActorGroup,
+    teachers: ActorGroup,
+    records: list[dict],
+    alpha: float | dict[str, float],
+    step: int,
+    chunks: int,
+) -> list:
+    """One step's monitored rollouts as training rows, in ``chunks`` chunks of one width, then a
+    summary of the trajectories: run as a Ray task (``Monitored.launch``), so the rounds, the
+    grading and the rows stay off the driver, which passes refs."""
+    t0 = time.perf_counter()
+    trajectories = monitored_rollouts(cfg, rollouts, teachers, records, alpha, step, min_version=step)
+    meta = {"weight_version": step, "step": step, "time_s": time.perf_counter() - t0}
+    grades = grade_many(
+        [t.text(cfg.prompts.revise_phrase) for t in trajectories],
+        [str(t.record["answer"]) for t in trajectories],
+        cfg.eval.grade_timeout_s,
+    )
+    full = training_rows(cfg, trajectories, _tokenizer(cfg.model), grades, meta)
+    summary = {k: v for k, v in summarize(trajectories).items() if k != "trajectories"}
+    return [full[chunk] for chunk in split_evenly(list(range(len(full))), chunks)] + [summary]
 
 
 def distill_and_nll(out: Response, rows: dict, loss: LossConfig) -> tuple:
@@ -194,25 +202,13 @@ class Monitored(Algorithm):
     def launch(
         self, cfg: Config, actors: Actors, step: int, batch: list[dict], rollouts: list[ray.ObjectRef] | None
     ) -> Launched:
-        t0 = time.perf_counter()
-        alpha = ray.get(actors.controller.exposure.remote(step))
-        trajectories = monitored_rollouts(
-            cfg, actors.rollouts, actors.teachers, batch, alpha, step, min_version=step
-        )
-        meta = {"weight_version": step, "step": step, "time_s": time.perf_counter() - t0}
-        grades = grade_many(
-            [t.text(cfg.prompts.revise_phrase) for t in trajectories],
-            [str(t.record["answer"]) for t in trajectories],
-            cfg.eval.grade_timeout_s,
-        )
-        full = training_rows(cfg, trajectories, _tokenizer(cfg.model), [g.correct for g in grades], meta)
-        # one batch, one width, one chunk per teacher replica (the student concatenates them again)
-        chunks = split_evenly(list(range(len(full))), max(len(actors.teachers), len(actors.students)))
-        rows = [ray.put(full[chunk]) for chunk in chunks]
+        alpha = actors.controller.exposure.remote(step)
+        # one chunk per teacher replica (or student rank), all of one width
+        chunks = max(len(actors.teachers), len(actors.students))
+        task = ray.remote(num_cpus=0)(monitored_batch).options(num_returns=chunks + 1)
+        *rows, summary = task.remote(cfg, actors.rollouts, actors.teachers, batch, alpha, step, chunks)
         scored = actors.teachers.score(rows, alpha)
-        stats = actors.students.train_step(step, rows, scored)
-        summary = {k: v for k, v in summarize(trajectories).items() if k != "trajectories"}
-        return Launched(stats, float(alpha), summary)
+        return Launched(actors.students.train_step(step, rows, scored), alpha, summary)
 
 
 ALGORITHMS = (Monitored("motab"), Monitored("skd"))

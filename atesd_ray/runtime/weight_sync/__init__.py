@@ -83,12 +83,12 @@ class Synced:
 
 
 class WeightSender:
-    """Mixin of a student rank. Subclasses set ``rank``, ``device`` and ``step`` (updates applied)
-    and implement :meth:`weight_stream`."""
+    """Mixin of a student rank. Subclasses set ``rank``, ``device`` and ``version`` (the optimizer
+    steps applied: the version of the weights it holds) and implement :meth:`weight_stream`."""
 
     rank: int
     device: torch.device
-    step: int
+    version: int
 
     def weight_stream(
         self, fmt: str, device: torch.device, meta: bool = False
@@ -106,11 +106,11 @@ class WeightSender:
 
     def holds_version(self, version: int) -> bool:
         """Whether a sync tagged ``version`` may go out: it must carry the weights after ``version`` updates."""
-        if version != self.step:
+        if version != self.version:
             log.warning(
-                "sync of version %d refused: the weights are those after %d updates", version, self.step
+                "sync of version %d refused: the weights are those after %d updates", version, self.version
             )
-        return version == self.step
+        return version == self.version
 
     def weight_transfer(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a transport's sender-side ``fn(self, *args)`` in this actor."""
@@ -202,6 +202,14 @@ class WeightReceiver:
 
     def get_weight_version(self) -> int:
         return self.weight_version
+
+    def rewind_version(self, version: int) -> int:
+        """Count the weights held as ``version``, an older one, so that the next sync applies the
+        same weights again: for a benchmark timing repeated syncs of one version."""
+        if version > self.weight_version:
+            raise ValueError(f"rewinding to v{version}, newer than the v{self.weight_version} held")
+        self.weight_version = version
+        return version
 
     def placement(self) -> dict:
         """Where this actor's models live and how many threads it runs (``topology.json``)."""
