@@ -32,6 +32,10 @@ STAGES = {
         "StudentRank.weight_transfer",
         "RolloutWorker.weight_transfer",
         "TeacherWorker.weight_transfer",
+        # the sync's check (atesd_ray/rollout_gap.py)
+        "StudentRank.weight_check",
+        "RolloutWorker.verify_weights",
+        "TeacherWorker.verify_weights",
     ),
     "probe_nll": ("StudentRank.probe_nll",),
     "controller": ("ExposureController.exposure", "ExposureController.observe"),
