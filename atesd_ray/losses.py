@@ -21,10 +21,14 @@ Choices (and where they come from):
 - Top-k: OPSD takes the teacher's top-k ids, gathers both sides' logits there and takes a softmax
   over the k ids; that is ``topk_tail="renormalize"``. ``"bucket"`` instead keeps a (k+1)-th
   "everything else" entry with each side's remaining mass, so the loss is a true divergence
-  between the coarsened distributions. The teacher's tail mass is 1 - Σ top-k probabilities, so
-  it is only as precise as the teacher's float format; it is floored at the dtype's smallest
-  normal number so that an (almost) empty tail gives a finite, ~0 term. With k = vocab both modes
-  equal the full loss.
+  between the coarsened distributions. Both tails are computed in log space, exactly: the
+  student's as the log-sum-exp of its log-probs outside the teacher's ids, the teacher's the same
+  way from its full logits (``teacher_tail``, sent beside the top-k). Only a teacher that sends no
+  tail (vLLM's prompt logprobs) has it derived from its top-k, log(1 - Σ p) in float64, floored at
+  the precision of float32 log-probs (k · 2^-24). With k = vocab there is no tail and both modes
+  equal the full loss. ``"none"`` is verl's ``forward_kl_topk``: Σ over the top-k of
+  p_T (log p_T - log p_S), neither side renormalized, no tail, each token's sum clamped at 0 (with
+  ``logprob_floor`` and ``token_max``, verl's ``log_prob_min_clamp`` and ``loss_max_clamp``).
 - ``LossConfig.kind`` and the targets: "jsd" and "topk" both compute JSD_β, on the full
   vocabulary when ``teacher.indices is None`` and with the top-k variant otherwise (top-k with
   k = vocab is the full loss, so "topk" with full targets is exactly "jsd"). "sampled_token" uses
@@ -53,6 +57,17 @@ from torch.utils.checkpoint import checkpoint
 if TYPE_CHECKING:
     from atesd_ray.config import LossConfig
 
+
+@dataclass(frozen=True)
+class _Support:
+    """The coarsening the mismatch statistic always uses: the teacher's top-k plus one tail bucket."""
+
+    topk_tail: str = "bucket"
+    logprob_floor: float | None = None
+
+
+_BUCKET = _Support()
+
 Project = Callable[[Tensor], Tensor]
 
 
@@ -64,11 +79,14 @@ class TeacherTargets:
         teacher's top-k ids (k = vocab: the whole distribution).
     indices: [N, k] the token ids of ``logprobs``; None means the full vocabulary in natural order.
     sampled_logprob: [N] the teacher's log-prob of the token the student sampled.
+    tail: [N] the log of the teacher's mass outside its top-k, exact (from its full logits); None
+        for a teacher that sends only its top-k (then derived from them) or its whole distribution.
     """
 
     logprobs: Tensor
     indices: Tensor | None
     sampled_logprob: Tensor
+    tail: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.logprobs.shape[0]
@@ -92,6 +110,7 @@ class TeacherTargets:
             self.logprobs.to(device),
             None if self.indices is None else self.indices.to(device),
             self.sampled_logprob.to(device),
+            None if self.tail is None else self.tail.to(device),
         )
 
 
@@ -150,19 +169,44 @@ def _clipped_sum(terms: Tensor, clip: float | None) -> Tensor:
     return (terms if clip is None else terms.clamp(max=clip)).sum(-1)
 
 
-def _with_tail(log_p: Tensor) -> Tensor:
-    """Append log(1 - Σ p) as a (k+1)-th entry, floored at the dtype's smallest normal number."""
-    tail = -torch.expm1(log_p.logsumexp(-1, keepdim=True))
-    return torch.cat([log_p, tail.clamp(min=torch.finfo(log_p.dtype).tiny).log()], dim=-1)
+def outside(log_p: Tensor, indices: Tensor) -> Tensor:
+    """[N] log of the mass of ``log_p`` [N, V] outside ``indices`` [N, k] (k < V), in log space: exact
+    however small it is."""
+    return log_p.scatter(-1, indices, -math.inf).logsumexp(-1)
 
 
-def _on_teacher_support(log_s_k: Tensor, log_t_k: Tensor, tail: str) -> tuple[Tensor, Tensor]:
-    """Both sides' log-probs of the teacher's top-k ids -> two distributions over the same support."""
-    if tail == "renormalize":
+def tail_from_topk(log_p_k: Tensor) -> Tensor:
+    """[N] log(1 - Σ exp(log_p_k)) from top-k log-probs alone, in float64, floored at the precision
+    of float32 log-probs (k · 2^-24): what rounding leaves of a tail is not known more closely."""
+    lse = log_p_k.double().logsumexp(-1)
+    tail = torch.where(
+        lse < -math.log(2), torch.log1p(-lse.exp()), torch.log((-torch.expm1(lse)).clamp(min=0.0))
+    )
+    return tail.clamp(min=math.log(log_p_k.shape[-1] * 2.0**-24)).to(log_p_k.dtype)
+
+
+def _bucketed(log_k: Tensor, tail: Tensor) -> Tensor:
+    return torch.cat([log_k, tail.to(log_k.dtype)[:, None]], dim=-1)
+
+
+def _on_teacher_support(
+    log_s: Tensor, log_t_k: Tensor, indices: Tensor, teacher_tail: Tensor | None, cfg: LossConfig
+) -> tuple[Tensor, Tensor]:
+    """Both sides on the teacher's top-k ids (and, in "bucket" mode, one entry for the rest, when
+    there is a rest: k < vocab)."""
+    log_s_k = log_s.gather(-1, indices)
+    if cfg.topk_tail == "renormalize":
         return log_s_k.log_softmax(-1), log_t_k.log_softmax(-1)
-    if tail == "bucket":
-        return _with_tail(log_s_k), _with_tail(log_t_k)
-    raise ValueError(f"unknown topk_tail {tail!r}; expected 'renormalize' or 'bucket'")
+    if cfg.topk_tail == "none":
+        if cfg.logprob_floor is None:
+            return log_s_k, log_t_k
+        return log_s_k.clamp(min=cfg.logprob_floor), log_t_k.clamp(min=cfg.logprob_floor)
+    if cfg.topk_tail == "bucket":
+        if indices.shape[-1] >= log_s.shape[-1]:
+            return log_s_k, log_t_k
+        t_tail = tail_from_topk(log_t_k) if teacher_tail is None else teacher_tail
+        return _bucketed(log_s_k, outside(log_s, indices)), _bucketed(log_t_k, t_tail)
+    raise ValueError(f"unknown topk_tail {cfg.topk_tail!r}; expected 'renormalize', 'bucket' or 'none'")
 
 
 def student_logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -219,6 +263,7 @@ def _distill_chunk(
     t_logprobs: Tensor,
     t_indices: Tensor | None,
     t_sampled: Tensor,
+    t_tail: Tensor | None,
     tokens: Tensor | None,
     cfg: LossConfig,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -229,7 +274,6 @@ def _distill_chunk(
     """
     log_s = student_logprobs(logits, cfg.temperature)
     log_t = t_logprobs.to(log_s.dtype)
-    log_s_k = log_s if t_indices is None else log_s.gather(-1, t_indices)
 
     if cfg.kind == "sampled_token":
         if tokens is None:
@@ -238,22 +282,27 @@ def _distill_chunk(
     elif t_indices is None:
         loss = _clipped_sum(_jsd_terms(log_s, log_t, cfg.beta), cfg.clip).sum()
     else:
-        loss = _clipped_sum(
-            _jsd_terms(*_on_teacher_support(log_s_k, log_t, cfg.topk_tail), cfg.beta), cfg.clip
-        ).sum()
+        per_token = _clipped_sum(
+            _jsd_terms(*_on_teacher_support(log_s, log_t, t_indices, t_tail, cfg), cfg.beta), cfg.clip
+        )
+        if cfg.topk_tail == "none":  # verl: top-k sums can be negative; those tokens count 0
+            per_token = per_token.clamp(min=0.0, max=cfg.token_max)
+        loss = per_token.sum()
 
     with torch.no_grad():
-        kl, disagree, confidence = _mismatch_terms(log_s.detach(), log_t, t_indices).sum(0).unbind()
+        terms = _mismatch_terms(log_s.detach(), log_t, t_indices, t_tail)
+        kl, disagree, confidence = terms.sum(0).unbind()
     return loss, kl, disagree, confidence
 
 
-def _mismatch_terms(log_s: Tensor, log_t: Tensor, t_indices: Tensor | None) -> Tensor:
+def _mismatch_terms(log_s: Tensor, log_t: Tensor, t_indices: Tensor | None, t_tail: Tensor | None) -> Tensor:
     """[N, 3] per token: KL(p_T||p_S) (see the module doc), top-1 disagreement (0/1), student max-prob."""
     if t_indices is None:
         kl = _kl_terms(log_t, log_s).sum(-1)
         teacher_top1 = log_t.argmax(-1)
     else:
-        kl = _kl_terms(_with_tail(log_t), _with_tail(log_s.gather(-1, t_indices))).sum(-1)
+        on_support = _on_teacher_support(log_s, log_t, t_indices, t_tail, _BUCKET)
+        kl = _kl_terms(on_support[1], on_support[0]).sum(-1)
         teacher_top1 = t_indices.gather(-1, log_t.argmax(-1, keepdim=True)).squeeze(-1)
     top_s, student_top1 = log_s.max(-1)
     return torch.stack([kl, (teacher_top1 != student_top1).to(log_s.dtype), top_s.exp()], dim=-1)
@@ -276,8 +325,9 @@ def mismatch_per_token(
         part = slice(start, start + chunk_size)
         logits = student[part] if project is None else project(student[part])
         indices = None if teacher.indices is None else teacher.indices[part]
+        tail = None if teacher.tail is None else teacher.tail[part]
         log_s = student_logprobs(logits, temperature)
-        parts.append(_mismatch_terms(log_s, teacher.logprobs[part].to(log_s.dtype), indices))
+        parts.append(_mismatch_terms(log_s, teacher.logprobs[part].to(log_s.dtype), indices, tail))
     return torch.cat(parts) if parts else torch.zeros(0, 3)
 
 
@@ -301,6 +351,7 @@ def distill_loss(
         teacher.logprobs.detach(),
         teacher.indices,
         teacher.sampled_logprob.detach(),
+        teacher.tail,
         tokens,
     )
     loss, kl, disagree, confidence = over_chunks(fn, student, rows, project, cfg.chunk_size)

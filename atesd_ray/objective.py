@@ -33,7 +33,7 @@ ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 # the rows of the student's own samples: with the engine's log-probs of them, which the student's
 # step compares with its own (the train-inference gap, atesd_ray/rollout_gap.py)
 ON_POLICY_KEYS = (*ROLLOUT_KEYS, "rollout_logprobs")
-TEACHER_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_sampled_logprob")
+TEACHER_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_sampled_logprob", "teacher_tail")
 
 
 @dataclass
@@ -125,11 +125,12 @@ def take(data: DataProto, keys: tuple[str, ...]) -> dict[str, Tensor]:
 
 def teacher_targets(rows: dict[str, Tensor], at: Tensor) -> TeacherTargets:
     """The teacher's targets (``TEACHER_KEYS`` rows) at the response positions ``at`` [B, W]."""
-    ids = rows.get("teacher_ids")
+    ids, tail = rows.get("teacher_ids"), rows.get("teacher_tail")
     return TeacherTargets(
         rows["teacher_logprobs"][at],
         None if ids is None else ids[at].long(),
         rows["teacher_sampled_logprob"][at],
+        None if tail is None else tail[at],
     )
 
 

@@ -21,6 +21,7 @@ teacher with another vocabulary works on their text instead.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ import torch
 from verl import DataProto
 
 from atesd_ray.config import Config
+from atesd_ray.losses import outside
 from atesd_ray.models import base_weights, load_model, load_tokenizer
 from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weight_sync import WeightReceiver
@@ -167,10 +169,13 @@ class TeacherWorker(WeightReceiver):
         responses = rows_to_lists(response_ids, response_mask)
         if self.vllm is not None:
             values, indices, sampled = self.vllm.targets(prompts, responses, response_ids.shape[1])
+            tail = None  # the loss derives it from the top-k
             g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if self.grounding else None
         else:
             with self._weights() as model:
-                values, indices, sampled = self._hf_targets(model, prompts, responses, response_ids.shape[1])
+                values, indices, tail, sampled = self._hf_targets(
+                    model, prompts, responses, response_ids.shape[1]
+                )
                 g = self._grounding(model, nt, alphas) if self.grounding else None
         sampled = sampled.masked_fill(~response_mask.bool(), 0.0)
         tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled}
@@ -178,6 +183,8 @@ class TeacherWorker(WeightReceiver):
             tensors["grounding"] = g
         if indices is not None:
             tensors["teacher_ids"] = indices
+        if tail is not None:
+            tensors["teacher_tail"] = tail.masked_fill(~response_mask.bool(), 0.0)
         return DataProto.from_dict(tensors=tensors, meta_info={"time_s": time.perf_counter() - t0})
 
     def _forward(
@@ -189,20 +196,23 @@ class TeacherWorker(WeightReceiver):
             yield part, *response_logprobs(model, prompts[part], responses[part], pad, temperature, width)
 
     def _hf_targets(self, model, prompts: list, responses: list, width: int):
-        """Top-k (or full) log-probs at the loss temperature and sampled-token log-probs, [rows, width, ...]."""
+        """Top-k (or full) log-probs at the teacher temperature, the exact log-mass outside the top-k
+        (``losses.outside``: what a tail bucket needs) and sampled-token log-probs, [rows, width, ...]."""
         k = self.topk or self.vocab
         values = torch.zeros(len(prompts), width, k, dtype=torch.float32)
         indices = torch.zeros(len(prompts), width, k, dtype=torch.int32) if self.topk else None
+        tail = torch.full((len(prompts), width), -math.inf) if self.topk else None
         sampled = torch.zeros(len(prompts), width, dtype=torch.float32)
-        temperature = self.cfg.algorithm.loss.temperature
+        temperature = self.cfg.algorithm.loss.teacher_t
         for part, logp, r_ids, _ in self._forward(model, prompts, responses, temperature, width):
             sampled[part] = token_logprobs(logp, r_ids)
             if self.topk:
                 top = logp.topk(self.topk, dim=-1)
                 values[part], indices[part] = top.values, top.indices.to(torch.int32)
+                tail[part] = outside(logp, top.indices)
             else:
                 values[part] = logp
-        return values, indices, sampled
+        return values, indices, tail, sampled
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: DataProto, temperature: float) -> DataProto:

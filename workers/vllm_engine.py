@@ -205,7 +205,7 @@ class VLLMTeacherScorer:
 
     def __init__(self, cfg: Config, tokenizer, device: torch.device):
         self.topk = cfg.teacher.topk
-        self.temperature = cfg.algorithm.loss.temperature
+        self.temperature = cfg.algorithm.loss.teacher_t
         self.engine = VLLMEngine(cfg, tokenizer, cfg.teacher.vllm, device, max_logprobs=max(20, self.topk))
 
     def targets(

@@ -211,10 +211,11 @@ class Config(Section):
         loss = self.algorithm.loss
         if self.teacher.engine == "vllm":
             require(
-                loss.topk_tail == "renormalize" or loss.temperature == 1.0,
+                loss.topk_tail == "renormalize" or loss.teacher_t == 1.0,
                 "algorithm.loss.topk_tail",
-                f"teacher.engine=vllm gives top-k log-probs at temperature 1; at algorithm.loss.temperature="
-                f"{loss.temperature} the tail mass a 'bucket' needs is unknown: use topk_tail=renormalize",
+                f"teacher.engine=vllm gives top-k log-probs at temperature 1; at a teacher temperature of "
+                f"{loss.teacher_t} the mass a '{loss.topk_tail}' loss needs is unknown: use topk_tail=renormalize "
+                "or algorithm.loss.teacher_temperature=1",
             )
 
 

@@ -21,12 +21,45 @@ from atesd_ray.schema import (
 
 @dataclass
 class LossConfig(Section):
+    """The distillation loss (``atesd_ray/losses.py``). verl's ``forward_kl_topk`` with its defaults is
+    ``beta: 0, topk_tail: none, teacher_temperature: 1, logprob_floor: -10, token_max: 10, clip: null``."""
+
     kind: str = setting("jsd", one_of("jsd", "topk", "sampled_token"))
     beta: float = setting(0.0, between(0.0, 1.0))  # 0: forward KL(p_T || p_S); 1: reverse KL
-    temperature: float = setting(1.1, positive)
+    temperature: float = setting(1.1, positive)  # the student's logits are divided by it
+    # the teacher's log-probs are at this temperature; null: `temperature` (OPSD's); verl scores its teacher at 1
+    teacher_temperature: float | None = setting(None, positive)
     clip: float | None = setting(0.05, positive)  # point-wise clip per (token, vocab entry); null disables
-    topk_tail: str = setting("renormalize", one_of("renormalize", "bucket"))
+    # on the teacher's top-k: renormalize both sides over the k ids (OPSD), add one bucket for the rest
+    # (an exact divergence of the coarsened distributions), or none (verl: the top-k terms alone)
+    topk_tail: str = setting("renormalize", one_of("renormalize", "bucket", "none"))
+    logprob_floor: float | None = (
+        None  # topk_tail=none: both sides' top-k log-probs clamped below (verl: -10)
+    )
+    token_max: float | None = setting(
+        None, positive
+    )  # topk_tail=none: each token's loss clamped above (verl: 10)
     chunk_size: int = setting(256, positive)
+
+    @property
+    def teacher_t(self) -> float:
+        """The temperature of the teacher's log-probs."""
+        return self.temperature if self.teacher_temperature is None else self.teacher_temperature
+
+    def check(self, key: str) -> None:
+        if self.topk_tail == "none":
+            require(
+                self.beta == 0.0 and self.kind != "sampled_token",
+                subkey(key, "topk_tail"),
+                f"topk_tail=none is verl's forward KL over the teacher's top-k: it needs beta=0 and kind jsd or "
+                f"topk (got beta={self.beta}, kind={self.kind})",
+            )
+        else:
+            require(
+                self.logprob_floor is None and self.token_max is None,
+                subkey(key, "logprob_floor"),
+                "logprob_floor and token_max are verl's clamps of topk_tail=none",
+            )
 
 
 @dataclass
