@@ -4,11 +4,18 @@
 The student samples on its problem-only prompt; a teacher model of the same tokenizer
 (``teacher.model``, a preset: qwen3_8b for a qwen3_1_7b student) scores the student's own tokens
 after the same prompt, nothing privileged; the student minimizes the divergence of
-``algorithm.loss`` on them: forward KL(p_T || p_S) with ``beta: 0`` (verl's default), reverse
-KL(p_S || p_T) with ``beta: 1`` (GKD's on-policy choice), on the teacher's top-k (``teacher.topk``,
-renormalized or with a tail bucket) or the full vocabulary (``teacher.topk: 0``). The student's
-side is the self-distillation objective; there is no exposure to choose, so the controller stays
-fixed, and the teacher, another network, keeps its own weights (frozen).
+``algorithm.loss`` on them. The default (``conf/algorithm/opd.yaml``) is forward KL(p_T || p_S)
+over the teacher's top-k plus one bucket for the rest of the vocabulary, the teacher at temperature
+1 and the student at the rollout's: an exact divergence between the two coarsened distributions.
+verl's default loss mode is k3, a single-sample estimator; its top-k loss, ``forward_kl_topk``, is
+``algorithm.loss.topk_tail=none`` with ``logprob_floor=-10`` and ``token_max=10`` (equal to verl's
+own function, ``tests/test_loss_fidelity.py``): the top-k terms alone, not renormalized, negative
+token sums clamped to 0. At tiny scale (a one-layer student of the two-layer tiny teacher, top-16,
+8 steps) the bucket halved the partition KL (8e-5 -> 4e-5), while renormalizing over the top-k drove
+the top-1 disagreement from 2% to 98% and verl's sums, negative on almost every token, clamped to 0
+and gave no signal (README, "OPD"). Reverse KL is ``beta: 1`` (GKD's on-policy choice). There is no
+exposure to choose, so the controller stays fixed, and the teacher, another network, keeps its own
+weights (frozen).
 """
 
 from __future__ import annotations

@@ -66,6 +66,9 @@ class AlgorithmConfig(Section):
     name: str = "opsd"
     # the fixed reveal ratio of opsd (1.0), fixed_exposure and a self-taught MOTAB
     alpha: float = setting(1.0, between(0.0, 1.0))
+    # OPSD's per-size point-wise clip (the model presets set it: 0.05 for 1.7B, 1e-6 for 4B, 1e-7 for
+    # 8B); the self-distillation algorithms take it as loss.clip (conf/config.yaml), OPD does not
+    opsd_clip: float | None = setting(0.05, positive)
     loss: LossConfig = setting(LossConfig)
     grpo: GRPOConfig = setting(GRPOConfig)
     sft: SFTConfig = setting(SFTConfig)
