@@ -32,8 +32,12 @@ class StudentGroup(ActorGroup):
         """One optimizer step of the objective on ``inputs`` (refs the ranks resolve themselves)."""
         return self.together("train_step", step, *inputs)
 
-    def probe_nll(self) -> GroupCall:
-        return self.together("probe_nll")
+    def probe(self, names: list[str]) -> GroupCall:
+        """The probe measurements ``names`` (``probe_nll``, ``probe_kl``) on the current weights."""
+        return self.together("probe", names)
+
+    def set_probe_rollouts(self, rollouts: list[ray.ObjectRef], scored: list[ray.ObjectRef]) -> GroupCall:
+        return self.together("set_probe_rollouts", rollouts, scored)
 
     def score(self, prompts: list[list[int]], responses: list[list[int]]) -> GroupCall:
         return self.together("score", prompts, responses)

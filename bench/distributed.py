@@ -37,7 +37,7 @@ STAGES = {
         "RolloutWorker.verify_weights",
         "TeacherWorker.verify_weights",
     ),
-    "probe_nll": ("StudentRank.probe_nll",),
+    "probe_nll": ("StudentRank.probe",),
     "controller": ("ExposureController.exposure", "ExposureController.observe"),
 }
 
@@ -85,7 +85,7 @@ class DistributedStep:
         signals = needed_signals(cfg)
         teachers = teacher_group(cfg, f"{name}-teacher", signals)
         controller = controller_actor(cfg, name, cfg.trainer.total_steps)
-        ray.get(controller.baseline.remote(self.step_index, self.actors.students.probe_nll().ref))
+        ray.get(controller.baseline.remote(self.step_index, self.actors.students.probe(["probe_nll"]).ref))
         self.actors.teachers.shutdown()
         ray.kill(self.actors.controller, no_restart=True)
         self.actors = dataclasses.replace(

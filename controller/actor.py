@@ -32,10 +32,13 @@ TENSOR_FILE = "controller_policy.pt"
 def needed_signals(cfg: Config) -> frozenset[str]:
     """What the controller reads from a step besides the student's loss statistics, declared once
     when the run's actors are built: the teacher's grounding signal g and the probe NLL (a state
-    feature, and the default progress signal) every step when it scores its decisions, and
-    per-problem statistics from the student when it acts per problem."""
+    feature, and the default progress signal) every step when it scores its decisions, the probe
+    KL when it is the progress signal, and per-problem statistics from the student when it acts
+    per problem."""
     c = cfg.controller
     signals = {"grounding", "probe_nll"} if c.scores_decisions else set()
+    if c.scores_decisions and c.progress_signal == "probe_kl":
+        signals.add("probe_kl")
     if c.granularity == "example":
         signals.add("per_example")
     return frozenset(signals)
@@ -57,16 +60,16 @@ class ExposureController:
             self._write_timeline()
         return alpha
 
-    def baseline(self, step: int, probe_nll: float) -> bool:
-        """The probe NLL before the run's first update (ℓ_{t0} of the first decision)."""
-        self.controller.baseline(step, probe_nll)
+    def baseline(self, step: int, probes: dict[str, float]) -> bool:
+        """The probe measurements before the run's first update (ℓ_{t0} of the first decision)."""
+        self.controller.baseline(step, probes)
         return True
 
     @once_per_step
-    def observe(self, step: int, stats: dict, probe_nll: float | None) -> dict[str, float]:
-        """Step ``step``'s statistics; returns the controller's metrics for tracking (its series
-        are also exported to Prometheus)."""
-        metrics = self.controller.observe(step, stats, probe_nll)
+    def observe(self, step: int, stats: dict, probes: dict[str, float] | None) -> dict[str, float]:
+        """Step ``step``'s statistics and the probe measurements after its update; returns the
+        controller's metrics for tracking (its series are also exported to Prometheus)."""
+        metrics = self.controller.observe(step, stats, probes or {})
         self._write_timeline()
         return metrics | self.metrics.record(self.controller.timeline())
 

@@ -136,28 +136,29 @@ class Controller:
             )
 
     # -- observing -------------------------------------------------------------------------------
-    def baseline(self, step: int, probe_nll: float) -> None:
-        """ℓ before the first update of this run (the probe NLL after ``step`` updates)."""
-        if self.c.progress_signal == "probe_nll":
-            self.signal[step] = float(probe_nll)
+    def baseline(self, step: int, probes: dict[str, float]) -> None:
+        """ℓ before the first update of this run (a probe measurement after ``step`` updates)."""
+        if self.c.progress_signal != "loss":
+            self.signal[step] = float(probes[self.c.progress_signal])
 
-    def observe(self, step: int, stats: dict, probe_nll: float | None) -> dict[str, float]:
+    def observe(self, step: int, stats: dict, probes: dict[str, float]) -> dict[str, float]:
         """Fold in step ``step``'s statistics; score finished decisions; learn from full batches."""
         if not self.tracks:
             return {}
         decision = next((d for d in reversed(self.decisions) if d.covers(step)), None)
         if decision is None:
             raise ValueError(f"controller: statistics for step {step}, for which no exposure was given")
-        if self.c.progress_signal == "probe_nll" and step not in self.signal:
+        if self.c.progress_signal != "loss" and step not in self.signal:
             raise ValueError(
-                f"controller: no probe NLL before step {step}; call baseline() before the first step"
+                f"controller: no {self.c.progress_signal} before step {step}; call baseline() before the first step"
             )
         used = [a for a in decision.actions if a.step == step or not self.per_example]
+        probe_nll = probes.get("probe_nll", float("nan"))
         self.state.observe(step, {**stats, "probe_nll": probe_nll, "alpha": _mean([a.alpha for a in used])})
         if self.per_example:
             self._observe_examples(step, stats, used)
-        if self.c.progress_signal == "probe_nll":
-            self.signal[step + 1] = float(probe_nll)  # measured after the update
+        if self.c.progress_signal != "loss":
+            self.signal[step + 1] = float(probes[self.c.progress_signal])  # measured after the update
         else:
             self.signal[step] = float(stats["loss"])  # computed on the weights before it
         self.grounding[step + 1] = float(stats["grounding"])

@@ -69,10 +69,12 @@ def test_controller_scores_with_the_documented_indices(kind):
     grounding of step t0+i-1; the decision is scored once its hold window and span are done."""
     ctl = Controller(Config(algorithm=ATESD, controller=controller_config(reward=kind)), total_steps=10)
     span = {"immediate": 1, "short": 2, "lp_only": 4, "full": 4}[kind]
-    ctl.baseline(0, SIGNAL[0])
+    ctl.baseline(0, {"probe_nll": SIGNAL[0]})
     for step in range(5):
         alpha = ctl.exposure(step)
-        ctl.observe(step, step_stats(alpha, GROUNDING[step % 4]), SIGNAL[step + 1] if step < 4 else 2.0)
+        ctl.observe(
+            step, step_stats(alpha, GROUNDING[step % 4]), {"probe_nll": SIGNAL[step + 1] if step < 4 else 2.0}
+        )
         first = ctl.timeline()[0]
         assert (first["reward"] is not None) == (step + 1 >= max(2, span)), step
     g_lp, g_gt, reward = EXPECTED[kind]
@@ -87,7 +89,7 @@ def test_loss_signal_indices():
         total_steps=10,
     )
     for step in range(5):
-        ctl.observe(step, step_stats(ctl.exposure(step), loss=SIGNAL[step]), float("nan"))
+        ctl.observe(step, step_stats(ctl.exposure(step), loss=SIGNAL[step]), {})
     assert ctl.timeline()[0]["reward"] == pytest.approx(G_LP)
 
 
@@ -101,11 +103,11 @@ def run_bandit(peak: float, steps: int, seed: int = 0) -> tuple[Controller, list
     ctl = Controller(cfg, total_steps=steps)
     noise = np.random.default_rng(seed + 1)
     nll = 10.0
-    ctl.baseline(0, nll)
+    ctl.baseline(0, {"probe_nll": nll})
     for step in range(steps):
         alpha = ctl.exposure(step)
         nll -= max(0.0, 1.0 - ((alpha - peak) / 0.5) ** 2) + 0.05 * noise.standard_normal()
-        ctl.observe(step, step_stats(alpha), nll)
+        ctl.observe(step, step_stats(alpha), {"probe_nll": nll})
     return ctl, ctl.timeline()
 
 
@@ -142,12 +144,12 @@ def test_entropy_penalty_is_one_sided():
 @pytest.mark.parametrize("kind", ["atesd", "random"])
 def test_hold_window(kind):
     ctl = Controller(Config(algorithm=ATESD, controller=controller_config(kind=kind, hold=3)), total_steps=8)
-    ctl.baseline(0, 5.0)
+    ctl.baseline(0, {"probe_nll": 5.0})
     alphas = []
     for step in range(8):
         alphas.append(ctl.exposure(step))
         assert ctl.exposure(step) == alphas[-1]  # asking again changes nothing
-        ctl.observe(step, step_stats(alphas[-1]), 5.0 - 0.1 * step)
+        ctl.observe(step, step_stats(alphas[-1]), {"probe_nll": 5.0 - 0.1 * step})
     assert (
         alphas[0] == alphas[1] == alphas[2] != alphas[3] == alphas[4] == alphas[5] != alphas[6] == alphas[7]
     )
@@ -180,7 +182,7 @@ def drive(controller: ExposureController, steps: range, per_example: bool) -> li
                 u: {"reward": float(i % 2), "mismatch": 0.1 * i, "grounding": -a}
                 for i, (u, a) in enumerate(alpha.items())
             }
-        controller.observe(step, stats, 5.0 - 0.3 * step + 0.2 * math.sin(step * mean))
+        controller.observe(step, stats, {"probe_nll": 5.0 - 0.3 * step + 0.2 * math.sin(step * mean)})
     return out
 
 
@@ -191,7 +193,7 @@ def test_save_mid_window_and_load_continue_identically(tmp_path, granularity):
     )
     per_example = granularity == "example"
     original = ExposureController(cfg, total_steps=30)
-    original.baseline(0, 5.0)
+    original.baseline(0, {"probe_nll": 5.0})
     drive(original, range(0, 13), per_example)  # decisions at 0, 3, 6, 9, 12: mid-window at 13
     assert original.controller.updates >= 1
     original.save(str(tmp_path))
@@ -214,7 +216,7 @@ def test_timeline_file_follows_the_decisions(tmp_path):
         6,
         str(path),
     )
-    ctl.baseline(0, 5.0)
+    ctl.baseline(0, {"probe_nll": 5.0})
     ctl.exposure(0)
     assert len(path.read_text().splitlines()) == 1
     drive(ctl, range(0, 4), per_example=False)

@@ -316,9 +316,48 @@ class StudentRank(CheckpointedRank, WeightSender):
             for i, (kl, disagree, confidence) in sorted(r for part in gathered for r in part)
         ]
 
+    def set_probe_rollouts(self, rollouts: list, scored: list) -> int:
+        """Fixed rollouts of the probe problems and the full-exposure (α = 1) teacher's targets on
+        them, for ``probe_kl``."""
+        rollout, _ = fetch(rollouts)
+        teacher, _ = fetch(scored)
+        self.probe_rollouts = take(rollout, ROLLOUT_KEYS) | take(teacher, TEACHER_KEYS)
+        return len(rollout)
+
     @torch.no_grad()
-    def probe_nll(self) -> float:
-        """Mean per-token NLL of the reference solutions of the probe set (exposure-independent)."""
+    def probe(self, names: list[str]) -> dict[str, float]:
+        """The probe measurements ``names`` on the current weights, every rank joining:
+
+        - ``probe_nll``: the mean per-token NLL of the probe problems' reference solutions;
+        - ``probe_kl``: the token mean of KL(p_T || p_S) on fixed rollouts of the probe problems, the
+          teacher at full exposure (α = 1), as OPSD trains it; how far the student still is from
+          the privileged teacher, whatever exposure the controller chooses.
+        """
+        measures = {"probe_nll": self._probe_nll, "probe_kl": self._probe_kl}
+        return {name: measures[name]() for name in names}
+
+    def _probe_kl(self) -> float:
+        rows = getattr(self, "probe_rollouts", None)
+        if rows is None:
+            return float("nan")
+        self.policy.eval()
+        loss_cfg = self.cfg.algorithm.loss
+
+        def kl(out: Response, part: Rows) -> tuple:
+            per_token = mismatch_per_token(
+                out.hidden,
+                teacher_targets(part, out.valid),
+                loss_cfg.temperature,
+                project=out.head,
+                chunk_size=loss_cfg.chunk_size,
+            )
+            total = per_token[:, 0].double().sum()
+            return total, torch.stack([total, total.new_tensor(float(per_token.shape[0]))])
+
+        total = self._accumulate(rows, 2, kl, train=False)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _probe_nll(self) -> float:
         if self.probe is None:
             return float("nan")
         self.policy.eval()

@@ -10,8 +10,9 @@ An :class:`Algorithm` (one module of this package) brings
   ranks' ``train_step``, as object refs passed between actors (:class:`Launched`).
 
 :func:`run_step` is the rest of every step: the rollouts of the next step when they may run ahead,
-the weight sync and its check (``atesd_ray/rollout_gap.py``), the probe NLL (every step when the controller learns from it, else every
-``tracking.probe_every`` steps), the controller's observation and the step's metrics.
+the weight sync and its check (``atesd_ray/rollout_gap.py``), the probe measurements (every step
+those the controller learns from; the probe NLL also every ``tracking.probe_every`` steps), the
+controller's observation and the step's metrics.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class Algorithm:
         raise NotImplementedError
 
 
+# the student's probe measurements a consumer can declare it needs (``needed_signals``)
+PROBES = ("probe_nll", "probe_kl")
+
+
 def launch_rollouts(actors: Actors, records: list[dict], step: int, min_version: int) -> list[ray.ObjectRef]:
     """The student's rollouts of ``records``, one chunk per rollout replica or student rank
     (whichever is more, chunk i on replica i mod R); one ref per chunk."""
@@ -97,9 +102,10 @@ def run_step(
     synced = actors.weight_sync.sync(version=step + 1)
     checked = actors.weight_sync.verify()
     done, every = step + 1, cfg.tracking.probe_every
-    probe = None
-    if "probe_nll" in actors.signals or done % every == 0 or done == cfg.trainer.total_steps:
-        probe = actors.students.probe_nll()
+    probes = [name for name in PROBES if name in actors.signals]
+    if "probe_nll" not in probes and (done % every == 0 or done == cfg.trainer.total_steps):
+        probes.insert(0, "probe_nll")  # logged at its cadence
+    probe = actors.students.probe(probes) if probes else None
     observed = actors.controller.observe.remote(step, launched.stats.ref, probe and probe.ref)
     held = synced.get()  # the versions the receivers report holding
     gap = sync_gap(ray.get(checked))
@@ -114,7 +120,7 @@ def run_step(
         alpha = ray.get(launched.alpha) if isinstance(launched.alpha, ray.ObjectRef) else launched.alpha
         metrics["alpha"] = float(alpha) if not isinstance(alpha, dict) else sum(alpha.values()) / len(alpha)
     if probe is not None:
-        metrics["probe_nll"] = probe.get()
+        metrics.update(probe.get())
     if gap is not None:
         metrics["sync_logprob_gap"] = gap
     metrics.update(

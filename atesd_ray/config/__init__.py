@@ -125,7 +125,7 @@ class Config(Section):
             f"{self.trainer.prompts_per_step} prompts x {self.rollout.n_samples} samples cannot feed "
             f"{self.trainer.ranks} student ranks",
         )
-        if self.controller.scores_decisions and self.controller.progress_signal == "probe_nll":
+        if self.controller.scores_decisions and self.controller.progress_signal != "loss":
             require(
                 self.data.probe_size > 0,
                 "data.probe_size",

@@ -80,7 +80,9 @@ class ControllerConfig(Section):
     feature_ema: float = setting(0.9, between(0.0, 1.0))
     feature_clip: float = setting(5.0, positive)  # standardized features are clipped to +-this
     reward: str = setting("full", one_of("full", "immediate", "short", "lp_only"))
-    progress_signal: str = setting("probe_nll", one_of("probe_nll", "loss"))
+    # ℓ of the learning-progress reward: the probe NLL of the references, the full-exposure teacher's
+    # KL to the student on fixed probe rollouts, or the distillation loss (README, "The exposure controller")
+    progress_signal: str = setting("probe_nll", one_of("probe_nll", "probe_kl", "loss"))
     granularity: str = setting("batch", one_of("batch", "example"))
     linear_start: float = setting(0.1, between(0.0, 1.0))  # kind=linear: alpha at step 0 ...
     linear_end: float = setting(1.0, between(0.0, 1.0))  # ... and at the last step

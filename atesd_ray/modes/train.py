@@ -22,7 +22,7 @@ import ray
 from omegaconf import OmegaConf
 
 from atesd_ray import algorithms
-from atesd_ray.algorithms.base import run_step
+from atesd_ray.algorithms.base import PROBES, run_step
 from atesd_ray.assembly import Actors
 from atesd_ray.config import Config
 from atesd_ray.data.sampler import EpochSampler
@@ -33,6 +33,7 @@ from atesd_ray.rollout_gap import check_step_gap, check_sync, sync_gap
 from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
 from atesd_ray.runtime.checkpoint import (
     PREFETCHED,
+    PROBE_ROLLOUTS,
     CheckpointManager,
     load_rollouts,
     read_state,
@@ -64,6 +65,7 @@ class Run:
     checkpoint: Path | None  # the last complete one: this run's, or the one it resumed from
     actors: Actors | None = None
     prefetched: list[ray.ObjectRef] | None = None  # the next step's rollouts, generated a step ahead
+    probe_rollouts: list[ray.ObjectRef] | None = None  # what probe_kl is measured on
     summary: dict = field(default_factory=dict)
 
     def draw(self) -> list[dict]:
@@ -89,12 +91,26 @@ class Run:
                 start = self._restore(self.checkpoint)
             actors.weight_sync.sync(version=start).get()
             check_sync(cfg, start, sync_gap(ray.get(actors.weight_sync.verify())), self.checkpoint)
-            if start == 0 and "probe_nll" in actors.signals:
-                ray.get(actors.controller.baseline.remote(0, actors.students.probe_nll().ref))
+            if "probe_kl" in actors.signals:
+                self._set_probe_rollouts()
+            probes = [name for name in PROBES if name in actors.signals]
+            if start == 0 and probes:
+                ray.get(actors.controller.baseline.remote(0, actors.students.probe(probes).ref))
         except BaseException:
             actors.shutdown()
             raise
         return start
+
+    def _set_probe_rollouts(self) -> None:
+        """The fixed probe rollouts (the checkpoint's, else the step-0 student's samples of the probe
+        problems, seeded apart from every training step's) and the full-exposure teacher's targets."""
+        held = self.checkpoint / PROBE_ROLLOUTS if self.checkpoint else None
+        if held is not None and held.exists():
+            self.probe_rollouts = [ray.put(r) for r in load_rollouts(held)]
+        else:
+            self.probe_rollouts = [self.actors.rollouts.generate(0, self.data.probe, -1, 0)]
+        scored = self.actors.teachers.score(self.probe_rollouts, 1.0)
+        self.actors.students.set_probe_rollouts(self.probe_rollouts, scored).get()
 
     def _restore(self, checkpoint: Path) -> int:
         """The actors and the sampler at ``checkpoint``, with the next step's rollouts when it holds
@@ -165,6 +181,8 @@ class Run:
                 ray.get(refs)
                 if self.prefetched:
                     save_rollouts(ray.get(self.prefetched), tmp / PREFETCHED)
+                if self.probe_rollouts:
+                    save_rollouts(ray.get(self.probe_rollouts), tmp / PROBE_ROLLOUTS)
             except (OSError, ray.exceptions.RayTaskError) as err:  # a full disk, a quota, a lost mount
                 raise self.checkpoints.abandon(done, tmp, err) from err
             state = {
