@@ -26,11 +26,13 @@ import ray
 from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
+from atesd_ray.runtime.cluster import role_bundle
 
 if TYPE_CHECKING:
     from atesd_ray.assembly import Actors
 
 T = TypeVar("T")
+PROGRESS_S = 30.0  # how often the wait for restarting actors says what it waits for
 
 
 class Rollback(RuntimeError):
@@ -49,23 +51,44 @@ def is_actor_fault(err: BaseException) -> bool:
     return False
 
 
-def _alive(handles: dict[str, ActorHandle], timeout_s: float) -> list[str]:
-    """The names of ``handles`` that are dead for good; waits for restarting ones to answer."""
-    dead, waiting = [], dict(handles)
-    deadline = time.monotonic() + timeout_s
-    while waiting:
-        refs = {name: h.__ray_ready__.remote() for name, h in waiting.items()}
-        waiting = {}
-        for name, ref in refs.items():
+class ActorsLost(RuntimeError):
+    """Actors that died could not be placed again: their node is gone, or no node has their resources."""
+
+
+def _alive(
+    handles: dict[str, ActorHandle], needs: dict[str, dict], timeout_s: float, run_dir: str | None
+) -> list[str]:
+    """The names of ``handles`` that are dead for good; waits for restarting ones to answer, saying
+    every :data:`PROGRESS_S` what it waits for, and raises :class:`ActorsLost` after ``timeout_s``."""
+    dead = []
+    pending = {h.__ray_ready__.remote(): name for name, h in handles.items()}
+    start = time.monotonic()
+    while pending:
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            waiting = ", ".join(f"{name} (needs {needs.get(name)})" for name in sorted(pending.values()))
+            where = f"{run_dir}/checkpoints" if run_dir else "the run directory"
+            raise ActorsLost(
+                f"{waiting} could not be placed again within {timeout_s:.0f} s (cluster.placement_timeout_s): "
+                f"no node offers those resources now; was a node lost? The last complete checkpoint in {where} "
+                "is kept; once the resources are back, the same command resumes from it"
+            )
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(PROGRESS_S, left))
+        for ref in ready:
+            name = pending.pop(ref)
             try:
-                ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+                ray.get(ref)
             except ray.exceptions.ActorUnavailableError:  # restarting: ask again
-                waiting[name] = handles[name]
+                pending[handles[name].__ray_ready__.remote()] = name
             except ray.exceptions.RayActorError:
                 dead.append(name)
-        if waiting and time.monotonic() > deadline:
-            raise TimeoutError(f"actors {sorted(waiting)} did not come back within {timeout_s:.0f} s")
-        if waiting:
+        if pending and not ready:
+            print(
+                f"waiting for {', '.join(sorted(pending.values()))} to restart "
+                f"({max(0.0, timeout_s - (time.monotonic() - start)):.0f} s left)",
+                flush=True,
+            )
+        elif pending:
             time.sleep(0.5)
     return dead
 
@@ -80,7 +103,10 @@ def recover(cfg: Config, actors: Actors) -> None:
         ("teacher", actors.teachers),
     ):
         handles.update({f"{role} {i}": a for i, a in enumerate(group.actors)})
-    dead = _alive(handles, cfg.cluster.placement_timeout_s)
+    needs = {
+        name: role_bundle(getattr(cfg.cluster, name.split()[0])) for name in handles if name != "controller"
+    }
+    dead = _alive(handles, needs, cfg.cluster.placement_timeout_s, cfg.run_dir)
     if dead:
         raise Rollback(f"dead for good: {', '.join(dead)}")
     version = ray.get(actors.students.actors[0].updates.remote())

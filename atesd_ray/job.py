@@ -1,9 +1,13 @@
-"""What every job does first: a writable run directory holding its resolved config, and its data
-with every prompt checked against the model's limit."""
+"""What every job does first: its run directory, held by this job alone and holding its resolved
+config (a resume's checked against the run's own), and its data with every prompt checked against
+the model's limit."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +16,8 @@ from omegaconf import OmegaConf
 from atesd_ray.data.loaders import load_data
 from atesd_ray.models import load_tokenizer, pretrained_path
 from atesd_ray.prompts import encode_chat, student_messages, teacher_messages
+from atesd_ray.run_lock import RunLock, acquire
+from atesd_ray.runtime.checkpoint import CheckpointManager
 
 if TYPE_CHECKING:
     from atesd_ray.config import Config
@@ -21,16 +27,91 @@ class RunDirError(RuntimeError):
     pass
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Create the run directory and fail now, not after an hour, if it cannot be written."""
+class ResumeRefused(RuntimeError):
+    """A resume with a config that would change what the run trains."""
+
+
+# what a resumed run may change without asking: how long and how often, how it reports, where it
+# runs. Anything else changes what it trains, and is refused unless named in `resume_allow`.
+RESUMABLE = (
+    "trainer.total_steps",
+    "trainer.save_every",
+    "trainer.keep_last",
+    "trainer.fault_retries",
+    "eval.every_n_steps",
+    "eval.at_start",
+    "eval.at_end",
+    "rollout.max_logprob_gap",
+    "logging.",
+    "tracking.",
+    "dashboard.",
+    "cluster.",
+    "resume",
+    "resume_allow",
+    "run_dir",
+)
+CONFIG = "config.yaml"
+HISTORY = "config_history.jsonl"
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(run_dir: Path, cfg: Config) -> dict[str, tuple]:
+    """The keys whose value differs from the run's own ``config.yaml``: {key: (old, new)}."""
+    stored = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG), resolve=True))
+    mine = _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return {
+        k: (stored.get(k), mine.get(k))
+        for k in sorted(set(stored) | set(mine))
+        if stored.get(k) != mine.get(k)
+    }
+
+
+def open_run_dir(run_dir: Path, cfg: Config, resumes: bool = False) -> RunLock:
+    """Create the run directory and take its lock (``run_lock.py``) before writing anything in it.
+    A job that ``resumes`` (training) then finds the checkpoint ``cfg.resume`` names (the lock's
+    ``checkpoint``) and refuses a config that changes more than ``RESUMABLE`` and ``resume_allow``
+    allow. Then ``config.yaml`` is written (and, for a resume that changes keys, a line of
+    ``config_history.jsonl``). Fails now, not after an hour, if the directory cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        lock = acquire(run_dir)
     except OSError as err:
         raise RunDirError(f"run_dir '{run_dir}' is not writable: {err}") from err
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    try:
+        lock.checkpoint = resuming = CheckpointManager(run_dir, 1).resolve(cfg.resume) if resumes else None
+        changes = config_changes(run_dir, cfg) if resuming and (run_dir / CONFIG).exists() else {}
+        allowed = (*RESUMABLE, *cfg.resume_allow)
+        refused = {
+            k: v
+            for k, v in changes.items()
+            if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed)
+        }
+        if refused:
+            listed = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+            raise ResumeRefused(
+                f"run_dir '{run_dir}' holds a run ({resuming.name}) of another config; resuming it with this one "
+                f"would change:\n{listed}\nStart a new run (another run_dir), start this one over (resume=never), "
+                f"or, for a key that is safe to change mid-run, allow it: resume_allow=[{','.join(refused)}]"
+            )
+        (run_dir / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if changes:
+            entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from": resuming.name, "argv": sys.argv[1:]}
+            entry["changes"] = {k: [old, new] for k, (old, new) in changes.items()}
+            with open(run_dir / HISTORY, "a") as fh:
+                fh.write(json.dumps(entry, default=str) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 @dataclasses.dataclass

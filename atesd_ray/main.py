@@ -13,10 +13,34 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from atesd_ray import interrupts
 from atesd_ray.config import Config, ConfigError, check_override_keys, register_schemas, to_config
 from atesd_ray.console import configure_driver
+from atesd_ray.data.records import DataError
+from atesd_ray.faults import ActorsLost
+from atesd_ray.interrupts import Interrupted
+from atesd_ray.job import ResumeRefused, RunDirError
+from atesd_ray.rollout_gap import RolloutGapError
+from atesd_ray.run_lock import RunDirLocked
+from atesd_ray.runtime.checkpoint import CheckpointError
+from atesd_ray.runtime.cluster import ClusterError
+from atesd_ray.runtime.devices import PlacementError
 
 register_schemas()
+
+# errors whose message names what went wrong, where, and what to do: printed without a traceback
+STOPS = (
+    ConfigError,
+    RunDirError,
+    RunDirLocked,
+    ResumeRefused,
+    ClusterError,
+    PlacementError,
+    CheckpointError,
+    DataError,
+    RolloutGapError,
+    ActorsLost,
+)
 
 
 def run_mode(cfg: Config, run_dir: Path) -> dict:
@@ -74,7 +98,21 @@ def place_job(config: Config) -> Path:
 def hydra_main(cfg: DictConfig) -> None:
     config = to_config(cfg)
     configure_driver(config.logging.level)
-    run_mode(config, place_job(config))
+    run_dir = place_job(config)
+    try:
+        run_mode(config, run_dir)
+    except STOPS as err:  # the project's own errors say all there is to say: no traceback
+        print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except Interrupted as stop:  # one line, not a traceback; every finally has run
+        print(
+            stop.where
+            or f"stopped by {stop.signame} (mode={config.mode}, run_dir {run_dir}); the same command starts "
+            "it again (a training run resumes from its last complete checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(stop.code) from None
 
 
 def main() -> int:
@@ -85,6 +123,7 @@ def main() -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    interrupts.install()
     hydra_main()
     return 0
 

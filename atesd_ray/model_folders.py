@@ -36,6 +36,13 @@ def save_hf_model(out: Path, weights: dict[str, torch.Tensor], model, tokenizer)
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_torch_state_dict({n: t.contiguous() for n, t in weights.items()}, out)
+    # the safetensors writer creates its files 0600 (through a temporary file); give them the mode
+    # config.json got from a plain open(), the user's umask, so a server running as another user on
+    # shared storage can read them as it reads the rest of the folder
+    mode = (out / "config.json").stat().st_mode & 0o777
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(mode)
     return out
 
 

@@ -1,8 +1,9 @@
 """Per-step metrics: one progress line on the console, ``metrics.jsonl``, TensorBoard, W&B.
 
-TensorBoard and W&B go through verl's ``Tracking``. The JSONL file is written here rather than by
-verl's file logger because a resumed run must keep the steps before the checkpoint and drop only
-those after it (verl's logger truncates the file), and each line must be one flat JSON object.
+A resumed (or rolled-back) run must keep the steps before its checkpoint and drop those after it,
+in every record: the JSONL file is rewritten up to that step (verl's file logger would truncate it
+whole), and TensorBoard's writer is opened with ``purge_step`` at that step, so its readers hide the
+older run's later points (verl's ``Tracking`` opens it without). W&B goes through verl's ``Tracking``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,22 +54,31 @@ class Tracker:
         self.jsonl = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
         if self.jsonl is not None:
             self._truncate_after(resume_step)
-        remote = [b for b in backends if b in ("tensorboard", "wandb")]
+        self.tensorboard = None
+        if "tensorboard" in backends:
+            self._open_tensorboard(resume_step)
         self.verl = None
-        if remote:
+        if "wandb" in backends:
             from verl.utils.tracking import Tracking
 
-            os.environ["TENSORBOARD_DIR"] = str(self.run_dir / "tensorboard")
             # verl prints where each backend writes; the summary names the run directory instead
             with contextlib.redirect_stdout(io.StringIO()) if quiet() else contextlib.nullcontext():
                 self.verl = Tracking(
-                    project_name=project, experiment_name=experiment, default_backend=remote, config=config
+                    project_name=project, experiment_name=experiment, default_backend=["wandb"], config=config
                 )
+
+    def _open_tensorboard(self, step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step)
 
     def rewind(self, step: int) -> None:
         """Forget the steps from ``step`` on (the run went back to the checkpoint of ``step``)."""
         if self.jsonl is not None:
             self._truncate_after(step)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self._open_tensorboard(step)
 
     def _truncate_after(self, step: int) -> None:
         """Keep the lines of steps before ``step`` (a resumed run rewrites the rest). A last line cut
@@ -94,10 +103,12 @@ class Tracker:
         if self.jsonl is not None:
             with open(self.jsonl, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for key, value in numeric.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
         if self.verl is not None:
-            numeric = {
-                k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-            }
             self.verl.log(numeric, step)
         now = time.monotonic()
         # seconds per step: between progress lines (periodic evals and checkpoints included), the
@@ -110,6 +121,8 @@ class Tracker:
             print(progress_line(step, metrics, per_step * remaining), flush=True)
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.verl is not None:
             self.verl.finish()
 

@@ -39,6 +39,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "atesd_ray.runtime.weight_formats",
             "atesd_ray.runtime.checkpoint",
             "atesd_ray.runtime.once",
+            "atesd_ray.interrupts",
+            "atesd_ray.run_lock",
             "atesd_ray.modes",
             "atesd_ray.gpu_check",
             "workers",

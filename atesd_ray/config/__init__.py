@@ -97,6 +97,8 @@ class Config(Section):
     seed: int = 42
     run_dir: str | None = None  # None: Hydra's output directory for this job
     resume: str = "auto"  # auto | never | <checkpoint dir>
+    # keys a resume may change beyond those it always may (atesd_ray/job.py: RESUMABLE), e.g. [trainer.lr]
+    resume_allow: list[str] = setting(list)
     model: ModelConfig = setting(ModelConfig)
     data: DataConfig = setting(DataConfig)
     prompts: PromptConfig = setting(PromptConfig)

@@ -3,7 +3,8 @@
 All sources share one row mapping (:func:`atesd_ray.data.records.to_record`), so the hub path,
 which cannot run without network, behaves exactly like the local-file paths the tests exercise.
 
-Bad rows: with ``on_bad_row="skip"`` a bad row is skipped and counted by reason (``LoadResult.skipped``);
+Bad rows: with ``on_bad_row="skip"`` a bad row is skipped and counted by reason (``LoadResult.skipped``),
+the first few logged with their file and line;
 with ``"fail"`` the first bad row raises :class:`DataError` naming the file, the line (JSONL, 1-based,
 as an editor shows it) or row (Parquet and hub, 0-based, as ``ds[i]``), and the field. A column that the
 whole table lacks (Parquet, hub) is a configuration error and raises under either policy, as does a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -29,7 +31,10 @@ from atesd_ray.config import DataConfig, EvalSetConfig, SyntheticDataConfig
 from atesd_ray.data.records import REQUIRED, DataError, Record, check_mapping, column_for, to_record
 from atesd_ray.data.synthetic import train_eval_split
 
+log = logging.getLogger(__name__)
+
 LOCAL_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+SHOWN_SKIPS = 5  # skipped rows named one by one (file and line) before the rest are only counted
 
 # One source row: where it is (for messages and ids), and the row or the reason it could not be read.
 Row = tuple[str, Mapping[str, Any] | DataError]
@@ -120,10 +125,20 @@ def load_split(
                 raise
             skipped[e.reason] += 1
             first_error = first_error or str(e)
+            if sum(skipped.values()) <= SHOWN_SKIPS:
+                log.warning("skipped (data.on_bad_row=skip): %s", e)
             continue
         seen_ids.add(record.id)
         result.records.append(record)
     result.skipped = dict(skipped)
+    if sum(skipped.values()) > SHOWN_SKIPS:
+        log.warning(
+            "%s: %d more rows skipped (%d in all: %s); data.on_bad_row=fail stops at the first",
+            name,
+            sum(skipped.values()) - SHOWN_SKIPS,
+            sum(skipped.values()),
+            dict(skipped),
+        )
     if not result.records:
         detail = f"; skipped {dict(skipped)}, first: {first_error}" if skipped else ""
         raise DataError(f"{name}: no usable rows ({result.rows} read){detail}", "empty_source")
@@ -153,14 +168,19 @@ def _jsonl_rows(file: Path) -> Iterator[Row]:
                 continue
             where = f"{file} line {lineno}"
             try:
-                row = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8").rstrip("\r\n")  # positions within the line, its end included
+                row = json.loads(text)
             except UnicodeDecodeError as e:
                 yield where, DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})", "bad_encoding")
                 continue
             except json.JSONDecodeError as e:
+                cut = "; the line ends there: cut short?" if e.pos >= len(text) else ""
                 yield (
                     where,
-                    DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json"),
+                    DataError(
+                        f"{where}: malformed JSON ({e.msg} at column {e.pos + 1} of {len(text)}{cut})",
+                        "malformed_json",
+                    ),
                 )
                 continue
             if not isinstance(row, dict):

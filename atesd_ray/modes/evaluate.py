@@ -25,7 +25,7 @@ from atesd_ray.assembly import rollout_group
 from atesd_ray.config import Config, ModelConfig
 from atesd_ray.data.loaders import load_eval_set
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
-from atesd_ray.job import prepare_run_dir
+from atesd_ray.job import open_run_dir
 from atesd_ray.runtime.checkpoint import CheckpointManager, is_checkpoint, read_state
 from atesd_ray.runtime.cluster import place
 from atesd_ray.tables import markdown_table
@@ -116,66 +116,66 @@ def eval_markdown(summary: dict) -> str:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Evaluate; returns the summary (also written to ``eval/summary.json``)."""
-    prepare_run_dir(run_dir, cfg)
-    model_cfg, checkpoint = resolve_model(cfg)
-    names = [s.name for s in cfg.eval.sets]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"eval.sets: needs at least one set, with unique names; got {names}")
-    sets = {
-        s.name: load_eval_set(s, cfg.data.synthetic, cfg.eval.max_problems, cfg.data.on_bad_row)
-        for s in cfg.eval.sets
-    }
-    for name, loaded in sets.items():
-        print(
-            f"eval set {name}: {len(loaded.records)} problems from {loaded.name}"
-            + (f" (skipped {loaded.skipped})" if loaded.skipped else ""),
-            flush=True,
-        )
-    run_cfg = dataclasses.replace(cfg, model=model_cfg)
-    place(cfg, roles=("rollout",))
-    name = f"atesd-eval-{run_dir.resolve().name}-{int(time.time())}"
-    rollouts = rollout_group(run_cfg, name)
-    try:
-        if checkpoint:
-            version = ray.get(rollouts.call("load_checkpoint", str(checkpoint)))[0]
-        else:
-            ray.get(rollouts.call("ping"))
-            version = 0
-        results = {}
-        for set_name, loaded in sets.items():
-            t0 = time.perf_counter()
-            records = [dataclasses.asdict(r) for r in loaded.records]
-            rows = [
-                r | {"set": set_name}
-                for r in generate_and_grade(rollouts, records, cfg.eval, 0, version, what=set_name)
-            ]
-            write_rows(run_dir / "eval" / f"{set_name}.jsonl", rows)
-            results[set_name] = set_summary(rows, cfg.eval.grade_timeout_s) | {
-                "time_s": time.perf_counter() - t0
-            }
-    finally:
-        rollouts.shutdown()
-    k = cfg.eval.samples
-    e = cfg.eval
-    summary = {
-        "model": model_cfg.name,
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "trained_by": trained_by(checkpoint),
-        "weight_version": version,
-        "protocol": {
-            "samples": k,
-            "temperature": e.temperature,
-            "top_p": e.top_p,
-            "top_k": e.top_k,
-            "max_new_tokens": e.max_new_tokens,
-            "thinking": e.thinking,
-            "max_problems": e.max_problems,
-        },
-        "sets": results,
-        "avg": sum(s[f"avg@{k}"] for s in results.values()) / len(results),
-    }
-    (run_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = eval_markdown(summary)
-    (run_dir / "eval" / "summary.md").write_text(table)
-    print(table, flush=True)
-    return summary
+    with open_run_dir(run_dir, cfg):
+        model_cfg, checkpoint = resolve_model(cfg)
+        names = [s.name for s in cfg.eval.sets]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"eval.sets: needs at least one set, with unique names; got {names}")
+        sets = {
+            s.name: load_eval_set(s, cfg.data.synthetic, cfg.eval.max_problems, cfg.data.on_bad_row)
+            for s in cfg.eval.sets
+        }
+        for name, loaded in sets.items():
+            print(
+                f"eval set {name}: {len(loaded.records)} problems from {loaded.name}"
+                + (f" (skipped {loaded.skipped})" if loaded.skipped else ""),
+                flush=True,
+            )
+        run_cfg = dataclasses.replace(cfg, model=model_cfg)
+        place(cfg, roles=("rollout",))
+        name = f"atesd-eval-{run_dir.resolve().name}-{int(time.time())}"
+        rollouts = rollout_group(run_cfg, name)
+        try:
+            if checkpoint:
+                version = ray.get(rollouts.call("load_checkpoint", str(checkpoint)))[0]
+            else:
+                ray.get(rollouts.call("ping"))
+                version = 0
+            results = {}
+            for set_name, loaded in sets.items():
+                t0 = time.perf_counter()
+                records = [dataclasses.asdict(r) for r in loaded.records]
+                rows = [
+                    r | {"set": set_name}
+                    for r in generate_and_grade(rollouts, records, cfg.eval, 0, version, what=set_name)
+                ]
+                write_rows(run_dir / "eval" / f"{set_name}.jsonl", rows)
+                results[set_name] = set_summary(rows, cfg.eval.grade_timeout_s) | {
+                    "time_s": time.perf_counter() - t0
+                }
+        finally:
+            rollouts.shutdown()
+        k = cfg.eval.samples
+        e = cfg.eval
+        summary = {
+            "model": model_cfg.name,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "trained_by": trained_by(checkpoint),
+            "weight_version": version,
+            "protocol": {
+                "samples": k,
+                "temperature": e.temperature,
+                "top_p": e.top_p,
+                "top_k": e.top_k,
+                "max_new_tokens": e.max_new_tokens,
+                "thinking": e.thinking,
+                "max_problems": e.max_problems,
+            },
+            "sets": results,
+            "avg": sum(s[f"avg@{k}"] for s in results.values()) / len(results),
+        }
+        (run_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=2))
+        table = eval_markdown(summary)
+        (run_dir / "eval" / "summary.md").write_text(table)
+        print(table, flush=True)
+        return summary

@@ -25,7 +25,7 @@ from atesd_ray import algorithms
 from atesd_ray.assembly import controller_actor, rollout_group, teacher_group
 from atesd_ray.config import Config
 from atesd_ray.grading import grade_many
-from atesd_ray.job import prepare_data, prepare_run_dir
+from atesd_ray.job import open_run_dir, prepare_data
 from atesd_ray.monitored import monitored_rollouts
 from atesd_ray.runtime.cluster import place
 from atesd_ray.trajectories import Trajectory, summarize
@@ -75,52 +75,52 @@ def summary_text(cfg: Config, stats: dict, problems: int, output: Path) -> str:
 def run(cfg: Config, run_dir: Path) -> dict:
     """Synthesize; returns the summary (also written to ``summary.json``)."""
     algorithms.check(cfg)
-    prepare_run_dir(run_dir, cfg)
-    data = prepare_data(cfg)
-    print(data.summary, flush=True)
-    output = run_dir / OUTPUT
-    output.write_text("")
-    place(cfg, roles=("rollout", "teacher"))
-    name = f"motab-{run_dir.resolve().name}-{int(time.time())}"
-    rollouts = rollout_group(cfg, f"{name}-rollout")
-    teachers = teacher_group(cfg, f"{name}-teacher")
-    controller = controller_actor(cfg, f"{name}-controller", 1)
-    try:
-        alpha = ray.get(controller.exposure.remote(0))
-        trajectories: list[Trajectory] = []
-        correct: list[bool] = []
-        size = cfg.trainer.prompts_per_step
-        for batch_index, start in enumerate(range(0, len(data.train), size)):
-            batch = monitored_rollouts(
-                cfg,
-                rollouts,
-                teachers,
-                data.train[start : start + size],
-                alpha,
-                step=batch_index,
-                min_version=0,
-            )
-            grades = grade_many(
-                [t.text(cfg.prompts.revise_phrase) for t in batch],
-                [str(t.record["answer"]) for t in batch],
-                cfg.eval.grade_timeout_s,
-            )
-            with open(output, "a") as fh:
-                for t, g in zip(batch, grades, strict=True):
-                    fh.write(json.dumps(synthesized_record(cfg, t, g.correct, alpha)) + "\n")
-            trajectories += batch
-            correct += [g.correct for g in grades]
-            print(
-                f"synthesized {len(trajectories)} trajectories of {min(start + size, len(data.train))}/{len(data.train)} problems",
-                flush=True,
-            )
-        stats = summarize(trajectories, correct)
-        summary = {"output": str(output), "problems": len(data.train), "alpha": alpha, **stats}
-        finite = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
-        (run_dir / "summary.json").write_text(json.dumps(finite, indent=2))
-        print(summary_text(cfg, stats, len(data.train), output), flush=True)
-        return summary
-    finally:
-        rollouts.shutdown()
-        teachers.shutdown()
-        ray.kill(controller, no_restart=True)
+    with open_run_dir(run_dir, cfg):
+        data = prepare_data(cfg)
+        print(data.summary, flush=True)
+        output = run_dir / OUTPUT
+        output.write_text("")
+        place(cfg, roles=("rollout", "teacher"))
+        name = f"motab-{run_dir.resolve().name}-{int(time.time())}"
+        rollouts = rollout_group(cfg, f"{name}-rollout")
+        teachers = teacher_group(cfg, f"{name}-teacher")
+        controller = controller_actor(cfg, f"{name}-controller", 1)
+        try:
+            alpha = ray.get(controller.exposure.remote(0))
+            trajectories: list[Trajectory] = []
+            correct: list[bool] = []
+            size = cfg.trainer.prompts_per_step
+            for batch_index, start in enumerate(range(0, len(data.train), size)):
+                batch = monitored_rollouts(
+                    cfg,
+                    rollouts,
+                    teachers,
+                    data.train[start : start + size],
+                    alpha,
+                    step=batch_index,
+                    min_version=0,
+                )
+                grades = grade_many(
+                    [t.text(cfg.prompts.revise_phrase) for t in batch],
+                    [str(t.record["answer"]) for t in batch],
+                    cfg.eval.grade_timeout_s,
+                )
+                with open(output, "a") as fh:
+                    for t, g in zip(batch, grades, strict=True):
+                        fh.write(json.dumps(synthesized_record(cfg, t, g.correct, alpha)) + "\n")
+                trajectories += batch
+                correct += [g.correct for g in grades]
+                print(
+                    f"synthesized {len(trajectories)} trajectories of {min(start + size, len(data.train))}/{len(data.train)} problems",
+                    flush=True,
+                )
+            stats = summarize(trajectories, correct)
+            summary = {"output": str(output), "problems": len(data.train), "alpha": alpha, **stats}
+            finite = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
+            (run_dir / "summary.json").write_text(json.dumps(finite, indent=2))
+            print(summary_text(cfg, stats, len(data.train), output), flush=True)
+            return summary
+        finally:
+            rollouts.shutdown()
+            teachers.shutdown()
+            ray.kill(controller, no_restart=True)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from atesd_ray.config import Config
-from atesd_ray.job import prepare_run_dir
+from atesd_ray.job import open_run_dir
 from atesd_ray.tables import markdown_table
 
 PAPER = "ATESD paper (arXiv 2605.11458)"
@@ -191,12 +191,12 @@ def _entry(row: dict, column: str) -> float | str | None:
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    prepare_run_dir(run_dir, cfg)
-    report = build_report(list(cfg.report.runs), list(cfg.report.paper_rows))
-    out = Path(cfg.report.output) if cfg.report.output else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    text = report_markdown(report)
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(text, flush=True)
-    return report
+    with open_run_dir(run_dir, cfg):
+        report = build_report(list(cfg.report.runs), list(cfg.report.paper_rows))
+        out = Path(cfg.report.output) if cfg.report.output else run_dir
+        out.mkdir(parents=True, exist_ok=True)
+        text = report_markdown(report)
+        (out / "report.md").write_text(text)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        print(text, flush=True)
+        return report

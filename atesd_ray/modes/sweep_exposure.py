@@ -29,7 +29,7 @@ from atesd_ray import algorithms
 from atesd_ray.algorithms import build_actors
 from atesd_ray.algorithms.base import launch_rollouts
 from atesd_ray.config import Config
-from atesd_ray.job import prepare_data, prepare_run_dir
+from atesd_ray.job import open_run_dir, prepare_data
 from atesd_ray.runtime.cluster import place
 from atesd_ray.tables import markdown_table
 
@@ -137,59 +137,63 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 def run(cfg: Config, run_dir: Path) -> dict:
     """Run the sweep; returns what ``sweep_exposure.json`` holds."""
     algorithms.check(cfg)
-    prepare_run_dir(run_dir, cfg)
-    data = prepare_data(cfg)
-    records = data.train[: cfg.sweep.problems]
-    print(f"{data.summary}; sweeping α over {cfg.sweep.alphas} on {len(records)} problems", flush=True)
-    place(cfg)
-    # the sweep reports g per exposure: its teachers measure it whatever the controller
-    name = f"atesd-sweep-{run_dir.resolve().name}-{int(time.time())}"
-    actors = build_actors(cfg, 1, name=name, signals=frozenset({"grounding"}))
-    results = []
-    try:
-        rollouts = launch_rollouts(actors, records, step=0, min_version=0)
-        per_alpha = len(records) * cfg.rollout.n_samples
-        # on a terminal: problems x samples scored, over all alphas (the rollouts are sampled once)
-        with tqdm(
-            total=len(cfg.sweep.alphas) * per_alpha, desc="α sweep", unit="sample", disable=None, leave=False
-        ) as bar:
-            for alpha in cfg.sweep.alphas:
-                t0 = time.perf_counter()
-                scored = actors.teachers.score(rollouts, alpha)
-                rows = actors.students.mismatch(rollouts, scored).get()
-                results.append(summarize_alpha(alpha, rows) | {"time_s": time.perf_counter() - t0})
-                r = results[-1]
-                bar.update(per_alpha)
-                bar.write(
-                    f"α={alpha:.2f}: mean KL {r['kl_mean']:.4f}, p95 {r['kl_p95']:.4f}, max {r['kl_max']:.4f}, "
-                    f"top-1 disagree {r['top1_disagree']:.4f} over {r['tokens']} tokens"
-                )
-    finally:
-        actors.shutdown()
-    monotonic = rises_with_alpha(results)
-    out = {
-        "model": cfg.model.name,
-        "problems": len(records),
-        "samples_per_problem": cfg.rollout.n_samples,
-        "max_new_tokens": cfg.rollout.max_new_tokens,
-        "temperature": cfg.algorithm.loss.temperature,
-        "teacher_topk": cfg.teacher.topk,
-        "kl_rises_with_alpha": monotonic,
-        "results": results,
-    }
-    table = sweep_table(results)
-    head = (
-        f"Fixed-exposure sweep: {cfg.model.name}, {len(records)} problems x {cfg.rollout.n_samples} samples, "
-        f"up to {cfg.rollout.max_new_tokens} new tokens; per-token statistics at the loss temperature "
-        f"{cfg.algorithm.loss.temperature}.\n\n"
-    )
-    text = head + table + f"\nMean token KL rises monotonically with α: {'yes' if monotonic else 'no'}\n"
-    (run_dir / "sweep_exposure.json").write_text(json.dumps(out, indent=2))
-    (run_dir / "sweep_exposure.md").write_text(text)
-    plot(
-        results,
-        run_dir / "sweep_exposure.png",
-        f"fixed-exposure sweep: {cfg.model.name}, {len(records)} problems",
-    )
-    print(text, flush=True)
-    return out
+    with open_run_dir(run_dir, cfg):
+        data = prepare_data(cfg)
+        records = data.train[: cfg.sweep.problems]
+        print(f"{data.summary}; sweeping α over {cfg.sweep.alphas} on {len(records)} problems", flush=True)
+        place(cfg)
+        # the sweep reports g per exposure: its teachers measure it whatever the controller
+        name = f"atesd-sweep-{run_dir.resolve().name}-{int(time.time())}"
+        actors = build_actors(cfg, 1, name=name, signals=frozenset({"grounding"}))
+        results = []
+        try:
+            rollouts = launch_rollouts(actors, records, step=0, min_version=0)
+            per_alpha = len(records) * cfg.rollout.n_samples
+            # on a terminal: problems x samples scored, over all alphas (the rollouts are sampled once)
+            with tqdm(
+                total=len(cfg.sweep.alphas) * per_alpha,
+                desc="α sweep",
+                unit="sample",
+                disable=None,
+                leave=False,
+            ) as bar:
+                for alpha in cfg.sweep.alphas:
+                    t0 = time.perf_counter()
+                    scored = actors.teachers.score(rollouts, alpha)
+                    rows = actors.students.mismatch(rollouts, scored).get()
+                    results.append(summarize_alpha(alpha, rows) | {"time_s": time.perf_counter() - t0})
+                    r = results[-1]
+                    bar.update(per_alpha)
+                    bar.write(
+                        f"α={alpha:.2f}: mean KL {r['kl_mean']:.4f}, p95 {r['kl_p95']:.4f}, max {r['kl_max']:.4f}, "
+                        f"top-1 disagree {r['top1_disagree']:.4f} over {r['tokens']} tokens"
+                    )
+        finally:
+            actors.shutdown()
+        monotonic = rises_with_alpha(results)
+        out = {
+            "model": cfg.model.name,
+            "problems": len(records),
+            "samples_per_problem": cfg.rollout.n_samples,
+            "max_new_tokens": cfg.rollout.max_new_tokens,
+            "temperature": cfg.algorithm.loss.temperature,
+            "teacher_topk": cfg.teacher.topk,
+            "kl_rises_with_alpha": monotonic,
+            "results": results,
+        }
+        table = sweep_table(results)
+        head = (
+            f"Fixed-exposure sweep: {cfg.model.name}, {len(records)} problems x {cfg.rollout.n_samples} samples, "
+            f"up to {cfg.rollout.max_new_tokens} new tokens; per-token statistics at the loss temperature "
+            f"{cfg.algorithm.loss.temperature}.\n\n"
+        )
+        text = head + table + f"\nMean token KL rises monotonically with α: {'yes' if monotonic else 'no'}\n"
+        (run_dir / "sweep_exposure.json").write_text(json.dumps(out, indent=2))
+        (run_dir / "sweep_exposure.md").write_text(text)
+        plot(
+            results,
+            run_dir / "sweep_exposure.png",
+            f"fixed-exposure sweep: {cfg.model.name}, {len(records)} problems",
+        )
+        print(text, flush=True)
+        return out

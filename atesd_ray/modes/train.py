@@ -28,7 +28,8 @@ from atesd_ray.config import Config
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.faults import Rollback, retrying
-from atesd_ray.job import RunData, prepare_data, prepare_run_dir
+from atesd_ray.interrupts import Interrupted
+from atesd_ray.job import RunData, open_run_dir, prepare_data
 from atesd_ray.rollout_gap import check_step_gap, check_sync, sync_gap
 from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
 from atesd_ray.runtime.checkpoint import (
@@ -67,6 +68,7 @@ class Run:
     prefetched: list[ray.ObjectRef] | None = None  # the next step's rollouts, generated a step ahead
     probe_rollouts: list[ray.ObjectRef] | None = None  # what probe_kl is measured on
     summary: dict = field(default_factory=dict)
+    step: int = 0  # the step training now
 
     def draw(self) -> list[dict]:
         return [self.data.train[i] for i in self.sampler.next_indices()]
@@ -211,7 +213,11 @@ def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
     checkpoint before and rewrites the line, and a line cut short by a kill belongs to a step no
     checkpoint holds yet, so no step's line is lost or written twice."""
     algorithms.check(cfg)
-    prepare_run_dir(run_dir, cfg)
+    with open_run_dir(run_dir, cfg, resumes=True) as lock:
+        return _train(cfg, run_dir, lock.checkpoint, watchers)
+
+
+def _train(cfg: Config, run_dir: Path, checkpoint: Path | None, watchers: Sequence[Watcher]) -> dict:
     place(cfg)  # join (or start) the cluster first: a wrong address fails in seconds, before data loading
     data = prepare_data(cfg)
     print(data.summary, flush=True)
@@ -223,7 +229,7 @@ def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
         data,
         EpochSampler(len(data.train), cfg.trainer.prompts_per_step, cfg.seed, cfg.data.shuffle),
         checkpoints,
-        checkpoints.resolve(cfg.resume),
+        checkpoint,
     )
     r.summary = {
         "run_dir": str(run_dir),
@@ -258,48 +264,61 @@ def run(cfg: Config, run_dir: Path, watchers: Sequence[Watcher] = ()) -> dict:
         if cfg.eval.at_start and data.evals and step == 0:
             r.summary["eval_before"] = r.evaluate(0)
             print(f"held-out before training: {fmt_eval(r.summary['eval_before'])}", flush=True)
-        batch, metrics, first, rollbacks = r.draw(), {}, None, 0
-        while step < total:
-            try:
-                next_batch = r.draw() if step + 1 < total else None
-                metrics = r.train(step, batch, next_batch)
-                done = step + 1
-                if r.evaluation_due(done):
-                    ev = r.evaluate(done)
-                    metrics.update({f"eval/{k}": v for k, v in ev.items()})
-                    print(f"held-out after step {done}: {fmt_eval(ev)}", flush=True)
-                    if done == total:
-                        r.summary["eval_after"] = ev
-                tracker.log(step, metrics)
-                for watcher in watchers:
-                    watcher.record(step, metrics)
-                if done % cfg.trainer.save_every == 0 or done == total:
-                    r.save(done, metrics, next_batch)
-            except Rollback as fault:
-                rollbacks += 1
-                if rollbacks > cfg.trainer.fault_retries:
-                    raise
-                r.summary["rollbacks"] = r.summary.get("rollbacks", 0) + 1
-                print(f"step {step + 1}: {fault}; rolling back to {r.checkpoint or 'the start'}", flush=True)
-                r.actors.shutdown()
-                # from this run's last checkpoint (or the one it resumed from): never an older run's
-                step = r.launch()
-                tracker.rewind(step)
-                batch = r.draw()
-                continue
-            first = first or dict(metrics)
-            batch, step, rollbacks = next_batch, step + 1, 0
-        for watcher in watchers:
-            r.summary.update(watcher.finish())
-        r.summary.update(
-            final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
-            checkpoint=str(checkpoints.latest()),
-        )
-        (run_dir / "summary.json").write_text(json.dumps(r.summary, indent=2))
-        print(summary_text(r.summary, first), flush=True)
-        return r.summary
+        try:
+            return _loop(r, tracker, watchers, step, r.draw())
+        except Interrupted as stop:
+            stop.where = (
+                f"stopped by {stop.signame} at step {r.step + 1} of {total}; the last complete checkpoint is "
+                f"{r.checkpoint or 'none yet'}; the same command resumes from it"
+            )
+            raise
     finally:
         if tracker is not None:
             tracker.close()
         if r.actors is not None:
             r.actors.shutdown()
+
+
+def _loop(r: Run, tracker: Tracker, watchers: Sequence[Watcher], step: int, batch: list[dict]) -> dict:
+    """The step loop, from ``step`` to the end; returns the run's summary."""
+    cfg, total, metrics, first, rollbacks = r.cfg, r.cfg.trainer.total_steps, {}, None, 0
+    while step < total:
+        r.step = step
+        try:
+            next_batch = r.draw() if step + 1 < total else None
+            metrics = r.train(step, batch, next_batch)
+            done = step + 1
+            if r.evaluation_due(done):
+                ev = r.evaluate(done)
+                metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                print(f"held-out after step {done}: {fmt_eval(ev)}", flush=True)
+                if done == total:
+                    r.summary["eval_after"] = ev
+            tracker.log(step, metrics)
+            for watcher in watchers:
+                watcher.record(step, metrics)
+            if done % cfg.trainer.save_every == 0 or done == total:
+                r.save(done, metrics, next_batch)
+        except Rollback as fault:
+            rollbacks += 1
+            if rollbacks > cfg.trainer.fault_retries:
+                raise
+            r.summary["rollbacks"] = r.summary.get("rollbacks", 0) + 1
+            print(f"step {step + 1}: {fault}; rolling back to {r.checkpoint or 'the start'}", flush=True)
+            r.actors.shutdown()
+            # from this run's last checkpoint (or the one it resumed from): never an older run's
+            step = r.launch()
+            tracker.rewind(step)
+            batch = r.draw()
+            continue
+        first = first or dict(metrics)
+        batch, step, rollbacks = next_batch, step + 1, 0
+    for watcher in watchers:
+        r.summary.update(watcher.finish())
+    r.summary.update(
+        final_metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        checkpoint=str(r.checkpoints.latest()),
+    )
+    (r.run_dir / "summary.json").write_text(json.dumps(r.summary, indent=2))
+    print(summary_text(r.summary, first), flush=True)
+    return r.summary

@@ -23,6 +23,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from atesd_ray import interrupts
 from atesd_ray.config import ClusterConfig, Config, RoleResources
 from atesd_ray.console import actor_env_vars, quiet
 from atesd_ray.runtime import devices
@@ -158,6 +159,7 @@ def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
             )
         except ConnectionError as err:
             raise ClusterError(f"cannot join the Ray cluster at '{address}': {err}") from err
+        interrupts.install()  # ray.init replaced the SIGTERM handler
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         check_code_on_nodes()
         return
@@ -170,6 +172,7 @@ def connect(cfg: ClusterConfig, needed_cpus: float = 0.0) -> None:
         dashboard_host="127.0.0.1",
         logging_level=_ray_level(),
     )
+    interrupts.install()  # ray.init replaced the SIGTERM handler
     log.info("started a local Ray instance: %d CPUs, dashboard http://127.0.0.1:8265", num_cpus)
 
 

@@ -1,0 +1,37 @@
+"""Stopping a run from outside: SIGINT (Ctrl-C) and SIGTERM (``ray job stop``, ``timeout``) raise
+:class:`Interrupted` in the driver's main thread, so every ``finally`` runs (actors torn down, the
+run directory's lock released, a local Ray instance stopped), and the entry point prints one line
+saying where the run stopped and how to resume, and exits 130 or 143.
+
+``ray.init`` sets its own SIGTERM handler (``sys.exit``), so :func:`install` runs again after it
+(``runtime.cluster.connect``).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the run; ``where`` is set by the code that knows where it stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signame = signal.Signals(signum).name
+        self.code = EXIT_CODES.get(signum, 128 + signum)
+        self.where: str | None = None
+
+
+def _raise(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (in the main thread only: Python delivers
+    signals there)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in EXIT_CODES:
+            signal.signal(signum, _raise)
