@@ -228,6 +228,23 @@ class LocalCluster:
             list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s
         )
 
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node and everything it started (its process group), as a machine that is lost."""
+        proc = self.procs[list(self.nodes).index(name)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def restart_node(self, name: str, timeout_s: float = 180.0) -> None:
+        """Start a killed node again, on its own ports and resources."""
+        index = list(self.nodes).index(name)
+        alive = self._alive_nodes()
+        self.procs[index] = proc = self._start_node(index, name)
+        self.procs.pop()  # _start_node appended it
+        if not self._wait(proc, name, lambda: self._alive_nodes() > alive, timeout_s):
+            raise NodeStartError(
+                f"ray node {name} did not come back: {(self.temp_dir / f'{name}.log').read_text()[-3000:]}"
+            )
+
     def stop(self) -> None:
         """SIGTERM each ``ray start --block`` (it stops the node's processes), then SIGKILL what is left."""
         for proc in reversed(self.procs):

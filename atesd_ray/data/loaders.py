@@ -174,11 +174,12 @@ def _jsonl_rows(file: Path) -> Iterator[Row]:
                 yield where, DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})", "bad_encoding")
                 continue
             except json.JSONDecodeError as e:
-                cut = "; the line ends there: cut short?" if e.pos >= len(text) else ""
+                ends = e.pos >= len(text) or e.msg.startswith("Unterminated")
+                cut = "; the line ends before the JSON does: cut short?" if ends else ""
                 yield (
                     where,
                     DataError(
-                        f"{where}: malformed JSON ({e.msg} at column {e.pos + 1} of {len(text)}{cut})",
+                        f"{where}: malformed JSON: {e.msg} (column {e.pos + 1} of {len(text)}{cut})",
                         "malformed_json",
                     ),
                 )

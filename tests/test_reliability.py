@@ -1,0 +1,190 @@
+"""One run per run directory, a resume that may not change what a run trains, and the small things a
+user reads: skipped rows named by file and line, JSON errors at their true column, exported model
+files readable like the rest of the folder, TensorBoard rewound with the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from atesd_ray.data.loaders import load_split
+from atesd_ray.job import ResumeRefused, open_run_dir
+from atesd_ray.run_lock import LOCK, STALE_S, RunDirLocked, acquire
+from atesd_ray.tracking import Tracker
+from tests.conftest import TINY, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _holder(run_dir: Path) -> subprocess.Popen:
+    """Another run's driver holding the directory: a process that took its lock and lives on."""
+    code = f"import time; from pathlib import Path; from atesd_ray.run_lock import acquire; acquire(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_a_held_run_dir_is_refused_and_touches_nothing(tmp_path):
+    """Before, both ran: the second cut the first's metrics.jsonl and rewrote its config.yaml."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    (run_dir / "config.yaml").write_text("the first run's\n")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    holder = _holder(run_dir)
+    try:
+        with pytest.raises(
+            RunDirLocked, match=rf"in use by a run on host {socket.gethostname()} \(pid {holder.pid}\)"
+        ):
+            open_run_dir(run_dir, make_config(*TINY))
+        after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != LOCK}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_warning(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (run_dir / LOCK).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started_at": "then"})
+    )
+    with caplog.at_level(logging.WARNING, logger="atesd_ray.run_lock"), acquire(run_dir) as lock:
+        assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()
+        assert lock.holder["pid"] == os.getpid()
+    assert f"its process {int(dead.stdout)} is gone" in caplog.text
+    assert not (run_dir / LOCK).exists()  # released
+    # on another host, a lock whose heartbeat is silent for STALE_S
+    (run_dir / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started_at": "then"}))
+    old = time.time() - STALE_S - 1
+    os.utime(run_dir / LOCK, (old, old))
+    with acquire(run_dir):
+        pass
+    (run_dir / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started_at": "now"}))
+    with pytest.raises(RunDirLocked, match="host elsewhere"):
+        acquire(run_dir)
+
+
+def _finished(tmp_path: Path) -> Path:
+    """A run directory as a finished 2-step run leaves it (config and one complete checkpoint)."""
+    from atesd_ray.runtime.checkpoint import CheckpointManager
+
+    run_dir = tmp_path / "run"
+    with open_run_dir(run_dir, make_config(*TINY, "algorithm=opsd")):
+        pass
+    manager = CheckpointManager(run_dir, 2)
+    tmp = manager.begin(2)
+    (tmp / "student").mkdir()
+    manager.commit(2, tmp, {"step": 2, "consumed": 8, "weight_version": 2})
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "change,key", [("algorithm=sft", "algorithm.name"), ("model=smollm2_135m", "model.name")]
+)
+def test_a_resume_that_would_change_what_the_run_trains_is_refused_before_anything(tmp_path, change, key):
+    """Before, algorithm=sft silently continued an opsd run (its loss jumped from 0.001 to 10.79),
+    and every attempt rewrote config.yaml first."""
+    run_dir = _finished(tmp_path)
+    stored = (run_dir / "config.yaml").read_bytes()
+    with pytest.raises(ResumeRefused) as err:
+        open_run_dir(run_dir, make_config(*TINY, change), resumes=True)
+    message = str(err.value)
+    assert f"{key}:" in message and "resume=never" in message and "another run_dir" in message
+    assert (run_dir / "config.yaml").read_bytes() == stored
+    assert not (run_dir / LOCK).exists()
+
+
+def test_a_resume_may_train_longer_and_says_so_in_the_history(tmp_path):
+    run_dir = _finished(tmp_path)
+    with open_run_dir(
+        run_dir, make_config(*TINY, "algorithm=opsd", "trainer.total_steps=5"), resumes=True
+    ) as lock:
+        assert lock.checkpoint.name == "step_2"
+    (entry,) = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert entry["changes"] == {"trainer.total_steps": [2, 5]} and entry["from"] == "step_2"
+    assert "total_steps: 5" in (run_dir / "config.yaml").read_text()
+    # a change nobody allowed, allowed explicitly
+    with open_run_dir(
+        run_dir,
+        make_config(
+            *TINY, "algorithm=opsd", "trainer.total_steps=5", "trainer.lr=1e-6", "resume_allow=[trainer.lr]"
+        ),
+        resumes=True,
+    ):
+        pass
+
+
+def test_skipped_rows_are_named_by_file_and_line_and_a_cut_line_at_its_end(tmp_path, caplog):
+    rows = [{"id": str(i), "problem": "p", "reference": "r", "answer": "1"} for i in range(9)]
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2][:-1]  # cut short: the closing brace lost
+    for i in (4, 5, 6, 7, 8):
+        lines[i] = json.dumps({"id": str(i)})  # no problem
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="atesd_ray.data.loaders"):
+        result = load_split("jsonl", str(path))
+    assert len(result.records) == 3 and result.n_skipped == 6
+    assert f"{path} line 3: malformed JSON" in caplog.text
+    # before: "at column 1" (the line's newline was parsed as its second line)
+    assert (
+        "Unterminated string starting at (column 24 of 25; the line ends before the JSON does: cut short?)"
+        in caplog.text
+    )
+    assert f"{path} line 5:" in caplog.text and f"{path} line 9:" not in caplog.text  # the first five
+    assert "1 more rows skipped (6 in all" in caplog.text
+
+
+def test_an_exported_model_is_readable_like_the_rest_of_its_folder(tmp_path):
+    """Before, model.safetensors came out 0600: a server running as another user could not read it."""
+    from atesd_ray.model_folders import save_hf_model
+    from atesd_ray.models import build_tiny, load_tokenizer
+
+    cfg = make_config(*TINY)
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_tiny(cfg.model, len(tokenizer))
+    out = save_hf_model(
+        tmp_path / "hf", {n: p.detach() for n, p in model.named_parameters()}, model, tokenizer
+    )
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_tensorboard_keeps_one_point_per_step_across_a_resume(tmp_path):
+    """Before, a resumed run left steps 2, 3 and 6 twice in TensorBoard; only the JSONL was rewound."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = Tracker(tmp_path, ["tensorboard"], "p", "e", {}, resume_step=0)
+    for step in range(4):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # a new event file name (they are per second)
+    resumed = Tracker(tmp_path, ["tensorboard"], "p", "e", {}, resume_step=2)
+    for step in range(2, 6):
+        resumed.log(step, {"loss": 10.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert points == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+    assert torch.tensor([p[0] for p in points]).unique().numel() == len(points)
