@@ -4,7 +4,9 @@ run directory's lock released, a local Ray instance stopped), and the entry poin
 saying where the run stopped and how to resume, and exits 130 or 143.
 
 ``ray.init`` sets its own SIGTERM handler (``sys.exit``), so :func:`install` runs again after it
-(``runtime.cluster.connect``).
+(``runtime.cluster.connect``). And a signal that lands while the driver waits in ``ray.get`` comes
+out of Ray as a plain ``KeyboardInterrupt``, so the handler also remembers which signal it was:
+:func:`stopped` turns any ``KeyboardInterrupt`` back into an :class:`Interrupted`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ class Interrupted(KeyboardInterrupt):
         self.where: str | None = None
 
 
+_received: list[int] = []
+
+
 def _raise(signum: int, _frame) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def stopped(err: KeyboardInterrupt) -> Interrupted:
+    """``err`` as the :class:`Interrupted` of the signal that caused it (SIGINT when none was seen)."""
+    if isinstance(err, Interrupted):
+        return err
+    return Interrupted(_received[-1] if _received else signal.SIGINT)
 
 
 def install() -> None:

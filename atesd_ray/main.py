@@ -18,7 +18,7 @@ from atesd_ray.config import Config, ConfigError, check_override_keys, register_
 from atesd_ray.console import configure_driver
 from atesd_ray.data.records import DataError
 from atesd_ray.faults import ActorsLost
-from atesd_ray.interrupts import Interrupted
+from atesd_ray.interrupts import stopped
 from atesd_ray.job import ResumeRefused, RunDirError
 from atesd_ray.rollout_gap import RolloutGapError
 from atesd_ray.run_lock import RunDirLocked
@@ -104,7 +104,8 @@ def hydra_main(cfg: DictConfig) -> None:
     except STOPS as err:  # the project's own errors say all there is to say: no traceback
         print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    except Interrupted as stop:  # one line, not a traceback; every finally has run
+    except KeyboardInterrupt as err:  # one line, not a traceback; every finally has run
+        stop = stopped(err)
         print(
             stop.where
             or f"stopped by {stop.signame} (mode={config.mode}, run_dir {run_dir}); the same command starts "

@@ -12,6 +12,8 @@ tracker and the ``watchers`` (the entry point adds the live page:
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from atesd_ray.config import Config
 from atesd_ray.data.sampler import EpochSampler
 from atesd_ray.evaluation import generate_and_grade, summarize_rows, write_rows
 from atesd_ray.faults import Rollback, retrying
-from atesd_ray.interrupts import Interrupted
+from atesd_ray.interrupts import stopped
 from atesd_ray.job import RunData, open_run_dir, prepare_data
 from atesd_ray.rollout_gap import check_step_gap, check_sync, sync_gap
 from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
@@ -266,13 +268,18 @@ def _train(cfg: Config, run_dir: Path, checkpoint: Path | None, watchers: Sequen
             print(f"held-out before training: {fmt_eval(r.summary['eval_before'])}", flush=True)
         try:
             return _loop(r, tracker, watchers, step, r.draw())
-        except Interrupted as stop:
+        except KeyboardInterrupt as err:  # a signal (interrupts.py); Ray may have made it a plain one
+            stop = stopped(err)
             stop.where = (
                 f"stopped by {stop.signame} at step {r.step + 1} of {total}; the last complete checkpoint is "
                 f"{r.checkpoint or 'none yet'}; the same command resumes from it"
             )
-            raise
+            raise stop from None
     finally:
+        if sys.exc_info()[0] is not None:
+            # the run is stopping: the tasks its teardown cuts short fail as expected, and Ray would
+            # print each of them after the run's own message
+            os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
         if tracker is not None:
             tracker.close()
         if r.actors is not None:

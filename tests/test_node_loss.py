@@ -1,0 +1,99 @@
+"""A node lost for good, on a real two-node Ray cluster: the run's rollout needs a resource only
+node_b has (``cluster.rollout.resources={node_b: 1}``), and node_b is killed mid-run. The run says
+what it waits for while the rollout cannot be placed again, ends within the placement timeout with
+the project's own error (naming the actor, its resources and the checkpoint kept), and once node_b
+is back the same run resumes and equals a run left alone, step for step."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import ray
+
+from atesd_ray.faults import ActorsLost
+from atesd_ray.modes.train import run
+from atesd_ray.runtime.cluster import _runtime_env_for_checkout
+from atesd_ray.soak import differences
+from tests.conftest import TINY, make_config
+from tests.local_cluster import LocalCluster
+
+pytestmark = pytest.mark.ray
+
+TIMEOUT_S = 20
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    nodes = LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3)
+    saved = os.environ.get("RAY_AUTH_MODE")
+    try:
+        nodes.start()
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        ray.init(address=nodes.gcs_address, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.stop()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _config(two_nodes, run_dir):
+    return make_config(
+        *TINY,
+        "trainer.total_steps=4",
+        "trainer.save_every=1",
+        "trainer.lr=1e-3",
+        "cluster.student.cpus=1",
+        "cluster.rollout.cpus=1",
+        "cluster.teacher.cpus=1",
+        "cluster.rollout.resources={node_b: 1}",
+        "cluster.student.resources={node_a: 1}",
+        f"cluster.placement_timeout_s={TIMEOUT_S}",
+        f"cluster.address={two_nodes.gcs_address}",
+        f"run_dir={run_dir}",
+    )
+
+
+def _lines(run_dir) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_lost_node_ends_the_run_with_its_resources_named_and_it_resumes_once_back(two_nodes, tmp_path, capsys):
+    reference = tmp_path / "reference"
+    run(_config(two_nodes, reference), reference)
+
+    lost = tmp_path / "lost"
+    killed = threading.Event()
+
+    def kill_after_the_first_step():
+        while len(_lines(lost)) < 1:
+            time.sleep(0.2)
+        two_nodes.kill_node("node_b")
+        killed.set()
+
+    threading.Thread(target=kill_after_the_first_step, daemon=True).start()
+    with pytest.raises(ActorsLost) as err:
+        run(_config(two_nodes, lost), lost)
+    stopped = time.monotonic()
+    assert killed.is_set()
+    message = str(err.value)
+    assert "rollout 0 (needs {'CPU': 1.0, 'node_b': 1.0})" in message
+    assert f"within {TIMEOUT_S} s" in message and f"{lost}/checkpoints is kept" in message
+    assert "waiting for rollout 0 to restart" in capsys.readouterr().out
+
+    two_nodes.restart_node("node_b")
+    run(_config(two_nodes, lost), lost)  # the same command: it resumes from the last checkpoint
+    assert differences(_lines(reference), _lines(lost)) == []
+    assert stopped  # the run ended on its own, with the project's message, not at an outer timeout
