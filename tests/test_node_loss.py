@@ -1,5 +1,5 @@
 """A node lost for good, on a real two-node Ray cluster: the run's rollout needs a resource only
-node_b has (``cluster.rollout.resources={node_b: 1}``), and node_b is killed mid-run. The run says
+node_b has (``+cluster.rollout.resources.node_b=1``), and node_b is killed mid-run. The run says
 what it waits for while the rollout cannot be placed again, ends within the placement timeout with
 the project's own error (naming the actor, its resources and the checkpoint kept), and once node_b
 is back the same run resumes and equals a run left alone, step for step."""
@@ -57,8 +57,8 @@ def _config(two_nodes, run_dir):
         "cluster.student.cpus=1",
         "cluster.rollout.cpus=1",
         "cluster.teacher.cpus=1",
-        "cluster.rollout.resources={node_b: 1}",
-        "cluster.student.resources={node_a: 1}",
+        "+cluster.rollout.resources.node_b=1",
+        "+cluster.student.resources.node_a=1",
         f"cluster.placement_timeout_s={TIMEOUT_S}",
         f"cluster.address={two_nodes.gcs_address}",
         f"run_dir={run_dir}",
@@ -70,7 +70,9 @@ def _lines(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_lost_node_ends_the_run_with_its_resources_named_and_it_resumes_once_back(two_nodes, tmp_path, capsys):
+def test_a_lost_node_ends_the_run_with_its_resources_named_and_it_resumes_once_back(
+    two_nodes, tmp_path, capsys
+):
     reference = tmp_path / "reference"
     run(_config(two_nodes, reference), reference)
 
@@ -86,7 +88,6 @@ def test_a_lost_node_ends_the_run_with_its_resources_named_and_it_resumes_once_b
     threading.Thread(target=kill_after_the_first_step, daemon=True).start()
     with pytest.raises(ActorsLost) as err:
         run(_config(two_nodes, lost), lost)
-    stopped = time.monotonic()
     assert killed.is_set()
     message = str(err.value)
     assert "rollout 0 (needs {'CPU': 1.0, 'node_b': 1.0})" in message
@@ -96,4 +97,3 @@ def test_a_lost_node_ends_the_run_with_its_resources_named_and_it_resumes_once_b
     two_nodes.restart_node("node_b")
     run(_config(two_nodes, lost), lost)  # the same command: it resumes from the last checkpoint
     assert differences(_lines(reference), _lines(lost)) == []
-    assert stopped  # the run ended on its own, with the project's message, not at an outer timeout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from atesd_ray.data.records import DataError
-from atesd_ray.job import RunDirError, prepare_data, prepare_run_dir
+from atesd_ray.job import RunDirError, open_run_dir, prepare_data
 from atesd_ray.modes.train import run
 from atesd_ray.soak import COMPARED, metrics
 from tests.conftest import TINY, make_config
@@ -82,7 +82,7 @@ def test_an_unwritable_run_dir_fails_at_start(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(RunDirError, match="not writable"):
-        prepare_run_dir(blocker / "run", make_config(*TINY))
+        open_run_dir(blocker / "run", make_config(*TINY))
 
 
 @pytest.mark.ray
