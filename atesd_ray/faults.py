@@ -56,15 +56,15 @@ class ActorsLost(RuntimeError):
 
 
 def _alive(
-    handles: dict[str, ActorHandle], needs: dict[str, dict], timeout_s: float, run_dir: str | None
+    handles: dict[str, ActorHandle], needs: dict[str, dict], timeout_s: float, deadline: float, run_dir: str | None
 ) -> list[str]:
     """The names of ``handles`` that are dead for good; waits for restarting ones to answer, saying
-    every :data:`PROGRESS_S` what it waits for, and raises :class:`ActorsLost` after ``timeout_s``."""
+    every :data:`PROGRESS_S` what it waits for, and raises :class:`ActorsLost` at ``deadline``
+    (``time.monotonic()``; ``timeout_s`` after the fault)."""
     dead = []
     pending = {h.__ray_ready__.remote(): name for name, h in handles.items()}
-    start = time.monotonic()
     while pending:
-        left = timeout_s - (time.monotonic() - start)
+        left = deadline - time.monotonic()
         if left <= 0:
             waiting = ", ".join(f"{name} (needs {needs.get(name)})" for name in sorted(pending.values()))
             where = f"{run_dir}/checkpoints" if run_dir else "the run directory"
@@ -85,7 +85,7 @@ def _alive(
         if pending and not ready:
             print(
                 f"waiting for {', '.join(sorted(pending.values()))} to restart "
-                f"({max(0.0, timeout_s - (time.monotonic() - start)):.0f} s left)",
+                f"({max(0.0, deadline - time.monotonic()):.0f} s left)",
                 flush=True,
             )
         elif pending:
@@ -106,13 +106,23 @@ def recover(cfg: Config, actors: Actors) -> None:
     needs = {
         name: role_bundle(getattr(cfg.cluster, name.split()[0])) for name in handles if name != "controller"
     }
-    dead = _alive(handles, needs, cfg.cluster.placement_timeout_s, cfg.run_dir)
-    if dead:
-        raise Rollback(f"dead for good: {', '.join(dead)}")
-    version = ray.get(actors.students.actors[0].updates.remote())
-    actors.weight_sync.teardown()
-    actors.weight_sync.setup()  # a collective transport needs a new group with the new actor
-    actors.weight_sync.sync(version=version).get()
+    timeout_s = cfg.cluster.placement_timeout_s
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dead = _alive(handles, needs, timeout_s, deadline, cfg.run_dir)
+        if dead:
+            raise Rollback(f"dead for good: {', '.join(dead)}")
+        try:
+            version = ray.get(actors.students.actors[0].updates.remote())
+            actors.weight_sync.teardown()
+            actors.weight_sync.setup()  # a collective transport needs a new group with the new actor
+            actors.weight_sync.sync(version=version).get()
+            return
+        except ray.exceptions.RayError as err:
+            # an actor on a node that is going down can still answer once before it dies
+            if not is_actor_fault(err):
+                raise
+            print(f"recovery: an actor died again ({type(err).__name__}); waiting for it", flush=True)
 
 
 def retrying(cfg: Config, actors: Actors, what: str, attempt: Callable[[bool], T]) -> T:
