@@ -8,6 +8,7 @@ are left alone) and its own temp dir. ``stop`` ends exactly the processes starte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -257,3 +258,32 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def driven(nodes: LocalCluster):
+    """Start ``nodes`` and make this process a driver on them; stop both at the end and restore the
+    environment variables Ray's start-up sets. The nodes run with token authentication (Ray's default
+    once ~/.ray/auth_token exists); a driver joining an explicit address must turn it on itself, as
+    ``RAY_AUTH_MODE=token`` would at start-up."""
+    import ray
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    from atesd_ray.runtime.cluster import _runtime_env_for_checkout
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    try:
+        nodes.start()
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        ray.init(address=nodes.gcs_address, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +22,9 @@ import yaml
 from ray.util.state import list_actors, list_placement_groups
 
 from atesd_ray.config import RoleResources
-from atesd_ray.runtime.cluster import ActorGroup, Placement, _runtime_env_for_checkout
+from atesd_ray.runtime.cluster import ActorGroup, Placement
 from tests.conftest import TINY
-from tests.local_cluster import LocalCluster, python_without_package
+from tests.local_cluster import LocalCluster, driven, python_without_package
 
 pytestmark = pytest.mark.ray
 
@@ -39,27 +38,10 @@ def cluster(tmp_path_factory):
     node_b's Python has no path to this project, as a machine whose image lacks it: only what a
     job's runtime env carries (the uploaded working dir) gives its workers the code."""
     bare = python_without_package(tmp_path_factory.mktemp("python-without-package"))
-    nodes = LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3, node_env={"node_b": bare})
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    try:
-        nodes.start()
-        # the nodes run with token authentication (Ray's default once ~/.ray/auth_token exists); a driver
-        # joining an explicit address must turn it on itself, as `RAY_AUTH_MODE=token` would at start-up
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        ray.init(address=nodes.gcs_address, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+    with driven(
+        LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3, node_env={"node_b": bare})
+    ) as nodes:
         yield nodes
-    finally:
-        ray.shutdown()
-        nodes.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _submit(cluster: LocalCluster, *entrypoint: str, timeout_s: float = 540) -> subprocess.CompletedProcess:

@@ -68,15 +68,19 @@ def _interrupt(run_dir: Path, signum: int, after_steps: int) -> tuple[int, str, 
     return proc.returncode, err, children
 
 
-def test_sigint_and_sigterm_stop_with_one_line_and_the_run_resumes_exactly(tmp_path):
-    straight = tmp_path / "straight"
+def _train(run_dir) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "atesd_ray.main", *OVERRIDES, f"run_dir={straight}"],
+        [sys.executable, "-m", "atesd_ray.main", *OVERRIDES, f"run_dir={run_dir}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sigint_and_sigterm_stop_with_one_line_and_the_run_resumes_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    _train(straight)
 
     run_dir = tmp_path / "stopped"
     for signum, code, after in ((signal.SIGINT, 130, 2), (signal.SIGTERM, 143, 4)):
@@ -93,13 +97,7 @@ def test_sigint_and_sigterm_stop_with_one_line_and_the_run_resumes_exactly(tmp_p
         time.sleep(2)
         assert [p.pid for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
         assert not (run_dir / "run.lock").exists()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "atesd_ray.main", *OVERRIDES, f"run_dir={run_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _train(run_dir)  # the same command resumes it
     assert differences(_steps(straight), _steps(run_dir)) == []
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

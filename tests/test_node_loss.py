@@ -7,19 +7,16 @@ is back the same run resumes and equals a run left alone, step for step."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
 import pytest
-import ray
 
 from atesd_ray.faults import ActorsLost
 from atesd_ray.modes.train import run
-from atesd_ray.runtime.cluster import _runtime_env_for_checkout
 from atesd_ray.soak import differences
 from tests.conftest import TINY, make_config
-from tests.local_cluster import LocalCluster
+from tests.local_cluster import LocalCluster, driven
 
 pytestmark = pytest.mark.ray
 
@@ -28,24 +25,8 @@ TIMEOUT_S = 20
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    nodes = LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3)
-    saved = os.environ.get("RAY_AUTH_MODE")
-    try:
-        nodes.start()
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        ray.init(address=nodes.gcs_address, runtime_env=_runtime_env_for_checkout(), log_to_driver=False)
+    with driven(LocalCluster({"node_a": 4, "node_b": 4}, cpus_per_node=3)) as nodes:
         yield nodes
-    finally:
-        ray.shutdown()
-        nodes.stop()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def _config(two_nodes, run_dir):
