@@ -186,3 +186,65 @@ def test_tensorboard_keeps_one_point_per_step_across_a_resume(tmp_path):
     points = [(e.step, e.value) for e in events.Scalars("loss")]
     assert points == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 15.0)]
     assert torch.tensor([p[0] for p in points]).unique().numel() == len(points)
+
+
+def test_a_lock_left_empty_a_pid_reused_on_this_host_or_held_here_is_judged_right(tmp_path):
+    """An empty lock file (a run killed between creating and writing it, or a full disk) went stale
+    never; a lock naming this very process (a restarted container reuses pids) was held forever."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / LOCK
+    path.write_text("")
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    with acquire(run_dir):
+        pass
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "before"}))
+    with acquire(run_dir) as lock:  # not this process's lock: the pid is reused
+        with pytest.raises(RunDirLocked, match=f"pid {os.getpid()}"):  # but this one is held here
+            acquire(run_dir)
+        assert json.loads(path.read_text())["token"] == lock.holder["token"]
+    # a live pid on this host whose heartbeat is silent for STALE_S is another process with its pid
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "token": "t"}))
+        with pytest.raises(RunDirLocked):
+            acquire(run_dir)
+        old = time.time() - STALE_S - 1
+        os.utime(path, (old, old))
+        with acquire(run_dir):
+            pass
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_taking_over_a_stale_lock_never_moves_a_fresh_one_aside(tmp_path, monkeypatch):
+    """Two runs read the same stale holder; the first takes over. The second's rename then moved the
+    first's fresh lock away and both ran."""
+    import atesd_ray.run_lock as run_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / LOCK
+    stale = {"host": "elsewhere", "pid": 1, "token": "stale"}
+    path.write_text(json.dumps(stale))
+    old = time.time() - STALE_S - 1
+    os.utime(path, (old, old))
+    first = {}
+    real_stale = run_lock._stale
+
+    def the_other_run_wins_meanwhile(holder, mtime):
+        why = real_stale(holder, mtime)
+        if why and not first:  # between our read and our rename, another run takes it over
+            path.unlink()
+            first["lock"] = acquire(run_dir)
+        return why
+
+    monkeypatch.setattr(run_lock, "_stale", the_other_run_wins_meanwhile)
+    try:
+        with pytest.raises(RunDirLocked, match="in use"):
+            acquire(run_dir)
+        assert json.loads(path.read_text())["token"] == first["lock"].holder["token"]
+    finally:
+        first["lock"].release()
