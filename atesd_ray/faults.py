@@ -56,7 +56,11 @@ class ActorsLost(RuntimeError):
 
 
 def _alive(
-    handles: dict[str, ActorHandle], needs: dict[str, dict], timeout_s: float, deadline: float, run_dir: str | None
+    handles: dict[str, ActorHandle],
+    needs: dict[str, dict],
+    timeout_s: float,
+    deadline: float,
+    run_dir: str | None,
 ) -> list[str]:
     """The names of ``handles`` that are dead for good; waits for restarting ones to answer, saying
     every :data:`PROGRESS_S` what it waits for, and raises :class:`ActorsLost` at ``deadline``

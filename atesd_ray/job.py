@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from atesd_ray.data.loaders import load_data
 from atesd_ray.models import load_tokenizer, pretrained_path
 from atesd_ray.prompts import encode_chat, student_messages, teacher_messages
-from atesd_ray.run_lock import RunLock, acquire
+from atesd_ray.run_lock import LOCK, RunLock, acquire
 from atesd_ray.runtime.checkpoint import CheckpointManager
 
 if TYPE_CHECKING:
@@ -65,14 +65,31 @@ def _flat(node: dict, prefix: str = "") -> dict:
 
 
 def config_changes(run_dir: Path, cfg: Config) -> dict[str, tuple]:
-    """The keys whose value differs from the run's own ``config.yaml``: {key: (old, new)}."""
+    """The keys whose value differs from the run's own ``config.yaml``: {key: (old, new)}. A setting
+    the schema gained since the run began is not in its file, and is no change."""
     stored = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG), resolve=True))
     mine = _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    gained = set(_flat(OmegaConf.to_container(OmegaConf.structured(type(cfg)), resolve=True))) - set(stored)
     return {
         k: (stored.get(k), mine.get(k))
-        for k in sorted(set(stored) | set(mine))
+        for k in sorted((set(stored) | set(mine)) - gained)
         if stored.get(k) != mine.get(k)
     }
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """``resume=never`` in a directory that holds a run: its files move to ``earlier-<time>/``, so
+    the new run starts clean (no checkpoint of the earlier run is pruned as the newest, or resumed
+    later) and nothing is lost."""
+    kept = [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith("earlier-")]
+    if not kept:
+        return None
+    aside = run_dir / f"earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in kept:
+        path.rename(aside / path.name)
+    print(f"resume=never: the run that was in {run_dir} is now in {aside}", flush=True)
+    return aside
 
 
 def open_run_dir(run_dir: Path, cfg: Config, resumes: bool = False) -> RunLock:
@@ -102,7 +119,11 @@ def open_run_dir(run_dir: Path, cfg: Config, resumes: bool = False) -> RunLock:
                 f"would change:\n{listed}\nStart a new run (another run_dir), start this one over (resume=never), "
                 f"or, for a key that is safe to change mid-run, allow it: resume_allow=[{','.join(refused)}]"
             )
-        (run_dir / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if resumes and cfg.resume == "never":
+            set_aside(run_dir)
+        (run_dir / _config_name(run_dir, cfg, resumes)).write_text(
+            OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        )
         if changes:
             entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from": resuming.name, "argv": sys.argv[1:]}
             entry["changes"] = {k: [old, new] for k, (old, new) in changes.items()}
@@ -112,6 +133,15 @@ def open_run_dir(run_dir: Path, cfg: Config, resumes: bool = False) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+def _config_name(run_dir: Path, cfg: Config, resumes: bool) -> str:
+    """``config.yaml``, or ``config.<mode>.yaml`` for a job of another mode (an eval, a report) in a
+    directory whose ``config.yaml`` is a run's: that file stays what a resume is checked against."""
+    path = run_dir / CONFIG
+    if resumes or not path.exists() or OmegaConf.load(path).get("mode") == cfg.mode:
+        return CONFIG
+    return f"config.{cfg.mode}.yaml"
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from atesd_ray.data.loaders import load_split
 from atesd_ray.job import ResumeRefused, open_run_dir
@@ -248,3 +249,35 @@ def test_taking_over_a_stale_lock_never_moves_a_fresh_one_aside(tmp_path, monkey
         assert json.loads(path.read_text())["token"] == first["lock"].holder["token"]
     finally:
         first["lock"].release()
+
+
+def test_resume_never_starts_over_and_keeps_the_earlier_run_aside(tmp_path):
+    """Before, the earlier run's checkpoints stayed: the new run's first checkpoint (step 1) was
+    pruned at once as the oldest, and a later resume=auto continued the earlier run's step 2."""
+    run_dir = _finished(tmp_path)
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
+    with open_run_dir(run_dir, make_config(*TINY, "algorithm=sft", "resume=never"), resumes=True) as lock:
+        assert lock.checkpoint is None
+    (earlier,) = run_dir.glob("earlier-*")
+    assert (earlier / "checkpoints" / "step_2" / "COMPLETE").exists()
+    assert (earlier / "metrics.jsonl").read_text().count("\n") == 2
+    assert "name: opsd" in (earlier / "config.yaml").read_text()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", earlier.name]
+    assert "name: sft" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_key_the_run_never_had_is_no_change_and_other_modes_keep_the_runs_config(tmp_path):
+    """Before, a key added to the schema since the run began read as `None -> value` and refused
+    every older run; an eval pointed at a run's directory rewrote its config.yaml."""
+    run_dir = _finished(tmp_path)
+    stored = OmegaConf.load(run_dir / "config.yaml")
+    del stored.algorithm["opsd_clip"]
+    OmegaConf.save(stored, run_dir / "config.yaml")
+    with open_run_dir(run_dir, make_config(*TINY, "algorithm=opsd"), resumes=True):
+        pass
+    assert not (run_dir / "config_history.jsonl").exists()
+    before = (run_dir / "config.yaml").read_bytes()
+    with open_run_dir(run_dir, make_config(*TINY, "mode=eval")):
+        pass
+    assert (run_dir / "config.yaml").read_bytes() == before
+    assert "mode: eval" in (run_dir / "config.eval.yaml").read_text()
