@@ -26,9 +26,12 @@ import ray
 from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
+from atesd_ray.rollout_gap import check_sync, sync_gap
 from atesd_ray.runtime.cluster import role_bundle
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from atesd_ray.assembly import Actors
 
 T = TypeVar("T")
@@ -97,9 +100,10 @@ def _alive(
     return dead
 
 
-def recover(cfg: Config, actors: Actors) -> None:
+def recover(cfg: Config, actors: Actors, checkpoint: Path | None = None) -> None:
     """After an actor fault: wait for restarted replicas and give every weight receiver the
-    student's current weights; raise :class:`Rollback` when an actor is dead for good."""
+    student's current weights, checked as every sync is (the run stops, keeping ``checkpoint``, when
+    a receiver holds other weights); raise :class:`Rollback` when an actor is dead for good."""
     handles = {"controller": actors.controller}
     for role, group in (
         ("student", actors.students),
@@ -121,17 +125,23 @@ def recover(cfg: Config, actors: Actors) -> None:
             actors.weight_sync.teardown()
             actors.weight_sync.setup()  # a collective transport needs a new group with the new actor
             actors.weight_sync.sync(version=version).get()
-            return
+            gap = sync_gap(ray.get(actors.weight_sync.verify()))
         except ray.exceptions.RayError as err:
             # an actor on a node that is going down can still answer once before it dies
             if not is_actor_fault(err):
                 raise
             print(f"recovery: an actor died again ({type(err).__name__}); waiting for it", flush=True)
+            continue
+        check_sync(cfg, version, gap, checkpoint)
+        return
 
 
-def retrying(cfg: Config, actors: Actors, what: str, attempt: Callable[[bool], T]) -> T:
+def retrying(
+    cfg: Config, actors: Actors, what: str, attempt: Callable[[bool], T], checkpoint: Path | None = None
+) -> T:
     """``attempt(retry)``, again after each actor fault that :func:`recover` repairs, at most
-    ``trainer.fault_retries`` times; ``retry`` is True from the second call on."""
+    ``trainer.fault_retries`` times; ``retry`` is True from the second call on. ``checkpoint`` is
+    the run's last complete one, named if a repair's sync fails its check."""
     tries = 0
     while True:
         try:
@@ -141,4 +151,4 @@ def retrying(cfg: Config, actors: Actors, what: str, attempt: Callable[[bool], T
                 raise
             tries += 1
             print(f"{what}: an actor died ({type(err).__name__}); retry {tries}", flush=True)
-            recover(cfg, actors)
+            recover(cfg, actors, checkpoint)

@@ -12,6 +12,7 @@ out of Ray as a plain ``KeyboardInterrupt``, so the handler also remembers which
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -31,6 +32,14 @@ _received: list[int] = []
 
 
 def _raise(signum: int, _frame) -> None:
+    if _received:  # already stopping: a second signal must not cut the teardown short
+        print(
+            f"{signal.Signals(signum).name}: already stopping (tearing down the actors, releasing the run "
+            "directory); SIGKILL stops at once, leaving the lock to go stale",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     _received.append(signum)
     raise Interrupted(signum)
 

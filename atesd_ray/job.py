@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from atesd_ray.data.loaders import load_data
+from atesd_ray.data.records import DataError
 from atesd_ray.models import load_tokenizer, pretrained_path
 from atesd_ray.prompts import encode_chat, student_messages, teacher_messages
 from atesd_ray.run_lock import LOCK, RunLock, acquire
@@ -169,7 +170,10 @@ def prepare_data(cfg: Config) -> RunData:
     kept = [dataclasses.asdict(r) for r in train if fits(r)]
     too_long = len(train) - len(kept)
     if not kept:
-        raise ValueError(f"every training prompt exceeds model.max_prompt_tokens={limit}")
+        raise DataError(
+            f"every training prompt of data.source={cfg.data.source} exceeds model.max_prompt_tokens={limit} "
+            f"(the student's and the teacher's at full exposure); raise the limit or use shorter problems"
+        )
     held = [dataclasses.asdict(r) for r in evals if fits(r)]
     summary = report.summary() + (
         f"; {too_long} train prompts over {limit} tokens skipped" if too_long else ""

@@ -305,3 +305,20 @@ def test_a_data_file_with_a_duplicate_id_names_the_row(tmp_path):
     cfg = make_config(*TINY, "data.source=jsonl", f"data.path={path}", "data.on_bad_row=fail")
     with pytest.raises(Exception, match=rf"{re.escape(str(path))}.*line 3.*duplicate id 'a'"):
         prepare_data(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["eval=paper", "eval.sets.1.name=aime24"], "eval.sets"),
+        (
+            ["algorithm=opd", "teacher.model=tiny", "algorithm.loss.topk_tail=none", "teacher.topk=0"],
+            "algorithm.loss.topk_tail",
+        ),
+    ],
+)
+def test_settings_that_would_be_refused_or_ignored_late_are_config_errors(overrides, key):
+    """Before, duplicate eval set names stopped mode=eval with a traceback after the run dir was
+    taken, and topk_tail=none with full-vocabulary targets ran without its clamps."""
+    with pytest.raises(ConfigError, match=f"at '{key}'"):
+        make_config(*TINY, *overrides)

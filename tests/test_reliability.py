@@ -281,3 +281,28 @@ def test_a_key_the_run_never_had_is_no_change_and_other_modes_keep_the_runs_conf
         pass
     assert (run_dir / "config.yaml").read_bytes() == before
     assert "mode: eval" in (run_dir / "config.eval.yaml").read_text()
+
+
+def test_a_second_signal_while_stopping_does_not_cut_the_teardown_short(monkeypatch, capsys):
+    """Before, a second Ctrl-C (or SIGTERM after it) raised inside the finally blocks that tear the
+    actors down and release the run directory."""
+    import signal
+
+    from atesd_ray import interrupts
+
+    monkeypatch.setattr(interrupts, "_received", [])
+    handlers = {signum: signal.getsignal(signum) for signum in interrupts.EXIT_CODES}
+    torn_down = []
+    try:
+        interrupts.install()
+        with pytest.raises(interrupts.Interrupted) as err:
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:
+                signal.raise_signal(signal.SIGINT)  # while tearing down
+                torn_down.append(True)
+        assert err.value.code == 143 and torn_down == [True]
+        assert "SIGINT: already stopping" in capsys.readouterr().err
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

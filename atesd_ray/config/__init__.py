@@ -134,6 +134,13 @@ class Config(Section):
                 f"controller.kind={self.controller.kind} measures progress on the probe set, which is empty; "
                 "set data.probe_size > 0 or controller.progress_signal=loss",
             )
+        if self.algorithm.loss.topk_tail == "none":
+            require(
+                self.teacher.topk > 0,
+                "algorithm.loss.topk_tail",
+                "topk_tail=none is verl's loss over the teacher's top-k: it needs teacher.topk > 0 (with the full "
+                "vocabulary, teacher.topk=0, the loss is the full divergence and its clamps would go unused)",
+            )
         if self.teacher.model is not None:
             require(
                 self.teacher.model_config() != self.model,

@@ -55,6 +55,14 @@ class EvalConfig(Section):
         32, positive
     )  # problems per rollout call: the unit of progress (and of load balance)
 
+    def check(self, key: str) -> None:
+        names = [s.name for s in self.sets]
+        require(
+            bool(names) and len(set(names)) == len(names),
+            subkey(key, "sets"),
+            f"needs at least one set, with unique names; got {names}",
+        )
+
 
 @dataclass
 class RoleResources(Section):

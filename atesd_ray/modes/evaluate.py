@@ -118,9 +118,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
     """Evaluate; returns the summary (also written to ``eval/summary.json``)."""
     with open_run_dir(run_dir, cfg):
         model_cfg, checkpoint = resolve_model(cfg)
-        names = [s.name for s in cfg.eval.sets]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"eval.sets: needs at least one set, with unique names; got {names}")
         sets = {
             s.name: load_eval_set(s, cfg.data.synthetic, cfg.eval.max_problems, cfg.data.on_bad_row)
             for s in cfg.eval.sets

@@ -139,6 +139,7 @@ class Run:
             lambda retry: run_step(
                 algorithm, cfg, self.actors, step, batch, next_batch, None if retry else self.prefetched
             ),
+            self.checkpoint,
         )
         check_step_gap(cfg, step, metrics, self.checkpoint)
         check_sync(cfg, step + 1, metrics.get("sync_logprob_gap"), self.checkpoint)
@@ -147,7 +148,9 @@ class Run:
     def evaluate(self, done: int) -> dict:
         """Held-out evaluation after ``done`` steps, on weights of version ``done`` (run again after
         an actor fault)."""
-        return retrying(self.cfg, self.actors, f"eval after step {done}", lambda _: self._evaluate(done))
+        return retrying(
+            self.cfg, self.actors, f"eval after step {done}", lambda _: self._evaluate(done), self.checkpoint
+        )
 
     def _evaluate(self, done: int) -> dict:
         cfg, evals = self.cfg, self.data.evals
@@ -166,7 +169,11 @@ class Run:
     def save(self, done: int, metrics: dict, next_batch: list[dict] | None) -> Path:
         """Checkpoint after ``done`` steps (tried again after an actor fault)."""
         return retrying(
-            self.cfg, self.actors, f"checkpoint {done}", lambda _: self._save(done, metrics, next_batch)
+            self.cfg,
+            self.actors,
+            f"checkpoint {done}",
+            lambda _: self._save(done, metrics, next_batch),
+            self.checkpoint,
         )
 
     def _save(self, done: int, metrics: dict, next_batch: list[dict] | None) -> Path:
