@@ -11,7 +11,7 @@ import math
 import pytest
 
 from atesd_ray.modes.train import run
-from atesd_ray.runtime.checkpoint import PROBE_ROLLOUTS
+from atesd_ray.runtime.checkpoint import PROBE_ROLLOUTS, PROBE_TARGETS
 from tests.conftest import TINY, make_config
 
 pytestmark = pytest.mark.ray
@@ -34,13 +34,19 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_probe_kl_is_the_progress_signal_and_a_resume_measures_the_same_rollouts(ray_cluster, tmp_path):
+@pytest.mark.parametrize("teacher", ["frozen", "live"])
+def test_probe_kl_is_the_progress_signal_and_a_resume_measures_the_same_rollouts(
+    ray_cluster, tmp_path, teacher
+):
+    """A live teacher's targets at the resumed step differ from its step-0 ones: before, a resume
+    scored the probe rollouts again and its probe_kl jumped."""
     straight = tmp_path / "straight"
-    run(make_config(*PROBE_KL, f"run_dir={straight}"), straight)
+    run(make_config(*PROBE_KL, f"teacher.weights={teacher}", f"run_dir={straight}"), straight)
     whole = _metrics(straight)
     assert [m["step"] for m in whole] == [0, 1, 2, 3]
     assert all(math.isfinite(m["probe_kl"]) and m["probe_kl"] > 0 for m in whole)
     assert (straight / "checkpoints" / "step_2" / PROBE_ROLLOUTS).is_file()
+    assert (straight / "checkpoints" / "step_2" / PROBE_TARGETS).is_file()
     decisions = [
         json.loads(line) for line in (straight / "controller_timeline.jsonl").read_text().splitlines()
     ]
@@ -48,8 +54,13 @@ def test_probe_kl_is_the_progress_signal_and_a_resume_measures_the_same_rollouts
     assert scored, "no decision was scored"
 
     resumed = tmp_path / "resumed"
-    run(make_config(*PROBE_KL, "trainer.total_steps=2", f"run_dir={resumed}"), resumed)
-    run(make_config(*PROBE_KL, f"run_dir={resumed}"), resumed)  # from step_2, on its probe rollouts
+    run(
+        make_config(*PROBE_KL, f"teacher.weights={teacher}", "trainer.total_steps=2", f"run_dir={resumed}"),
+        resumed,
+    )
+    run(
+        make_config(*PROBE_KL, f"teacher.weights={teacher}", f"run_dir={resumed}"), resumed
+    )  # from step_2, on its probe rollouts
     again = _metrics(resumed)
     for a, b in zip(whole[2:], again[2:], strict=True):
         assert b["probe_kl"] == pytest.approx(a["probe_kl"], rel=1e-5), (

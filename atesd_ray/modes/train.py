@@ -37,6 +37,7 @@ from atesd_ray.run_summary import fmt_eval, init_provenance, summary_text
 from atesd_ray.runtime.checkpoint import (
     PREFETCHED,
     PROBE_ROLLOUTS,
+    PROBE_TARGETS,
     CheckpointManager,
     load_rollouts,
     read_state,
@@ -69,6 +70,7 @@ class Run:
     actors: Actors | None = None
     prefetched: list[ray.ObjectRef] | None = None  # the next step's rollouts, generated a step ahead
     probe_rollouts: list[ray.ObjectRef] | None = None  # what probe_kl is measured on
+    probe_targets: list[ray.ObjectRef] | None = None  # against these teacher targets
     summary: dict = field(default_factory=dict)
     step: int = 0  # the step training now
 
@@ -106,15 +108,17 @@ class Run:
         return start
 
     def _set_probe_rollouts(self) -> None:
-        """The fixed probe rollouts (the checkpoint's, else the step-0 student's samples of the probe
-        problems, seeded apart from every training step's) and the full-exposure teacher's targets."""
-        held = self.checkpoint / PROBE_ROLLOUTS if self.checkpoint else None
-        if held is not None and held.exists():
-            self.probe_rollouts = [ray.put(r) for r in load_rollouts(held)]
+        """The fixed probe rollouts (the step-0 student's samples of the probe problems, seeded apart
+        from every training step's) and the full-exposure step-0 teacher's targets on them: the
+        checkpoint's, so that a resume measures against the very targets a live or EMA teacher gave
+        at step 0."""
+        held = [self.checkpoint / name for name in (PROBE_ROLLOUTS, PROBE_TARGETS)] if self.checkpoint else []
+        if held and all(path.exists() for path in held):
+            self.probe_rollouts, self.probe_targets = ([ray.put(r) for r in load_rollouts(p)] for p in held)
         else:
             self.probe_rollouts = [self.actors.rollouts.generate(0, self.data.probe, -1, 0)]
-        scored = self.actors.teachers.score(self.probe_rollouts, 1.0)
-        self.actors.students.set_probe_rollouts(self.probe_rollouts, scored).get()
+            self.probe_targets = self.actors.teachers.score(self.probe_rollouts, 1.0)
+        self.actors.students.set_probe_rollouts(self.probe_rollouts, self.probe_targets).get()
 
     def _restore(self, checkpoint: Path) -> int:
         """The actors and the sampler at ``checkpoint``, with the next step's rollouts when it holds
@@ -194,6 +198,7 @@ class Run:
                     save_rollouts(ray.get(self.prefetched), tmp / PREFETCHED)
                 if self.probe_rollouts:
                     save_rollouts(ray.get(self.probe_rollouts), tmp / PROBE_ROLLOUTS)
+                    save_rollouts(ray.get(self.probe_targets), tmp / PROBE_TARGETS)
             except (OSError, ray.exceptions.RayTaskError) as err:  # a full disk, a quota, a lost mount
                 raise self.checkpoints.abandon(done, tmp, err) from err
             state = {

@@ -22,6 +22,7 @@ STATE = "trainer_state.json"
 STUDENT_DIR = "student"  # inside checkpoints/step_<N>/: the student's part
 PREFETCHED = "prefetched_rollouts.safetensors"  # the next step's rollouts, generated one step off
 PROBE_ROLLOUTS = "probe_rollouts.safetensors"  # the fixed rollouts probe_kl is measured on
+PROBE_TARGETS = "probe_targets.safetensors"  # and the full-exposure teacher's targets on them
 STUDENT_WEIGHTS = "student.safetensors"  # the trainable tensors, with the model's parameter names
 STUDENT_STATE = "student_state.json"  # step, scheduler, and the fingerprint of the model it fits
 _STEP_DIR = re.compile(r"^step_(\d+)$")
