@@ -27,7 +27,7 @@ from ray.actor import ActorHandle
 
 from atesd_ray.config import Config
 from atesd_ray.rollout_gap import check_sync, sync_gap
-from atesd_ray.runtime.cluster import role_bundle
+from atesd_ray.runtime.cluster import WAIT_PROGRESS_S, role_bundle
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from atesd_ray.assembly import Actors
 
 T = TypeVar("T")
-PROGRESS_S = 30.0  # how often the wait for restarting actors says what it waits for
 
 
 class Rollback(RuntimeError):
@@ -66,7 +65,7 @@ def _alive(
     run_dir: str | None,
 ) -> list[str]:
     """The names of ``handles`` that are dead for good; waits for restarting ones to answer, saying
-    every :data:`PROGRESS_S` what it waits for, and raises :class:`ActorsLost` at ``deadline``
+    every :data:`~atesd_ray.runtime.cluster.WAIT_PROGRESS_S` what it waits for, and raises :class:`ActorsLost` at ``deadline``
     (``time.monotonic()``; ``timeout_s`` after the fault)."""
     dead = []
     pending = {h.__ray_ready__.remote(): name for name, h in handles.items()}
@@ -80,7 +79,7 @@ def _alive(
                 f"no node offers those resources now; was a node lost? The last complete checkpoint in {where} "
                 "is kept; once the resources are back, the same command resumes from it"
             )
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(PROGRESS_S, left))
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(WAIT_PROGRESS_S, left))
         for ref in ready:
             name = pending.pop(ref)
             try:

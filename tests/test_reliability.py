@@ -306,3 +306,15 @@ def test_a_second_signal_while_stopping_does_not_cut_the_teardown_short(monkeypa
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def test_a_group_no_node_can_place_says_what_it_waits_for_and_ends_in_the_projects_error(
+    ray_cluster, monkeypatch, capsys
+):
+    """Before, a rebuilt actor whose node was gone waited silently, then ended in a bare timeout."""
+    from atesd_ray.runtime import cluster
+
+    monkeypatch.setattr(cluster, "WAIT_PROGRESS_S", 0.5)
+    with pytest.raises(cluster.ClusterError, match=r"not placed within 2 s .*was a node lost\?.*resumes"):
+        cluster.Placement("lost", 1, {"CPU": 1, "node_gone": 1}, "PACK", timeout_s=2)
+    assert "waiting for placement group 'lost' (1 x {'CPU': 1, 'node_gone': 1}): " in capsys.readouterr().out

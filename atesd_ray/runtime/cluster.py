@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,9 @@ def _node_key(ip: str, node_id: str) -> tuple:
         return (9, ip, node_id)
 
 
+WAIT_PROGRESS_S = 30.0  # how often a wait for actors to be placed says what it waits for
+
+
 class Placement:
     """A placement group of ``count`` identical bundles, numbered in node order.
 
@@ -232,14 +236,19 @@ class Placement:
         self.name = name
         self.bundle = bundle
         self.pg = placement_group([bundle] * count, strategy=strategy, name=name)
-        try:
-            ray.get(self.pg.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError as err:
-            remove_placement_group(self.pg)
-            raise ClusterError(
-                f"placement group '{name}' ({count} x {bundle}, {strategy}) was not placed within {timeout_s:.0f} s; "
-                f"cluster resources: {ray.cluster_resources()}"
-            ) from err
+        ready, deadline = self.pg.ready(), time.monotonic() + timeout_s
+        while not ray.wait([ready], timeout=min(WAIT_PROGRESS_S, max(0.0, deadline - time.monotonic())))[0]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                remove_placement_group(self.pg)
+                raise ClusterError(
+                    f"placement group '{name}' ({count} x {bundle}, {strategy}) was not placed within "
+                    f"{timeout_s:.0f} s (cluster.placement_timeout_s): no node offers those resources now "
+                    f"(cluster resources: {ray.cluster_resources()}); was a node lost? Nothing past the last "
+                    "complete checkpoint is lost: once a node offers them, the same command resumes"
+                )
+            print(f"waiting for placement group '{name}' ({count} x {bundle}): {left:.0f} s left", flush=True)
+        ray.get(ready)
         table = placement_group_table(self.pg)["bundles_to_node_id"]
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         self.order = sorted(range(count), key=lambda b: (_node_key(ips.get(table[b], ""), table[b]), b))

@@ -72,10 +72,6 @@ class Synced:
     held: list[ray.ObjectRef]
     senders: list[ray.ObjectRef]
 
-    @property
-    def refs(self) -> list[ray.ObjectRef]:
-        return [*self.held, *self.senders]
-
     def get(self) -> list[int]:
         """Wait for both sides; the versions the receivers hold."""
         ray.get(self.senders)
@@ -123,7 +119,8 @@ class WeightReceiver:
     A sync reaches it as one update, whatever the transport: :meth:`begin_update`, then
     :meth:`apply_weights` once per chunk (the whole sync on the object store, one bucket of a
     broadcast or a CUDA IPC hand-off), then :meth:`finish_update`. The receiver owns its version:
-    ``weight_version`` is the last version fully applied, set only by :meth:`finish_update`. An
+    ``weight_version`` is the last version fully applied: set by :meth:`finish_update`, and by
+    the loads that put a checkpoint's weights in place (a resume, a restart) and a rewind. An
     engine that must see a sync whole (vLLM re-packs fused layers once all of a layer's weights are
     in) opens its load in :meth:`open_weights` and closes it in :meth:`close_weights`.
 
