@@ -111,8 +111,8 @@ class Actors:
         }
 
     def shutdown(self) -> None:
-        try:
-            self.weight_sync.teardown()
+        try:  # the actors are killed next: a member that does not answer (its node lost) is not waited for
+            self.weight_sync.teardown(timeout_s=TEARDOWN_WAIT_S)
         except ray.exceptions.RayError:
             pass
         for group in (self.students, self.rollouts, self.teachers):
@@ -120,6 +120,9 @@ class Actors:
         ray.kill(self.controller, no_restart=True)
         for placement in self.shared:
             placement.remove()
+
+
+TEARDOWN_WAIT_S = 10.0  # how long a shutdown waits for the weight transport's members to leave
 
 
 def restart_limit(cfg: Config, role: str) -> int:

@@ -28,6 +28,7 @@ from ray.actor import ActorHandle
 from atesd_ray.config import Config
 from atesd_ray.rollout_gap import check_sync, sync_gap
 from atesd_ray.runtime.cluster import WAIT_PROGRESS_S, role_bundle
+from atesd_ray.runtime.transfer import PeerLost
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -43,18 +44,32 @@ class Rollback(RuntimeError):
 
 def is_actor_fault(err: BaseException) -> bool:
     """True when ``err`` or what caused it is an actor that died or became unreachable (an actor
-    task that failed because its input came from a dead actor carries that error as its cause)."""
+    task that failed because its input came from a dead actor carries that error as its cause), or
+    a weight group's broadcast that a member left by dying (:class:`PeerLost`)."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        if isinstance(err, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError | PeerLost):
             return True
         err = getattr(err, "cause", None) or err.__cause__
     return False
 
 
+FIRST_WAIT_S = 5.0  # a restarted actor on a live node answers within this; longer is worth a line
+
+
 class ActorsLost(RuntimeError):
     """Actors that died could not be placed again: their node is gone, or no node has their resources."""
+
+
+def _lost(names, needs: dict[str, dict], timeout_s: float, run_dir: str | None, what: str) -> ActorsLost:
+    waiting = ", ".join(f"{name} (needs {needs.get(name)})" for name in sorted(names))
+    where = f"{run_dir}/checkpoints" if run_dir else "the run directory"
+    return ActorsLost(
+        f"{waiting} {what} within {timeout_s:.0f} s (cluster.placement_timeout_s): no node offers those "
+        f"resources now; was a node lost? The last complete checkpoint in {where} is kept; once the "
+        "resources are back, the same command resumes from it"
+    )
 
 
 def _alive(
@@ -64,22 +79,16 @@ def _alive(
     deadline: float,
     run_dir: str | None,
 ) -> list[str]:
-    """The names of ``handles`` that are dead for good; waits for restarting ones to answer, saying
-    every :data:`~atesd_ray.runtime.cluster.WAIT_PROGRESS_S` what it waits for, and raises :class:`ActorsLost` at ``deadline``
-    (``time.monotonic()``; ``timeout_s`` after the fault)."""
+    """The names of ``handles`` that are dead for good; waits for restarting ones to answer (a
+    restart on a live node takes seconds), saying what it waits for after :data:`FIRST_WAIT_S` and
+    every :data:`~atesd_ray.runtime.cluster.WAIT_PROGRESS_S`, and raises :class:`ActorsLost` at
+    ``deadline`` (``time.monotonic()``; ``timeout_s`` after the fault)."""
     dead = []
     pending = {h.__ray_ready__.remote(): name for name, h in handles.items()}
+    wait_s = FIRST_WAIT_S
     while pending:
         left = deadline - time.monotonic()
-        if left <= 0:
-            waiting = ", ".join(f"{name} (needs {needs.get(name)})" for name in sorted(pending.values()))
-            where = f"{run_dir}/checkpoints" if run_dir else "the run directory"
-            raise ActorsLost(
-                f"{waiting} could not be placed again within {timeout_s:.0f} s (cluster.placement_timeout_s): "
-                f"no node offers those resources now; was a node lost? The last complete checkpoint in {where} "
-                "is kept; once the resources are back, the same command resumes from it"
-            )
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(WAIT_PROGRESS_S, left))
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.5, min(wait_s, left)))
         for ref in ready:
             name = pending.pop(ref)
             try:
@@ -89,11 +98,14 @@ def _alive(
             except ray.exceptions.RayActorError:
                 dead.append(name)
         if pending and not ready:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _lost(pending.values(), needs, timeout_s, run_dir, "could not be placed again")
             print(
-                f"waiting for {', '.join(sorted(pending.values()))} to restart "
-                f"({max(0.0, deadline - time.monotonic()):.0f} s left)",
+                f"waiting for {', '.join(sorted(pending.values()))} to restart ({left:.0f} s left)",
                 flush=True,
             )
+            wait_s = WAIT_PROGRESS_S
         elif pending:
             time.sleep(0.5)
     return dead
@@ -122,9 +134,18 @@ def recover(cfg: Config, actors: Actors, checkpoint: Path | None = None) -> None
         try:
             version = ray.get(actors.students.actors[0].updates.remote())
             actors.weight_sync.teardown()
-            actors.weight_sync.setup()  # a collective transport needs a new group with the new actor
+            # a collective transport needs a new group with the new actor; a member that answered
+            # once and then died with its node would hold the others in the group's rendezvous
+            actors.weight_sync.setup(timeout_s=max(1.0, deadline - time.monotonic()))
             actors.weight_sync.sync(version=version).get()
             gap = sync_gap(ray.get(actors.weight_sync.verify()))
+        except ray.exceptions.GetTimeoutError:
+            if time.monotonic() >= deadline:
+                names = [n for n in handles if n.split()[0] in ("rollout", "teacher")]
+                raise _lost(
+                    names, needs, timeout_s, cfg.run_dir, "could not be joined to the weight sync"
+                ) from None
+            continue
         except ray.exceptions.RayError as err:
             # an actor on a node that is going down can still answer once before it dies
             if not is_actor_fault(err):

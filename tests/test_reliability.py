@@ -318,3 +318,30 @@ def test_a_group_no_node_can_place_says_what_it_waits_for_and_ends_in_the_projec
     with pytest.raises(cluster.ClusterError, match=r"not placed within 2 s .*was a node lost\?.*resumes"):
         cluster.Placement("lost", 1, {"CPU": 1, "node_gone": 1}, "PACK", timeout_s=2)
     assert "waiting for placement group 'lost' (1 x {'CPU': 1, 'node_gone': 1}): " in capsys.readouterr().out
+
+
+def test_the_wait_for_an_actor_no_node_can_place_says_so_and_names_what_it_needs(
+    ray_cluster, monkeypatch, capsys
+):
+    """Before, the driver stayed silent for the whole placement timeout, then died with a bare
+    GetTimeoutError."""
+    import ray
+
+    from atesd_ray import faults
+
+    @ray.remote(resources={"node_gone": 1})
+    class Stranded:
+        pass
+
+    monkeypatch.setattr(faults, "FIRST_WAIT_S", 0.5)
+    handle = Stranded.remote()
+    try:
+        with pytest.raises(
+            faults.ActorsLost, match=r"rollout 0 \(needs \{'node_gone': 1\}\) could not be placed"
+        ):
+            faults._alive(
+                {"rollout 0": handle}, {"rollout 0": {"node_gone": 1}}, 3, time.monotonic() + 3, "r"
+            )
+        assert "waiting for rollout 0 to restart (" in capsys.readouterr().out
+    finally:
+        ray.kill(handle)

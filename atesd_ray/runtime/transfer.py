@@ -13,6 +13,13 @@ import torch.distributed as dist
 _DEVICE_ARG = 6  # position of the device index in torch's rebuild_cuda_tensor arguments
 
 
+class PeerLost(RuntimeError):
+    """A collective operation of the weight group failed: a member died mid-sync (its connection
+    closed) or never joined (the timeout). The members that are left see this, not an actor death,
+    so the driver treats it as one (``atesd_ray/faults.py``): it waits for the lost member and
+    builds the group again."""
+
+
 def backend_group(
     backend: str, store: dist.Store, rank: int, world_size: int, timeout: timedelta
 ) -> dist.ProcessGroupGloo | dist.ProcessGroupNCCL:

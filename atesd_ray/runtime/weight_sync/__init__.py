@@ -232,9 +232,10 @@ class WeightTransport:
         self.bucket_bytes = bucket_bytes
         self.format = "trainable"
 
-    def setup(self) -> None:
-        """Called once the actors exist (and again after a receiver restarts): agree on the format."""
-        formats = set(ray.get([r.weight_format.remote() for r in self.receivers]))
+    def setup(self, timeout_s: float | None = None) -> None:
+        """Called once the actors exist (and again after a receiver restarts): agree on the format.
+        ``timeout_s`` bounds each wait for the members (``ray.exceptions.GetTimeoutError``)."""
+        formats = set(ray.get([r.weight_format.remote() for r in self.receivers], timeout=timeout_s))
         if len(formats) > 1:
             raise ValueError(
                 f"weight receivers want different formats {sorted(formats)} (an HF engine beside a vLLM one); "
@@ -258,8 +259,9 @@ class WeightTransport:
         ``holds_version``; Ray resolves it first) and does nothing when it is False."""
         raise NotImplementedError
 
-    def teardown(self) -> None:
-        """Release transport resources (process groups, buffers)."""
+    def teardown(self, timeout_s: float | None = None) -> None:
+        """Release transport resources (process groups, buffers); ``timeout_s`` bounds the wait
+        for the members (a member whose node is gone never answers)."""
 
     def buckets(self) -> list[list[TensorSpec]]:
         specs = ray.get(self.students.actors[0].weight_layout.remote(self.format))

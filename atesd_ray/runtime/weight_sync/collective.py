@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from atesd_ray.runtime.cluster import free_port
-from atesd_ray.runtime.transfer import backend_group
+from atesd_ray.runtime.transfer import PeerLost, backend_group
 from atesd_ray.runtime.weight_sync import Synced, WeightReceiver, WeightSender, WeightTransport, take_bucket
 from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
 
@@ -54,7 +54,10 @@ class BroadcastGroup:
         on_device = tensor.to(self.device)
         options = dist.BroadcastOptions()
         options.rootRank = src
-        self.group.broadcast([on_device], options).wait()
+        try:
+            self.group.broadcast([on_device], options).wait()
+        except RuntimeError as err:  # gloo: "Connection closed by peer", a timeout; NCCL: an abort
+            raise PeerLost(f"the weight group's broadcast failed on member {self.rank}: {err}") from err
         if on_device is not tensor:
             tensor.copy_(on_device)
         return tensor
@@ -115,16 +118,17 @@ def receive(receiver: WeightReceiver, version: int, buckets: list[list[TensorSpe
 class CollectiveSync(WeightTransport):
     name = "collective"
 
-    def setup(self) -> None:
-        super().setup()
+    def setup(self, timeout_s: float | None = None) -> None:
+        super().setup(timeout_s)
         sender = self.students.actors[0]
-        host, port = ray.get(sender.weight_transfer.remote(address))
+        host, port = ray.get(sender.weight_transfer.remote(address), timeout=timeout_s)
         members = [sender, *self.receivers]
         ray.get(
             [
                 m.weight_transfer.remote(join, host, port, len(members), rank, self.backend)
                 for rank, m in enumerate(members)
-            ]
+            ],
+            timeout=timeout_s,
         )
         self.layout = ray.put(self.buckets())  # the layout travels once, by reference
 
@@ -133,8 +137,9 @@ class CollectiveSync(WeightTransport):
         held = [r.weight_transfer.remote(receive, version, self.layout, allowed) for r in self.receivers]
         return Synced(held, sent)
 
-    def teardown(self) -> None:
-        ray.get([m.weight_transfer.remote(leave) for m in [self.students.actors[0], *self.receivers]])
+    def teardown(self, timeout_s: float | None = None) -> None:
+        members = [self.students.actors[0], *self.receivers]
+        ray.get([m.weight_transfer.remote(leave) for m in members], timeout=timeout_s)
 
 
 TRANSPORT = CollectiveSync

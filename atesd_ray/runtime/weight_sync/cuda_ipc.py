@@ -79,8 +79,8 @@ class CudaIpcSync(WeightTransport):
 
     name = "cuda_ipc"
 
-    def setup(self) -> None:
-        super().setup()
+    def setup(self, timeout_s: float | None = None) -> None:
+        super().setup(timeout_s)
         if len(self.receivers) != len(self.students):
             raise ValueError(
                 f"cuda_ipc pairs student rank i with rollout i: {len(self.students)} ranks, {len(self.receivers)} receivers"
