@@ -64,7 +64,7 @@ def summary_text(summary: dict, first: dict | None) -> str:
     if "eval_after" in summary:
         lines.append(f"held-out accuracy after:  {fmt_eval(summary['eval_after'])}")
     if first:
-        for key in ("loss", "mismatch_kl", "probe_nll", "accuracy"):
+        for key in ("loss", "mismatch_kl", "probe_nll", "probe_kl", "accuracy"):
             if key in first and key in last:
                 lines.append(f"{key:>12}: {first[key]:.4f} (first step) -> {last[key]:.4f} (last step)")
     run_dir = Path(summary["run_dir"])

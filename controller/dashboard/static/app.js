@@ -344,7 +344,11 @@ function renderSteps() {
     y: [0, 1], integerX: true, xLabel: "step",
   });
   chart(document.getElementById("probe-chart"), {
-    series: [{ name: "probe NLL", points: stepSeries("probe_nll"), color: COLORS[4] }], integerX: true, xLabel: "step",
+    series: [
+      { name: "probe NLL", points: stepSeries("probe_nll"), color: COLORS[4] },
+      { name: "probe KL (α = 1 teacher)", points: stepSeries("probe_kl"), color: COLORS[0] },
+    ].filter((s) => s.points.length),
+    integerX: true, xLabel: "step",
   });
   chart(document.getElementById("gap-chart"), {
     series: [
