@@ -42,17 +42,22 @@ class Rollback(RuntimeError):
     """An actor died that a restart cannot bring back in step: continue from the last checkpoint."""
 
 
+def _caused_by(err: BaseException | None, kinds: tuple[type, ...]) -> bool:
+    """Whether ``err`` or what caused it (an actor task's error carries the original) is one of ``kinds``."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, kinds):
+            return True
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
+
+
 def is_actor_fault(err: BaseException) -> bool:
     """True when ``err`` or what caused it is an actor that died or became unreachable (an actor
     task that failed because its input came from a dead actor carries that error as its cause), or
     a weight group's broadcast that a member left by dying (:class:`PeerLost`)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError | PeerLost):
-            return True
-        err = getattr(err, "cause", None) or err.__cause__
-    return False
+    return _caused_by(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, PeerLost))
 
 
 FIRST_WAIT_S = 5.0  # a restarted actor on a live node answers within this; longer is worth a line
@@ -97,16 +102,18 @@ def _alive(
                 pending[handles[name].__ray_ready__.remote()] = name
             except ray.exceptions.RayActorError:
                 dead.append(name)
-        if pending and not ready:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _lost(pending.values(), needs, timeout_s, run_dir, "could not be placed again")
+        if not pending:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _lost(pending.values(), needs, timeout_s, run_dir, "could not be placed again")
+        if not ready:
             print(
                 f"waiting for {', '.join(sorted(pending.values()))} to restart ({left:.0f} s left)",
                 flush=True,
             )
             wait_s = WAIT_PROGRESS_S
-        elif pending:
+        else:
             time.sleep(0.5)
     return dead
 
@@ -127,28 +134,34 @@ def recover(cfg: Config, actors: Actors, checkpoint: Path | None = None) -> None
     }
     timeout_s = cfg.cluster.placement_timeout_s
     deadline = time.monotonic() + timeout_s
-    while True:
+    for attempt in range(cfg.trainer.fault_retries + 1):
         dead = _alive(handles, needs, timeout_s, deadline, cfg.run_dir)
         if dead:
             raise Rollback(f"dead for good: {', '.join(dead)}")
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
         try:
-            version = ray.get(actors.students.actors[0].updates.remote())
-            actors.weight_sync.teardown()
+            version = ray.get(actors.students.actors[0].updates.remote(), timeout=left())
+            actors.weight_sync.teardown(timeout_s=left())
             # a collective transport needs a new group with the new actor; a member that answered
             # once and then died with its node would hold the others in the group's rendezvous
-            actors.weight_sync.setup(timeout_s=max(1.0, deadline - time.monotonic()))
+            actors.weight_sync.setup(timeout_s=left())
             actors.weight_sync.sync(version=version).get()
             gap = sync_gap(ray.get(actors.weight_sync.verify()))
-        except ray.exceptions.GetTimeoutError:
-            if time.monotonic() >= deadline:
-                names = [n for n in handles if n.split()[0] in ("rollout", "teacher")]
-                raise _lost(
-                    names, needs, timeout_s, cfg.run_dir, "could not be joined to the weight sync"
-                ) from None
-            continue
+        except ray.exceptions.GetTimeoutError:  # the deadline, with members that would not answer
+            names = [n for n in handles if n.split()[0] in ("rollout", "teacher")]
+            raise _lost(
+                names, needs, timeout_s, cfg.run_dir, "could not be joined to the weight sync"
+            ) from None
         except ray.exceptions.RayError as err:
             # an actor on a node that is going down can still answer once before it dies
-            if not is_actor_fault(err):
+            if (
+                not is_actor_fault(err)
+                or attempt == cfg.trainer.fault_retries
+                or time.monotonic() >= deadline
+            ):
                 raise
             print(f"recovery: an actor died again ({type(err).__name__}); waiting for it", flush=True)
             continue
@@ -169,6 +182,10 @@ def retrying(
         except ray.exceptions.RayError as err:
             if not is_actor_fault(err) or tries == cfg.trainer.fault_retries:
                 raise
+            if cfg.trainer.ranks > 1 and _caused_by(err, PeerLost):
+                # rank 0 left the weight stream mid-way while the other ranks wait in its next
+                # gather: only new student ranks are in step again
+                raise Rollback(f"{what}: a weight broadcast lost a member mid-sync") from err
             tries += 1
             print(f"{what}: an actor died ({type(err).__name__}); retry {tries}", flush=True)
             recover(cfg, actors, checkpoint)

@@ -65,28 +65,42 @@ def _flat(node: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(run_dir: Path, cfg: Config) -> dict[str, tuple]:
-    """The keys whose value differs from the run's own ``config.yaml``: {key: (old, new)}. A setting
-    the schema gained since the run began is not in its file, and is no change."""
+def config_changes(run_dir: Path, cfg: Config) -> tuple[dict[str, tuple], dict[str, object]]:
+    """The keys whose value differs from the run's own ``config.yaml`` ({key: (old, new)}), and the
+    settings the schema gained since the run began, which its file lacks ({key: value}): those are
+    no change, but are said and kept in the history."""
     stored = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG), resolve=True))
     mine = _flat(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    gained = set(_flat(OmegaConf.to_container(OmegaConf.structured(type(cfg)), resolve=True))) - set(stored)
-    return {
+    schema = set(_flat(OmegaConf.to_container(OmegaConf.structured(type(cfg)), resolve=True)))
+    gained = {k: mine.get(k) for k in sorted(schema - set(stored))}
+    changes = {
         k: (stored.get(k), mine.get(k))
-        for k in sorted((set(stored) | set(mine)) - gained)
+        for k in sorted((set(stored) | set(mine)) - set(gained))
         if stored.get(k) != mine.get(k)
     }
+    return changes, gained
 
 
 def set_aside(run_dir: Path) -> Path | None:
-    """``resume=never`` in a directory that holds a run: its files move to ``earlier-<time>/``, so
-    the new run starts clean (no checkpoint of the earlier run is pruned as the newest, or resumed
-    later) and nothing is lost."""
-    kept = [p for p in run_dir.iterdir() if p.name != LOCK and not p.name.startswith("earlier-")]
-    if not kept:
+    """``resume=never`` in a directory that holds a run (a config, metrics or checkpoints): its
+    files move to ``earlier-<time>/``, so the new run starts clean (no checkpoint of the earlier run
+    is pruned as the newest, or resumed later) and nothing is lost. Locks, Hydra's ``.hydra/`` and
+    logs, which this job may already be writing, stay."""
+    if not any((run_dir / name).exists() for name in (CONFIG, "metrics.jsonl", "checkpoints")):
         return None
-    aside = run_dir / f"earlier-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
+    kept = [
+        p
+        for p in run_dir.iterdir()
+        if not p.name.startswith((LOCK, "earlier-", ".hydra")) and p.suffix != ".log"
+    ]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir / f"earlier-{stamp}"
+    for n in range(2, 100):
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            aside = run_dir / f"earlier-{stamp}-{n}"
     for path in kept:
         path.rename(aside / path.name)
     print(f"resume=never: the run that was in {run_dir} is now in {aside}", flush=True)
@@ -106,7 +120,9 @@ def open_run_dir(run_dir: Path, cfg: Config, resumes: bool = False) -> RunLock:
         raise RunDirError(f"run_dir '{run_dir}' is not writable: {err}") from err
     try:
         lock.checkpoint = resuming = CheckpointManager(run_dir, 1).resolve(cfg.resume) if resumes else None
-        changes = config_changes(run_dir, cfg) if resuming and (run_dir / CONFIG).exists() else {}
+        changes, gained = (
+            config_changes(run_dir, cfg) if resuming and (run_dir / CONFIG).exists() else ({}, {})
+        )
         allowed = (*RESUMABLE, *cfg.resume_allow)
         refused = {
             k: v
@@ -125,9 +141,13 @@ def open_run_dir(run_dir: Path, cfg: Config, resumes: bool = False) -> RunLock:
         (run_dir / _config_name(run_dir, cfg, resumes)).write_text(
             OmegaConf.to_yaml(OmegaConf.structured(cfg))
         )
-        if changes:
+        if gained:
+            listed = ", ".join(f"{k}={v!r}" for k, v in gained.items())
+            print(f"settings new since this run began, taken as configured now: {listed}", flush=True)
+        if changes or gained:
             entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from": resuming.name, "argv": sys.argv[1:]}
             entry["changes"] = {k: [old, new] for k, (old, new) in changes.items()}
+            entry["gained"] = gained
             with open(run_dir / HISTORY, "a") as fh:
                 fh.write(json.dumps(entry, default=str) + "\n")
     except BaseException:

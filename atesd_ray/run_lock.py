@@ -1,7 +1,8 @@
 """One run per run directory: ``run_dir/run.lock``, taken before anything is written.
 
 The lock file holds who runs there: host, pid, Ray job submission id and start time. It is written
-whole to a file of its own and hard-linked into place, which fails when the lock exists (NFS too),
+whole to a file of its own and hard-linked into place, which fails when the lock exists (NFS too;
+where a file system refuses hard links, ``O_CREAT | O_EXCL`` instead),
 and kept fresh by a heartbeat (its modification time, every :data:`HEARTBEAT_S`). A second run on
 the same directory is refused, naming the holder. A lock whose holder is gone is taken over, with a
 warning: when its process on this host no longer exists (or the pid now belongs to another process),
@@ -13,6 +14,7 @@ is written under its lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -109,14 +111,30 @@ def _create(path: Path, holder: dict) -> bool:
     is written to a file of its own and hard-linked into place: a link never replaces a file (on NFS
     too), and a run killed mid-write leaves no empty lock behind."""
     mine = path.with_name(f"{LOCK}.new-{holder['token']}")
-    mine.write_text(json.dumps(holder))
     try:
+        mine.write_text(json.dumps(holder))
         os.link(mine, path)
         return True
     except FileExistsError:
         return False
+    except OSError as err:  # a file system without hard links (some FUSE and SMB mounts)
+        if not mine.exists() or err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        return _create_exclusive(path, holder)
     finally:
         mine.unlink(missing_ok=True)
+
+
+def _create_exclusive(path: Path, holder: dict) -> bool:
+    """:func:`_create` where hard links are refused: ``O_CREAT | O_EXCL``, then the holder written;
+    a kill in between leaves an unreadable lock, stale after :data:`UNREADABLE_S`."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump(holder, fh)
+    return True
 
 
 def _read(path: Path) -> tuple[dict, float] | None:

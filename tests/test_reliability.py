@@ -275,7 +275,8 @@ def test_a_key_the_run_never_had_is_no_change_and_other_modes_keep_the_runs_conf
     OmegaConf.save(stored, run_dir / "config.yaml")
     with open_run_dir(run_dir, make_config(*TINY, "algorithm=opsd"), resumes=True):
         pass
-    assert not (run_dir / "config_history.jsonl").exists()
+    (entry,) = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert entry["changes"] == {} and entry["gained"] == {"algorithm.opsd_clip": 0.05}
     before = (run_dir / "config.yaml").read_bytes()
     with open_run_dir(run_dir, make_config(*TINY, "mode=eval")):
         pass
@@ -345,3 +346,19 @@ def test_the_wait_for_an_actor_no_node_can_place_says_so_and_names_what_it_needs
         assert "waiting for rollout 0 to restart (" in capsys.readouterr().out
     finally:
         ray.kill(handle)
+
+
+def test_a_file_system_without_hard_links_still_gets_one_run_per_directory(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with acquire(run_dir) as lock:
+        assert json.loads((run_dir / LOCK).read_text())["token"] == lock.holder["token"]
+        with pytest.raises(RunDirLocked, match="in use"):
+            acquire(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == []

@@ -112,11 +112,16 @@ class Run:
         from every training step's) and the full-exposure step-0 teacher's targets on them: the
         checkpoint's, so that a resume measures against the very targets a live or EMA teacher gave
         at step 0."""
-        held = [self.checkpoint / name for name in (PROBE_ROLLOUTS, PROBE_TARGETS)] if self.checkpoint else []
-        if held and all(path.exists() for path in held):
-            self.probe_rollouts, self.probe_targets = ([ray.put(r) for r in load_rollouts(p)] for p in held)
+        rollouts, targets = (
+            self.checkpoint / n if self.checkpoint else None for n in (PROBE_ROLLOUTS, PROBE_TARGETS)
+        )
+        if rollouts is not None and rollouts.exists():
+            self.probe_rollouts = [ray.put(r) for r in load_rollouts(rollouts)]
         else:
             self.probe_rollouts = [self.actors.rollouts.generate(0, self.data.probe, -1, 0)]
+        if targets is not None and targets.exists():
+            self.probe_targets = [ray.put(r) for r in load_rollouts(targets)]
+        else:  # a new run, or a checkpoint written before the targets were kept
             self.probe_targets = self.actors.teachers.score(self.probe_rollouts, 1.0)
         self.actors.students.set_probe_rollouts(self.probe_rollouts, self.probe_targets).get()
 
