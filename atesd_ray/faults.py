@@ -134,14 +134,14 @@ def recover(cfg: Config, actors: Actors, checkpoint: Path | None = None) -> None
     }
     timeout_s = cfg.cluster.placement_timeout_s
     deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     for attempt in range(cfg.trainer.fault_retries + 1):
         dead = _alive(handles, needs, timeout_s, deadline, cfg.run_dir)
         if dead:
             raise Rollback(f"dead for good: {', '.join(dead)}")
-
-        def left() -> float:
-            return max(1.0, deadline - time.monotonic())
-
         try:
             version = ray.get(actors.students.actors[0].updates.remote(), timeout=left())
             actors.weight_sync.teardown(timeout_s=left())
