@@ -43,8 +43,8 @@ Choices (and where they come from):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
@@ -52,7 +52,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from atesd_ray.chunked import Project, over_chunks, student_logprobs
+from atesd_ray.teacher_signal import contrasted, outside
 
 if TYPE_CHECKING:
     from atesd_ray.config import LossConfig
@@ -68,8 +70,6 @@ class _Support:
 
 _BUCKET = _Support()
 
-Project = Callable[[Tensor], Tensor]
-
 
 @dataclass
 class TeacherTargets:
@@ -81,12 +81,20 @@ class TeacherTargets:
     sampled_logprob: [N] the teacher's log-prob of the token the student sampled.
     tail: [N] the log of the teacher's mass outside its top-k, exact (from its full logits); None
         for a teacher that sends only its top-k (then derived from them) or its whole distribution.
+    shift, shift_tail, contrast: a contrast of the teacher signal (``atesd_ray/teacher_signal.py``):
+        λ·(log p_T - log p_N) at the ``logprobs`` entries [N, k] and for the tail bucket [N], and which
+        tokens [N] (bool) take the contrasted target q ∝ p_S·exp(shift) instead of p_T; None: plain.
+    weight: [N] each token's loss weight (the entropy gate); None: 1.
     """
 
     logprobs: Tensor
     indices: Tensor | None
     sampled_logprob: Tensor
     tail: Tensor | None = None
+    shift: Tensor | None = None
+    shift_tail: Tensor | None = None
+    contrast: Tensor | None = None
+    weight: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.logprobs.shape[0]
@@ -100,31 +108,42 @@ class TeacherTargets:
             raise ValueError(
                 f"teacher sampled_logprob must be [{n}], got {tuple(self.sampled_logprob.shape)}"
             )
-
-    @property
-    def num_tokens(self) -> int:
-        return self.logprobs.shape[0]
+        if (self.shift is None) != (self.contrast is None):
+            raise ValueError("a contrast needs both its shift and the tokens it applies to")
+        if self.shift is not None and self.shift.shape != self.logprobs.shape:
+            raise ValueError(
+                f"teacher shift {tuple(self.shift.shape)} does not match logprobs {tuple(self.logprobs.shape)}"
+            )
 
     def to(self, device: torch.device | str) -> TeacherTargets:
-        return TeacherTargets(
-            self.logprobs.to(device),
-            None if self.indices is None else self.indices.to(device),
-            self.sampled_logprob.to(device),
-            None if self.tail is None else self.tail.to(device),
-        )
+        tensors = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return TeacherTargets(*(None if t is None else t.to(device) for t in tensors))
+
+
+# A response position is a fork when the student's entropy there exceeds this (nats): the 80th
+# percentile of token entropy in Wang et al. 2025, "Beyond the 80/20 rule" (forking tokens), which
+# "Rethinking OPSD for thinking models" (arXiv 2607.05184) finds privileged teachers suppress.
+FORK_ENTROPY = 0.672
 
 
 @dataclass
 class DistillStats:
-    """Sums over tokens (0-d tensors), so they add up across micro-batches and ranks."""
+    """Sums over tokens (0-d tensors), so they add up across micro-batches and ranks. Besides the
+    teacher-student statistics, the guardrails of the student's own rollouts: its entropy (at the
+    loss temperature), how many positions are forks (entropy > ``FORK_ENTROPY``) and their entropy."""
 
     loss: Tensor
     mismatch_kl: Tensor
     top1_disagree: Tensor
     confidence: Tensor
+    entropy: Tensor
+    forks: Tensor
+    fork_entropy: Tensor
     tokens: Tensor
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("loss", "mismatch_kl", "top1_disagree", "confidence", "tokens")
+    FIELDS: ClassVar[tuple[str, ...]] = tuple(
+        "loss mismatch_kl top1_disagree confidence entropy forks fork_entropy tokens".split()
+    )
 
     def merge(self, other: DistillStats) -> DistillStats:
         return DistillStats(
@@ -140,9 +159,13 @@ class DistillStats:
         return cls(*t.unbind())
 
     def means(self) -> dict[str, float]:
-        """Token means (0 for an empty batch) and the token count."""
+        """Token means (0 for an empty batch) and the token count; ``fork_rate``, the forks' share
+        of the tokens, and ``fork_entropy``, the mean entropy at the forks (0 without any)."""
         n = float(self.tokens)
-        out = {f: float(getattr(self, f)) / max(n, 1.0) for f in self.FIELDS[:-1]}
+        out = {f: float(getattr(self, f)) / max(n, 1.0) for f in self.FIELDS[:4]}
+        out["entropy"] = float(self.entropy) / max(n, 1.0)
+        out["fork_rate"] = float(self.forks) / max(n, 1.0)
+        out["fork_entropy"] = float(self.fork_entropy) / max(float(self.forks), 1.0)
         out["tokens"] = n
         return out
 
@@ -167,12 +190,6 @@ def _jsd_terms(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
 
 def _clipped_sum(terms: Tensor, clip: float | None) -> Tensor:
     return (terms if clip is None else terms.clamp(max=clip)).sum(-1)
-
-
-def outside(log_p: Tensor, indices: Tensor) -> Tensor:
-    """[N] log of the mass of ``log_p`` [N, V] outside ``indices`` [N, k] (k < V), in log space: exact
-    however small it is."""
-    return log_p.scatter(-1, indices, -math.inf).logsumexp(-1)
 
 
 def tail_from_topk(log_p_k: Tensor) -> Tensor:
@@ -209,12 +226,6 @@ def _on_teacher_support(
     raise ValueError(f"unknown topk_tail {cfg.topk_tail!r}; expected 'renormalize', 'bucket' or 'none'")
 
 
-def student_logprobs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """log_softmax(logits / T) in at least float32."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
-
-
 # --- per-token losses on logits ---------------------------------------------------------------
 
 
@@ -223,51 +234,20 @@ def _sampled_token(log_s_y: Tensor, teacher_logprob_y: Tensor) -> Tensor:
     return -advantage * log_s_y
 
 
-# --- the chunked driver -------------------------------------------------------------------------
-
-
-def over_chunks(
-    fn: Callable[..., tuple[Tensor, ...]],
-    student: Tensor,
-    rows: Sequence[Tensor | None],
-    project: Project | None,
-    chunk_size: int,
-) -> list[Tensor]:
-    """Sum ``fn(logits, *rows)`` over row chunks.
-
-    With ``project`` (the lm_head), ``student`` is hidden states and each chunk's logits are
-    built inside a non-reentrant checkpoint: only the chunk's hidden states are kept for backward
-    and its logits are recomputed there, so no [N, V] tensor ever exists. Without it, ``student``
-    is logits and ``fn`` runs once on all of them. An empty input still runs one (empty) chunk so
-    the graph reaches the parameters on every rank (FSDP needs every rank to join backward).
-    """
-    if project is None:
-        return list(fn(student, *rows))
-
-    def chunk_fn(hidden: Tensor, *chunk_rows: Tensor | None) -> tuple[Tensor, ...]:
-        return fn(project(hidden), *chunk_rows)
-
-    totals: list[Tensor] | None = None
-    for start in range(0, max(student.shape[0], 1), chunk_size):
-        part = slice(start, start + chunk_size)
-        out = checkpoint(
-            chunk_fn, student[part], *(None if r is None else r[part] for r in rows), use_reentrant=False
-        )
-        totals = list(out) if totals is None else [t + o for t, o in zip(totals, out, strict=True)]
-    assert totals is not None
-    return totals
-
-
 def _distill_chunk(
     logits: Tensor,
     t_logprobs: Tensor,
     t_indices: Tensor | None,
     t_sampled: Tensor,
     t_tail: Tensor | None,
+    t_shift: Tensor | None,
+    t_shift_tail: Tensor | None,
+    t_contrast: Tensor | None,
+    t_weight: Tensor | None,
     tokens: Tensor | None,
     cfg: LossConfig,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, mismatch KL, disagreements, confidence) summed over the chunk's tokens.
+) -> tuple[Tensor, ...]:
+    """(loss, then the statistics of :class:`DistillStats` but the count) summed over the chunk's tokens.
 
     The statistics come after the loss: a non-reentrant checkpoint stops recomputing once it has
     rebuilt every tensor backward needs, so they are not recomputed in backward.
@@ -278,21 +258,32 @@ def _distill_chunk(
     if cfg.kind == "sampled_token":
         if tokens is None:
             raise ValueError("loss kind 'sampled_token' needs the sampled tokens")
-        loss = _sampled_token(log_s.gather(-1, tokens[:, None]).squeeze(-1), t_sampled).sum()
-    elif t_indices is None:
-        loss = _clipped_sum(_jsd_terms(log_s, log_t, cfg.beta), cfg.clip).sum()
+        if t_shift is not None:
+            raise ValueError("a contrast needs a target distribution; loss kind 'sampled_token' has none")
+        per_token = _sampled_token(log_s.gather(-1, tokens[:, None]).squeeze(-1), t_sampled)
     else:
-        per_token = _clipped_sum(
-            _jsd_terms(*_on_teacher_support(log_s, log_t, t_indices, t_tail, cfg), cfg.beta), cfg.clip
-        )
-        if cfg.topk_tail == "none":  # verl: top-k sums can be negative; those tokens count 0
+        if t_indices is None:
+            log_s_on, log_t_on = log_s, log_t
+        else:
+            log_s_on, log_t_on = _on_teacher_support(log_s, log_t, t_indices, t_tail, cfg)
+        if t_shift is not None:
+            if cfg.topk_tail == "none" and t_indices is not None:
+                raise ValueError(
+                    "a contrast needs a distribution on the teacher's support; topk_tail=none has none"
+                )
+            shift = t_shift if t_shift.shape[-1] == log_t_on.shape[-1] else _bucketed(t_shift, t_shift_tail)
+            log_t_on = contrasted(log_s_on, log_t_on, shift, t_contrast)
+        per_token = _clipped_sum(_jsd_terms(log_s_on, log_t_on, cfg.beta), cfg.clip)
+        if cfg.topk_tail == "none" and t_indices is not None:  # verl: negative top-k sums count 0
             per_token = per_token.clamp(min=0.0, max=cfg.token_max)
-        loss = per_token.sum()
+    loss = (per_token if t_weight is None else per_token * t_weight.to(per_token.dtype)).sum()
 
     with torch.no_grad():
         terms = _mismatch_terms(log_s.detach(), log_t, t_indices, t_tail)
         kl, disagree, confidence = terms.sum(0).unbind()
-    return loss, kl, disagree, confidence
+        h = -(log_s.exp() * log_s).sum(-1)  # the student's entropy (log_s is finite)
+        fork = h > FORK_ENTROPY
+    return loss, kl, disagree, confidence, h.sum(), fork.sum().to(h.dtype), h[fork].sum()
 
 
 def _mismatch_terms(log_s: Tensor, log_t: Tensor, t_indices: Tensor | None, t_tail: Tensor | None) -> Tensor:
@@ -352,11 +343,15 @@ def distill_loss(
         teacher.indices,
         teacher.sampled_logprob.detach(),
         teacher.tail,
+        teacher.shift,
+        teacher.shift_tail,
+        teacher.contrast,
+        teacher.weight,
         tokens,
     )
-    loss, kl, disagree, confidence = over_chunks(fn, student, rows, project, cfg.chunk_size)
+    loss, *stats = over_chunks(fn, student, rows, project, cfg.chunk_size)
     count = torch.tensor(float(student.shape[0]), device=loss.device, dtype=loss.dtype)
-    return loss, DistillStats(loss.detach(), kl, disagree, confidence, count)
+    return loss, DistillStats(loss.detach(), *stats, count)
 
 
 def _nll_chunk(logits: Tensor, targets: Tensor) -> tuple[Tensor]:

@@ -33,7 +33,17 @@ ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 # the rows of the student's own samples: with the engine's log-probs of them, which the student's
 # step compares with its own (the train-inference gap, atesd_ray/rollout_gap.py)
 ON_POLICY_KEYS = (*ROLLOUT_KEYS, "rollout_logprobs")
-TEACHER_KEYS = ("teacher_logprobs", "teacher_ids", "teacher_sampled_logprob", "teacher_tail")
+TEACHER_KEYS = (
+    "teacher_logprobs",
+    "teacher_ids",
+    "teacher_sampled_logprob",
+    "teacher_tail",
+    # the teacher-signal transforms' (atesd_ray/teacher_signal.py), only when they are on
+    "teacher_shift",
+    "teacher_shift_tail",
+    "teacher_contrast",
+    "teacher_weight",
+)
 
 
 @dataclass
@@ -125,12 +135,20 @@ def take(data: DataProto, keys: tuple[str, ...]) -> dict[str, Tensor]:
 
 def teacher_targets(rows: dict[str, Tensor], at: Tensor) -> TeacherTargets:
     """The teacher's targets (``TEACHER_KEYS`` rows) at the response positions ``at`` [B, W]."""
-    ids, tail = rows.get("teacher_ids"), rows.get("teacher_tail")
+
+    def part(key: str) -> Tensor | None:
+        return None if key not in rows else rows[key][at]
+
+    ids, contrast = part("teacher_ids"), part("teacher_contrast")
     return TeacherTargets(
         rows["teacher_logprobs"][at],
-        None if ids is None else ids[at].long(),
+        None if ids is None else ids.long(),
         rows["teacher_sampled_logprob"][at],
-        None if tail is None else tail[at],
+        part("teacher_tail"),
+        part("teacher_shift"),
+        part("teacher_shift_tail"),
+        None if contrast is None else contrast.bool(),
+        part("teacher_weight"),
     )
 
 
@@ -152,6 +170,15 @@ def rollout_metrics(step: int, rollout: DataProto, meta: list[dict]) -> dict:
 def teacher_metrics(teacher: DataProto, meta: list[dict]) -> dict:
     """What the step's teacher targets say (the same on every rank)."""
     out = {"time_teacher_s": max(m["time_s"] for m in meta)}
-    if "grounding" in teacher.batch.keys():  # measured when the controller asked for it
+    keys = teacher.batch.keys()
+    if "grounding" in keys:  # measured when the controller asked for it
         out["grounding"] = float(teacher.batch["grounding"].mean())
+    # the privileged context and the signal transforms, when they are on: the share of rows that
+    # read a correct peer / have a negative context, and the gate's mean weight over response tokens
+    for key, name in (("hindsight", "hindsight_frac"), ("contrast_row", "contrast_frac")):
+        if key in keys:
+            out[name] = float(teacher.batch[key].float().mean())
+    if "teacher_weight" in keys:
+        mask = teacher.batch["teacher_weight"] > 0
+        out["gate_weight"] = float(teacher.batch["teacher_weight"][mask].mean()) if mask.any() else 1.0
     return out

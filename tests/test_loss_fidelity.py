@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from atesd_ray.config import LossConfig
-from atesd_ray.losses import TeacherTargets, distill_loss, outside
+from atesd_ray.losses import TeacherTargets, distill_loss
+from atesd_ray.teacher_signal import outside
 
 V, N = 512, 24
 f64 = torch.float64

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from atesd_ray.config import ConfigError
 from atesd_ray.data.synthetic import generate
-from atesd_ray.losses import TeacherTargets, distill_loss
+from atesd_ray.losses import DistillStats, TeacherTargets, distill_loss
 from atesd_ray.models import load_model, load_tokenizer
 from atesd_ray.prompts import render_chat, student_messages, teacher_messages
 from atesd_ray.sampling import SamplingParams
@@ -302,4 +302,5 @@ def test_student_objective_mixes_distillation_and_nll_by_token_masks():
     )
     assert distill == pytest.approx(float(want_distill), rel=1e-4) and distill > 0
     assert nll == pytest.approx(float(want_nll), rel=1e-4) and nll > 0
-    assert stats.tolist()[4:] == [3.0, pytest.approx(nll, rel=1e-4), 6.0]  # token counts: 3 distill, 6 NLL
+    # the distillation token count, then the NLL sum and its token count: 3 distill, 6 NLL
+    assert stats.tolist()[len(DistillStats.FIELDS) - 1 :] == [3.0, pytest.approx(nll, rel=1e-4), 6.0]

@@ -31,13 +31,13 @@ import torch
 from verl import DataProto
 
 from atesd_ray.config import Config
-from atesd_ray.losses import outside
 from atesd_ray.models import base_weights, load_model, load_tokenizer
 from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import blend_into, load_into
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import response_logprobs, rows_to_lists, slices, token_logprobs
+from atesd_ray.teacher_signal import contrast_shift, entropy, gate_weight, outside, peer
 from atesd_ray.trajectories import step_end, topk_entropy
 from workers.common import setup_actor
 from workers.engines import HFEngine
@@ -161,31 +161,76 @@ class TeacherWorker(WeightReceiver):
         t0 = time.perf_counter()
         nt = rollout.non_tensor_batch
         alphas = self._row_alphas(nt["uid"], alpha)
+        peers = self.cfg.teacher.context == "hindsight" or self.cfg.teacher.signal.contrast == "wrong_hint"
+        rewards = rollout.batch["reward"].tolist() if peers else None  # the peers' grades
+        contexts, hindsight = self._contexts(nt, rewards)
         prompts = [
-            self._encode(self._messages(nt["problem"][i], nt["reference"][i], nt["answer"][i], a))
-            for i, a in enumerate(alphas)
+            self._encode(self._messages(nt["problem"][i], text, answer, a))
+            for i, ((text, answer), a) in enumerate(zip(contexts, alphas, strict=True))
         ]
+        negatives = (
+            self._negatives(nt, rewards, alphas, contexts)
+            if self.cfg.teacher.signal.contrast != "none"
+            else None
+        )
         response_ids, response_mask = rollout.batch["response_ids"], rollout.batch["response_mask"]
         responses = rows_to_lists(response_ids, response_mask)
-        if self.vllm is not None:
-            values, indices, sampled = self.vllm.targets(prompts, responses, response_ids.shape[1])
-            tail = None  # the loss derives it from the top-k
+        width, valid = response_ids.shape[1], response_mask.bool()
+        if self.vllm is not None:  # plain signal (the config refuses the transforms on vLLM)
+            values, indices, sampled = self.vllm.targets(prompts, responses, width)
+            tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled}
+            if indices is not None:
+                tensors["teacher_ids"] = indices  # the loss derives the tail from the top-k
             g = self.vllm.answer_logprob(*self._grounding_inputs(nt, alphas)) if self.grounding else None
         else:
             with self._weights() as model:
-                values, indices, tail, sampled = self._hf_targets(
-                    model, prompts, responses, response_ids.shape[1]
-                )
+                tensors = self._hf_targets(model, prompts, responses, width, negatives)
                 g = self._grounding(model, nt, alphas) if self.grounding else None
-        sampled = sampled.masked_fill(~response_mask.bool(), 0.0)
-        tensors = {"teacher_logprobs": values, "teacher_sampled_logprob": sampled}
+        for key in ("teacher_sampled_logprob", "teacher_tail", "teacher_weight"):
+            if key in tensors:
+                tensors[key] = tensors[key].masked_fill(~valid, 0.0)
         if g is not None:
             tensors["grounding"] = g
-        if indices is not None:
-            tensors["teacher_ids"] = indices
-        if tail is not None:
-            tensors["teacher_tail"] = tail.masked_fill(~response_mask.bool(), 0.0)
+        if self.cfg.teacher.context == "hindsight":
+            tensors["hindsight"] = torch.tensor(hindsight, dtype=torch.float32)
+        if negatives is not None:
+            tensors["contrast_row"] = torch.tensor([n is not None for n in negatives], dtype=torch.float32)
         return DataProto.from_dict(tensors=tensors, meta_info={"time_s": time.perf_counter() - t0})
+
+    def _contexts(self, nt: dict, rewards: list[float] | None) -> tuple[list[tuple[str, str]], list[bool]]:
+        """Per row, what the privileged teacher reads (text, answer) and whether it is a correct peer
+        (``teacher.context=hindsight``) rather than the reference."""
+        contexts, peers = [], []
+        for i in range(len(nt["uid"])):
+            j = (
+                peer(nt["uid"], nt["sample"], rewards, i, correct=True)
+                if self.cfg.teacher.context == "hindsight"
+                else None
+            )
+            contexts.append((nt["reference"][i] if j is None else nt["response_text"][j], nt["answer"][i]))
+            peers.append(j is not None)
+        return contexts, peers
+
+    def _negatives(
+        self, nt: dict, rewards: list[float] | None, alphas: list[float], contexts: list[tuple[str, str]]
+    ) -> list[list[int] | None]:
+        """Per row, the negative context's prompt of the contrast, at the row's exposure: the context
+        without the problem (reference_only), or a wrong peer in the teacher's template (wrong_hint; None
+        where the problem has no other wrong sample)."""
+        out: list[list[int] | None] = []
+        for i, ((text, answer), a) in enumerate(zip(contexts, alphas, strict=True)):
+            if self.cfg.teacher.signal.contrast == "reference_only":
+                out.append(self._encode(teacher_messages("", text, answer, a, self.cfg.prompts)))
+                continue
+            j = peer(nt["uid"], nt["sample"], rewards, i, correct=False)
+            # the wrong peer's own answer line (never the right one, which expose() would otherwise add)
+            wrong = None if j is None else (nt["response_text"][j], nt["extracted"][j] or "")
+            out.append(
+                None
+                if wrong is None
+                else self._encode(teacher_messages(nt["problem"][i], *wrong, a, self.cfg.prompts))
+            )
+        return out
 
     def _forward(
         self, model, prompts: list, responses: list, temperature: float = 1.0, width: int | None = None
@@ -195,24 +240,56 @@ class TeacherWorker(WeightReceiver):
             pad = self.tokenizer.pad_token_id
             yield part, *response_logprobs(model, prompts[part], responses[part], pad, temperature, width)
 
-    def _hf_targets(self, model, prompts: list, responses: list, width: int):
-        """Top-k (or full) log-probs at the teacher temperature, the exact log-mass outside the top-k
-        (``losses.outside``: what a tail bucket needs) and sampled-token log-probs, [rows, width, ...]."""
-        k = self.topk or self.vocab
-        values = torch.zeros(len(prompts), width, k, dtype=torch.float32)
-        indices = torch.zeros(len(prompts), width, k, dtype=torch.int32) if self.topk else None
-        tail = torch.full((len(prompts), width), -math.inf) if self.topk else None
-        sampled = torch.zeros(len(prompts), width, dtype=torch.float32)
+    def _hf_targets(
+        self, model, prompts: list, responses: list, width: int, negatives: list | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The ``objective.TEACHER_KEYS`` tensors, [rows, width, ...]: top-k (or full) log-probs at the
+        teacher temperature, the exact log-mass outside the top-k (``losses.outside``: what a tail
+        bucket needs), sampled-token log-probs; with ``negatives`` (one prompt or None per row) the
+        contrast's shift from a second pass over the same tokens, with the entropy gate its weights."""
+        n, k, signal = len(prompts), self.topk or self.vocab, self.cfg.teacher.signal
+        out = {
+            "teacher_logprobs": torch.zeros(n, width, k),
+            "teacher_sampled_logprob": torch.zeros(n, width),
+        }
+        if self.topk:
+            out["teacher_ids"] = torch.zeros(n, width, k, dtype=torch.int32)
+            out["teacher_tail"] = torch.full((n, width), -math.inf)
+        if negatives is not None:
+            out["teacher_shift"] = torch.zeros(n, width, k)
+            out["teacher_contrast"] = torch.zeros(n, width)
+            if self.topk:
+                out["teacher_shift_tail"] = torch.zeros(n, width)
+        if signal.entropy_gate:
+            out["teacher_weight"] = torch.zeros(n, width)
         temperature = self.cfg.algorithm.loss.teacher_t
         for part, logp, r_ids, _ in self._forward(model, prompts, responses, temperature, width):
-            sampled[part] = token_logprobs(logp, r_ids)
+            out["teacher_sampled_logprob"][part] = token_logprobs(logp, r_ids)
+            indices = None
             if self.topk:
                 top = logp.topk(self.topk, dim=-1)
-                values[part], indices[part] = top.values, top.indices.to(torch.int32)
-                tail[part] = outside(logp, top.indices)
+                indices = top.indices
+                out["teacher_logprobs"][part], out["teacher_ids"][part] = top.values, indices.to(torch.int32)
+                out["teacher_tail"][part] = outside(logp, indices)
             else:
-                values[part] = logp
-        return values, indices, tail, sampled
+                out["teacher_logprobs"][part] = logp
+            if negatives is not None:
+                rows = range(n)[part]
+                negative = [negatives[i] or prompts[i] for i in rows]  # a row without one keeps p_T
+                logp_n, _, _ = response_logprobs(
+                    model, negative, responses[part], self.tokenizer.pad_token_id, temperature, width
+                )
+                shift, shift_tail = contrast_shift(logp, logp_n, signal.contrast_weight, indices)
+                out["teacher_shift"][part] = shift
+                if shift_tail is not None:
+                    out["teacher_shift_tail"][part] = shift_tail
+                on = torch.tensor([negatives[i] is not None for i in rows], dtype=torch.float32)
+                out["teacher_contrast"][part] = on[:, None].expand(-1, width)
+            if signal.entropy_gate:
+                out["teacher_weight"][part] = gate_weight(
+                    entropy(logp), signal.gate_temperature, signal.gate_floor
+                )
+        return out
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: DataProto, temperature: float) -> DataProto:

@@ -16,6 +16,7 @@ import pkgutil
 from typing import TYPE_CHECKING
 
 from atesd_ray.config import ConfigError
+from atesd_ray.schema import require
 
 if TYPE_CHECKING:
     from atesd_ray.algorithms.base import Algorithm
@@ -52,6 +53,14 @@ def check(cfg: Config) -> Config:
     if cfg.mode == "motab_synthesize" and not algorithms[name].stepwise:
         stepwise = [n for n, a in algorithms.items() if a.stepwise]
         raise ConfigError(f"config error at 'algorithm': got {name!r}; allowed values: {', '.join(stepwise)}")
+    teacher = cfg.teacher
+    if not algorithms[name].distills_targets:
+        require(
+            teacher.signal.plain and teacher.context == "reference",
+            "teacher.signal" if not teacher.signal.plain else "teacher.context",
+            f"algorithm={name} distills no teacher targets on the student's tokens, so teacher.context and "
+            "teacher.signal would not change it: leave them at their defaults",
+        )
     algorithms[name].check(cfg)
     return cfg
 

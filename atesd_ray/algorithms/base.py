@@ -46,6 +46,8 @@ class Launched:
 class Algorithm:
     prefetches: ClassVar[bool] = False  # its rollouts may be generated a step ahead (rollout.max_staleness=1)
     stepwise: ClassVar[bool] = False  # it builds step-wise monitored trajectories (mode=motab_synthesize)
+    # the student distills the teacher's targets on its own tokens (teacher.context and teacher.signal apply)
+    distills_targets: ClassVar[bool] = False
 
     def __init__(self, name: str):
         self.name = name

@@ -91,6 +91,7 @@ class Distill(Algorithm):
     ``atesd`` lets the controller choose it (``controller.kind`` atesd, or random / linear as baselines)."""
 
     prefetches = True
+    distills_targets = True
 
     def check(self, cfg: Config) -> None:
         if self.name == "atesd":

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from atesd_ray.algorithms.base import Algorithm, Launched, launch_rollouts
-from atesd_ray.losses import Project, over_chunks, student_logprobs
+from atesd_ray.chunked import Project, over_chunks, student_logprobs
 from atesd_ray.objective import ON_POLICY_KEYS, Objective, Prepared, Response, fetch, rollout_metrics, take
 from atesd_ray.schema import require
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 class OPD(Algorithm):
     prefetches = True
+    distills_targets = True
 
     def check(self, cfg: Config) -> None:
         require(

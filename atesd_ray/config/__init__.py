@@ -141,6 +141,7 @@ class Config(Section):
                 "topk_tail=none is verl's loss over the teacher's top-k: it needs teacher.topk > 0 (with the full "
                 "vocabulary, teacher.topk=0, the loss is the full divergence and its clamps would go unused)",
             )
+        self._check_teacher_signal()
         if self.teacher.model is not None:
             require(
                 self.teacher.model_config() != self.model,
@@ -154,6 +155,27 @@ class Config(Section):
                 "mode=report needs run directories (report.runs) or paper rows (report.paper_rows)",
             )
         self._check_runtime()
+
+    def _check_teacher_signal(self) -> None:
+        """The privileged context and the teacher-signal transforms against the loss and the rollouts."""
+        signal, loss = self.teacher.signal, self.algorithm.loss
+        if signal.contrast != "none":
+            require(
+                loss.kind != "sampled_token" and loss.topk_tail != "none",
+                "teacher.signal.contrast",
+                f"the contrast is a target distribution over the teacher's support (q ∝ p_S·(p_T/p_N)^λ); "
+                f"algorithm.loss.kind={loss.kind} with topk_tail={loss.topk_tail} uses no such distribution: "
+                "use kind jsd or topk with topk_tail renormalize or bucket",
+            )
+        peers = [f"teacher.context={self.teacher.context}"] if self.teacher.context == "hindsight" else []
+        if signal.contrast == "wrong_hint":
+            peers.append("teacher.signal.contrast=wrong_hint")
+        require(
+            not peers or self.rollout.n_samples >= 2,
+            "rollout.n_samples",
+            f"{' and '.join(peers)} read(s) another rollout of the same problem from the same step: "
+            f"set rollout.n_samples >= 2 (got {self.rollout.n_samples})",
+        )
 
     def _check_runtime(self) -> None:
         """Placement, weight transport and engine choices that depend on one another."""

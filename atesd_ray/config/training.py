@@ -149,6 +149,31 @@ class RolloutConfig(Section):
 
 
 @dataclass
+class SignalConfig(Section):
+    """How the teacher's targets are transformed before the student distills them
+    (``workers/teacher_signal.py``). Off by default, and then they cost no extra teacher pass.
+
+    - ``contrast``: the student-anchored contrast of Purified OPSD (``reference_only``, arXiv
+      2607.02234: the teacher on the reference without the question) or RLCSD (``wrong_hint``,
+      2606.11709: the teacher on a wrong peer rollout of the same problem, same template): the target
+      is q ∝ p_S · (p_T / p_N)^λ on the teacher's support, so what any hint does to the teacher alike
+      cancels and only what the right context adds moves the student;
+    - ``entropy_gate`` (EGRSD, 2605.13255): each token's loss weighed by
+      w = floor + (1 - floor) · exp(-H_T / gate_temperature), H_T the teacher's entropy there.
+    """
+
+    contrast: str = setting("none", one_of("none", "reference_only", "wrong_hint"))
+    contrast_weight: float = setting(1.0, positive)  # λ
+    entropy_gate: bool = False
+    gate_temperature: float = setting(1.0, positive)  # nats
+    gate_floor: float = setting(0.1, between(0.0, 1.0))  # every token keeps at least this weight
+
+    @property
+    def plain(self) -> bool:
+        return self.contrast == "none" and not self.entropy_gate
+
+
+@dataclass
 class TeacherConfig(Section):
     # hf: transformers forward passes (any top-k, full vocabulary, any temperature); vllm: prompt
     # logprobs of a vLLM engine (CPU or GPU), top-k only, see workers/vllm_engine.py
@@ -163,6 +188,11 @@ class TeacherConfig(Section):
     weights: str = setting("frozen", one_of("frozen", "live", "ema"))
     ema_decay: float = setting(0.999, between(0.0, 1.0))
     micro_batch: int = setting(8, positive)
+    # what the privileged teacher reads before the student's tokens, exposed at α: the reference, or
+    # a correct peer rollout of the same problem from the same step (hindsight self-distillation,
+    # arXiv 2606.15576; the reference where no other sample of the problem is correct)
+    context: str = setting("reference", one_of("reference", "hindsight"))
+    signal: SignalConfig = setting(SignalConfig)
     vllm: VLLMConfig = setting(VLLMConfig)
 
     def model_config(self) -> ModelConfig | None:
@@ -181,7 +211,22 @@ class TeacherConfig(Section):
                 subkey(key, "weights"),
                 "teacher.engine=vllm cannot keep an EMA; use frozen or live",
             )
+        if self.engine == "vllm":
+            require(
+                self.signal.plain,
+                subkey(key, "signal"),
+                "teacher.signal needs the teacher's full log-probs at every position (the contrast gathers "
+                "a second pass at the first pass's top-k ids, the gate takes the exact entropy); vLLM's "
+                "prompt logprobs give the top-k only: use teacher.engine=hf",
+            )
         if self.model is not None:
+            require(
+                self.context == "reference" and self.signal.contrast == "none",
+                subkey(key, "context" if self.context != "reference" else "signal.contrast"),
+                f"a separate teacher model (teacher.model={self.model}) reads the student's prompt: it has no "
+                "privileged context to choose or to contrast (teacher.context=reference, "
+                "teacher.signal.contrast=none; the entropy gate applies)",
+            )
             require(
                 self.weights == "frozen",
                 subkey(key, "weights"),
