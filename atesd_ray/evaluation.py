@@ -67,6 +67,7 @@ def generate_and_grade(
                     "correct": bool(out.batch["reward"][i] > 0.5),
                     "finish_reason": nt["finish_reason"][i],
                     "response": nt["response_text"][i],
+                    "response_tokens": int(out.batch["response_mask"][i].sum()),
                 }
             )
     return rows
@@ -81,7 +82,10 @@ def summarize_rows(rows: list[dict], timeout_s: float) -> dict:
         for v in by_problem.values()
     ]
     golds = [v[0]["answer"] for v in by_problem.values()]
-    return summarize(grades, golds, timeout_s)
+    summary = summarize(grades, golds, timeout_s)
+    if all("response_tokens" in r for r in rows):  # rows written before it was recorded lack it
+        summary["response_len"] = math.fsum(r["response_tokens"] for r in rows) / len(rows)
+    return summary
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -47,6 +47,8 @@ PAGE_STATE = """(() => {
           rows: Number(document.body.dataset.metricRows), polls: Number(document.body.dataset.polls),
           status: document.getElementById("status").textContent, run: document.getElementById("run-name").textContent,
           lossPoints: Number(document.getElementById("loss-chart").dataset.points),
+          guardrailPoints: Number(document.getElementById("guardrail-chart").dataset.points),
+          lengthPoints: Number(document.getElementById("length-chart").dataset.points),
           bands: alpha.querySelectorAll("rect.band").length,
           betaCurve: document.querySelectorAll("#beta-chart .series-0 path").length,
           betaNote: document.getElementById("beta-note").textContent,
@@ -210,6 +212,8 @@ def test_page_draws_the_alpha_series_while_the_run_trains(live):
     assert page["during_run"], "the α series appeared only after the run had finished"
     assert page["circles"] == page["points"] >= 3
     assert page["rows"] >= page["points"] and page["lossPoints"] >= 3
+    # the guardrails (fork rate first) and the rollouts' response length, one point per step like the loss
+    assert page["guardrailPoints"] == page["lossPoints"] == page["lengthPoints"]
     assert page["bands"] >= page["points"]  # hold 1: one shaded window per decision
     assert page["betaCurve"] >= 1 and page["betaNote"].startswith("decision #")
     assert page["features"] == 7

@@ -339,9 +339,34 @@ function renderSteps() {
     ],
     integerX: true, xLabel: "step",
   });
+  const atK = (prefix) => {  // the eval/avg@k or eval/pass@j key of the largest k the rows hold
+    const keys = new Set();
+    for (const r of state.rows.values()) for (const key of Object.keys(r)) if (key.startsWith(prefix) && !key.endsWith("_ci95")) keys.add(key);
+    return [...keys].sort((a, b) => Number(b.split("@")[1]) - Number(a.split("@")[1]))[0];
+  };
+  const avg = atK("eval/avg@"), pass = atK("eval/pass@");
   chart(document.getElementById("accuracy-chart"), {
-    series: [{ name: "rollout accuracy", points: stepSeries("accuracy"), color: COLORS[2] }],
+    series: [
+      { name: "rollout accuracy", points: stepSeries("accuracy"), color: COLORS[2] },
+      avg && { name: `held-out ${avg.slice(5)}`, points: stepSeries(avg), color: COLORS[0] },
+      pass && Number(pass.slice(10)) > 1 && { name: `held-out ${pass.slice(5)}`, points: stepSeries(pass), color: COLORS[3] },
+    ].filter(Boolean),
     y: [0, 1], integerX: true, xLabel: "step",
+  });
+  chart(document.getElementById("guardrail-chart"), {
+    series: [
+      { name: "fork rate", points: stepSeries("fork_rate"), color: COLORS[3] },
+      { name: "entropy", points: stepSeries("entropy"), color: COLORS[0] },
+      { name: "entropy at forks", points: stepSeries("fork_entropy"), color: COLORS[1] },
+    ].filter((s) => s.points.length),
+    integerX: true, xLabel: "step",
+  });
+  chart(document.getElementById("length-chart"), {
+    series: [
+      { name: "rollouts", points: stepSeries("response_len"), color: COLORS[2] },
+      { name: "held-out", points: stepSeries("eval/response_len"), color: COLORS[0] },
+    ].filter((s) => s.points.length),
+    integerX: true, xLabel: "step",
   });
   chart(document.getElementById("probe-chart"), {
     series: [
