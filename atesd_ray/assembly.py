@@ -77,7 +77,8 @@ class TeacherGroup(ActorGroup):
     teacher model; the same role holds GRPO's frozen reference model and writes MOTAB's takeovers."""
 
     def score(self, rollouts: list[ray.ObjectRef], alpha: Any) -> list[ray.ObjectRef]:
-        """Teacher targets for each rollout chunk at exposure ``alpha`` (a value or a ref), round robin."""
+        """Teacher targets for each rollout chunk at exposure ``alpha`` (a value or a ref), round robin
+        (with ``teacher.routes``, of the chunk's rows routed to this group's model)."""
         return self.round_robin("score", rollouts, alpha)
 
     def reference_logprobs(self, rollouts: list[ray.ObjectRef], temperature: float) -> list[ray.ObjectRef]:
@@ -101,13 +102,27 @@ class Actors:
     topology: dict[str, list[dict]]  # per role, per actor: its device, threads (and a rank's backend)
     signals: frozenset[str]  # what each step measures for the run's consumers
     shared: list[Placement] = field(default_factory=list)  # placements of colocated roles
+    # multi-teacher OPD (teacher.routes): one more teacher group per further model, by preset name
+    routed: dict[str, TeacherGroup] = field(default_factory=dict)
+
+    def groups(self) -> dict[str, ActorGroup]:
+        """Every actor group by role (``teacher <preset>`` for the routed teachers)."""
+        base = {"student": self.students, "rollout": self.rollouts, "teacher": self.teachers}
+        return base | {f"teacher {model}": group for model, group in self.routed.items()}
+
+    def score_routed(self, rollouts: list[ray.ObjectRef], alpha: Any) -> list[ray.ObjectRef]:
+        """Teacher targets for each rollout chunk, each row from the teacher model ``teacher.routes``
+        sends it to: every group scores its own rows of every chunk, and one task per chunk merges them."""
+        if not self.routed:
+            return self.teachers.score(rollouts, alpha)
+        parts = [group.score(rollouts, alpha) for group in (self.teachers, *self.routed.values())]
+        return [_merge_rows.remote(*chunk) for chunk in zip(*parts, strict=True)]
 
     def placement_report(self) -> dict:
         """Where every actor runs (``topology.json`` in the run directory)."""
-        groups = {"student": self.students, "rollout": self.rollouts, "teacher": self.teachers}
         return {
             role: [t | n for t, n in zip(self.topology[role], group.nodes, strict=True)]
-            for role, group in groups.items()
+            for role, group in self.groups().items()
         }
 
     def shutdown(self) -> None:
@@ -115,11 +130,18 @@ class Actors:
             self.weight_sync.teardown(timeout_s=TEARDOWN_WAIT_S)
         except ray.exceptions.RayError:
             pass
-        for group in (self.students, self.rollouts, self.teachers):
+        for group in self.groups().values():
             group.shutdown()
         ray.kill(self.controller, no_restart=True)
         for placement in self.shared:
             placement.remove()
+
+
+@ray.remote(num_cpus=0)
+def _merge_rows(*parts):
+    from atesd_ray.objective import merge_routed
+
+    return merge_routed(list(parts))
 
 
 TEARDOWN_WAIT_S = 10.0  # how long a shutdown waits for the weight transport's members to leave
@@ -161,8 +183,11 @@ def rollout_group(cfg: Config, name: str, placement: Placement | None = None) ->
     )
 
 
-def teacher_group(cfg: Config, name: str, signals: frozenset[str] = frozenset()) -> TeacherGroup:
-    """``teacher.replicas`` teacher actors, measuring ``signals`` besides their targets."""
+def teacher_group(
+    cfg: Config, name: str, signals: frozenset[str] = frozenset(), model: str | None = None
+) -> TeacherGroup:
+    """``teacher.replicas`` teacher actors, measuring ``signals`` besides their targets; ``model``: a
+    preset other than ``teacher.model`` (a routed teacher of multi-teacher OPD)."""
     from workers.teacher import TeacherWorker
 
     c = cfg.cluster
@@ -172,7 +197,7 @@ def teacher_group(cfg: Config, name: str, signals: frozenset[str] = frozenset())
         c.teacher,
         c.teacher_strategy,
         name,
-        lambda i: ((cfg, i, signals), {}),
+        lambda i: ((cfg, i, signals, model), {}),
         max_restarts=restart_limit(cfg, "teacher"),
         timeout_s=c.placement_timeout_s,
     )
@@ -235,6 +260,10 @@ def assemble(
         created.append(rollouts)
         teachers = teacher_group(cfg, f"{name}-teacher", signals)
         created.append(teachers)
+        routed = {}
+        for model in cfg.teacher.models()[1:]:
+            routed[model] = teacher_group(cfg, f"{name}-teacher-{model}", signals, model)
+            created.append(routed[model])
         controller = controller_actor(cfg, f"{name}-controller", total_steps, timeline_path, run)
         created.append(controller)
         if c.colocate_rollout:
@@ -244,6 +273,7 @@ def assemble(
         address, port = ray.get(students.actors[0].master_address.remote())
         topology = ray.get(students.call("init_distributed", address, port))
         placed = ray.get(rollouts.call("placement") + teachers.call("placement"))
+        routed_placed = {f"teacher {m}": ray.get(g.call("placement")) for m, g in routed.items()}
         receivers = rollouts.actors + (teachers.actors if cfg.teacher.weights != "frozen" else [])
         backend = topology[0]["backend"]  # the weight broadcast's: the student group's
         weight_sync = make_weight_sync(
@@ -259,6 +289,8 @@ def assemble(
             _release(thing)
         raise
     topology = {"student": topology, "rollout": placed[: len(rollouts)], "teacher": placed[len(rollouts) :]}
+    topology |= routed_placed
+    shared_placements = [shared] if shared else []
     return Actors(
-        students, rollouts, teachers, controller, weight_sync, topology, signals, [shared] if shared else []
+        students, rollouts, teachers, controller, weight_sync, topology, signals, shared_placements, routed
     )

@@ -17,29 +17,71 @@ import argparse
 import json
 from pathlib import Path
 
-METHODS = {
-    "ATESD": ["algorithm=atesd"],
-    "OPSD": ["algorithm=opsd"],
-    "Fixed α=0.5": ["algorithm=fixed_exposure", "algorithm.alpha=0.5"],
+SUITES = {
+    "paper": {
+        "ATESD": ["algorithm=atesd"],
+        "OPSD": ["algorithm=opsd"],
+        "Fixed α=0.5": ["algorithm=fixed_exposure", "algorithm.alpha=0.5"],
+    },
+    # the teacher signal and the privileged context (atesd_ray/teacher_signal.py), each on ATESD
+    "signals": {
+        "OPSD": ["algorithm=opsd"],
+        "ATESD": ["algorithm=atesd"],
+        "ATESD + Purified": ["algorithm=atesd", "teacher.signal.contrast=reference_only"],
+        "ATESD + RLCSD": ["algorithm=atesd", "teacher.signal.contrast=wrong_hint"],
+        "ATESD + EGRSD": ["algorithm=atesd", "teacher.signal.entropy_gate=true"],
+        "ATESD + hindsight": ["algorithm=atesd", "teacher.context=hindsight"],
+    },
 }
+# what every run of a suite shares on top of experiment=demo: the signals suite samples two responses
+# to each of half as many problems (peers for hindsight and wrong hints, the same rollouts a step) and
+# evaluates 4 samples per problem at temperature 1, for pass@4 against Average@4
+SHARED = {
+    "paper": [],
+    "signals": [
+        "rollout.n_samples=2",
+        "trainer.prompts_per_step=4",
+        "eval.samples=4",
+        "eval.temperature=1.0",
+    ],
+}
+GUARDRAILS = ("mismatch_kl", "fork_rate", "fork_entropy", "entropy", "response_len")
 
 
 def _slug(method: str) -> str:
-    return method.lower().replace(" ", "-").replace("α=", "alpha")
+    return method.lower().replace(" + ", "-").replace(" ", "-").replace("α=", "alpha")
 
 
-def curves(run_dir: Path) -> dict:
-    """Held-out accuracy by step (0: before training) and mismatch KL per step, from one run."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    k = summary["eval_before"]["k"]
-    accuracy = {0: summary["eval_before"][f"avg@{k}"]}
-    mismatch = {}
+def curves(run_dir: Path, before: dict) -> dict:
+    """Held-out accuracy by step (0: ``before``, the warm-up's evaluation) and the guardrails per step."""
+    k = before["k"]
+    out: dict = {"accuracy": {0: before[f"avg@{k}"]}} | {g: {} for g in GUARDRAILS}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        mismatch[m["step"] + 1] = m["mismatch_kl"]
+        for g in GUARDRAILS:
+            out[g][m["step"] + 1] = m.get(g)
         if f"eval/avg@{k}" in m:
-            accuracy[m["step"] + 1] = m[f"eval/avg@{k}"]
-    return {"accuracy": accuracy, "mismatch": mismatch}
+            out["accuracy"][m["step"] + 1] = m[f"eval/avg@{k}"]
+    return out
+
+
+def guardrail_table(runs: dict[str, Path], before: dict) -> str:
+    """Per method: held-out Average@k and pass@k after training, and the guardrails of its last step
+    (mismatch KL, fork rate, entropy at forks, entropy, rollout response length; held-out length)."""
+    k = before["k"]
+    head = f"| method | avg@{k} | pass@{k} | held-out length | " + " | ".join(GUARDRAILS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(GUARDRAILS))]
+    for method, run_dir in runs.items():
+        after = json.loads((run_dir / "summary.json").read_text())["eval_after"]
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        cells = [
+            f"{after[f'avg@{k}']:.3f}",
+            f"{after[f'pass@{k}']:.3f}",
+            f"{after.get('response_len', 0):.1f}",
+        ]
+        cells += [f"{last[g]:.4g}" if isinstance(last.get(g), float) else "–" for g in GUARDRAILS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(runs: dict[str, dict], path: Path) -> Path:
@@ -48,15 +90,15 @@ def plot(runs: dict[str, dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (acc, kl, fork) = plt.subplots(1, 3, figsize=(15, 3.8))
     for method, c in runs.items():
-        steps = sorted(c["accuracy"])
-        acc.plot(steps, [c["accuracy"][s] for s in steps], marker="o", label=method)
-        steps = sorted(c["mismatch"])
-        kl.plot(steps, [c["mismatch"][s] for s in steps], marker=".", label=method)
-    acc.set(xlabel="step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy")
+        for ax, key in ((acc, "accuracy"), (kl, "mismatch_kl"), (fork, "fork_rate")):
+            steps = [s for s in sorted(c[key]) if c[key][s] is not None]
+            ax.plot(steps, [c[key][s] for s in steps], marker="o" if key == "accuracy" else ".", label=method)
+    acc.set(xlabel="step", ylabel="held-out Average@k", title="Held-out accuracy")
     kl.set(xlabel="step", ylabel="mean token KL(teacher || student)", title="Teacher-student mismatch")
-    for ax in (acc, kl):
+    fork.set(xlabel="step", ylabel="share of rollout tokens", title="Fork rate (student entropy > 0.672)")
+    for ax in (acc, kl, fork):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -92,6 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="OVERRIDE",
         help="a Hydra override for the warm-up run",
     )
+    parser.add_argument("--suite", choices=list(SUITES), default="paper", help="which methods to compare")
+    parser.add_argument(
+        "--warmup-dir", type=Path, help="an experiment=demo_warmup run to start from (default: train one)"
+    )
     args, overrides = parser.parse_known_args(argv)
     out = args.out.resolve()
 
@@ -102,31 +148,36 @@ def main(argv: list[str] | None = None) -> dict:
     from atesd_ray.modes.report import build_report, report_markdown
     from atesd_ray.modes.train import run
 
-    warmup = out / "warmup"
-    run(compose("experiment=demo_warmup", *args.warmup, f"run_dir={warmup}"), warmup)
-    runs = {}
-    for method, choice in METHODS.items():
+    warmup = args.warmup_dir.resolve() if args.warmup_dir else out / "warmup"
+    if not args.warmup_dir:
+        run(compose("experiment=demo_warmup", *args.warmup, f"run_dir={warmup}"), warmup)
+    runs: dict[str, Path] = {}
+    for method, choice in SUITES[args.suite].items():
         run_dir = out / _slug(method)
         print(f"\n--- {method}: {run_dir}", flush=True)
         cfg = compose(
             "experiment=demo",
+            *SHARED[args.suite],
             *choice,
             f"model.path={warmup}",
             f"eval.every_n_steps={args.eval_every}",
+            f"eval.at_start={not runs}",  # the same warm-up, evaluated once
             "dashboard.enabled=false",
             f"run_dir={run_dir}",
             *overrides,
         )
         run(cfg, run_dir)
         runs[method] = run_dir
+    before = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
     report = build_report([str(d) for d in runs.values()], [])
     table = report_markdown(report)
     line = verdict(report["rows"])
-    (out / "report.md").write_text(table + "\n" + line + "\n")
     (out / "report.json").write_text(json.dumps(report | {"verdict": line}, indent=2))
     (out / "verdict.txt").write_text(line + "\n")
-    figure = plot({m: curves(d) for m, d in runs.items()}, out / "compare.png")
-    print(f"\n{table}\n{line}\nplot: {figure}\nreport: {out / 'report.md'}", flush=True)
+    guardrails = guardrail_table(runs, before)
+    (out / "report.md").write_text(table + "\n" + line + "\n\n" + guardrails + "\n")
+    figure = plot({m: curves(d, before) for m, d in runs.items()}, out / "compare.png")
+    print(f"\n{table}\n{line}\n\n{guardrails}\nplot: {figure}\nreport: {out / 'report.md'}", flush=True)
     return report | {"verdict": line}
 
 

@@ -123,11 +123,7 @@ def recover(cfg: Config, actors: Actors, checkpoint: Path | None = None) -> None
     student's current weights, checked as every sync is (the run stops, keeping ``checkpoint``, when
     a receiver holds other weights); raise :class:`Rollback` when an actor is dead for good."""
     handles = {"controller": actors.controller}
-    for role, group in (
-        ("student", actors.students),
-        ("rollout", actors.rollouts),
-        ("teacher", actors.teachers),
-    ):
+    for role, group in actors.groups().items():
         handles.update({f"{role} {i}": a for i, a in enumerate(group.actors)})
     needs = {
         name: role_bundle(getattr(cfg.cluster, name.split()[0])) for name in handles if name != "controller"

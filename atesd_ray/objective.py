@@ -123,6 +123,26 @@ def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
     return DataProto.concat(parts), metas
 
 
+def merge_routed(parts: list[DataProto]) -> DataProto:
+    """One chunk's teacher targets from the chunk as each routed teacher scored it (multi-teacher
+    OPD): each part holds its teacher's rows and ``teacher_rows`` [B], 1 on them; every row must be
+    some teacher's."""
+    from verl import DataProto
+
+    owned = [p.batch["teacher_rows"].bool() for p in parts]
+    missing = ~torch.stack(owned).any(0)
+    if missing.any():
+        raise ValueError(f"rows {missing.nonzero().flatten().tolist()} were routed to no teacher")
+    scored = [(p, rows) for p, rows in zip(parts, owned, strict=True) if rows.any()]
+    keys = [k for k in scored[0][0].batch.keys() if k != "teacher_rows"]
+    tensors = {k: scored[0][0].batch[k].clone() for k in keys}
+    for part, rows in scored[1:]:
+        for k in keys:
+            tensors[k][rows] = part.batch[k][rows]
+    meta = {"time_s": max(p.meta_info.get("time_s", 0.0) for p in parts)}
+    return DataProto.from_dict(tensors=tensors, meta_info=meta)
+
+
 def fetch(refs: list[ray.ObjectRef]) -> tuple[DataProto, list[dict]]:
     """The chunks behind ``refs`` as one batch (see :func:`concat`)."""
     return concat(ray.get(refs))

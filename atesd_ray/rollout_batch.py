@@ -8,7 +8,7 @@ One row per response, as a ``verl.DataProto``:
   student sampled every response token in one pass (MOTAB's stitched trajectories have none).
   A producer may add per-token masks of its own (MOTAB's ``distill_mask`` / ``nll_mask``);
 - non-tensors: ``uid`` (record id), ``sample`` (index among the record's samples), ``problem``,
-  ``reference``, ``answer``, ``difficulty``, ``finish_reason`` ("stop" | "length"),
+  ``reference``, ``answer``, ``difficulty``, ``source`` (the record's), ``finish_reason`` ("stop" | "length"),
   ``response_text``, ``extracted`` (the answer the grader read, or None);
 - meta: ``weight_version`` (of the weights that wrote it), ``step``, ``time_s``, and for a rollout
   chunk its ``chunk``.
@@ -77,6 +77,7 @@ def rollout_batch(
             "reference": column(r["reference"] for r in records),
             "answer": column(r["answer"] for r in records),
             "difficulty": column(r.get("difficulty") for r in records),
+            "source": column(r.get("source") for r in records),
             "finish_reason": column(finish_reasons),
             "response_text": column(texts),
             "extracted": column(g.answer for g in grades),

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from verl import DataProto
 
-from atesd_ray.config import Config
+from atesd_ray.config import Config, model_preset
 from atesd_ray.models import base_weights, load_model, load_tokenizer
 from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weight_sync import WeightReceiver
@@ -44,12 +44,14 @@ from workers.engines import HFEngine
 
 
 class TeacherWorker(WeightReceiver):
-    def __init__(self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset()):
+    def __init__(
+        self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset(), model: str | None = None
+    ):
         self.threads, self.device = setup_actor(cfg, cfg.cluster.teacher, f"teacher {replica}")
         self.cfg = cfg
         self.replica = replica
         self.grounding = "grounding" in signals
-        separate = cfg.teacher.model_config()
+        separate = model_preset(model) if model else cfg.teacher.model_config()
         self.privileged = separate is None
         self.model_cfg = separate or cfg.model
         self.tokenizer = load_tokenizer(self.model_cfg)
@@ -158,6 +160,11 @@ class TeacherWorker(WeightReceiver):
                 f"teacher model {self.model_cfg.name} has another vocabulary than the student {self.cfg.model.name}: "
                 "it cannot give per-token targets (use it for mode=motab_synthesize, or a teacher of the same family)"
             )
+        if self.cfg.teacher.routes and not self.privileged:
+            return self._score_routed(rollout, alpha)
+        return self._targets(rollout, alpha)
+
+    def _targets(self, rollout: DataProto, alpha: float | Mapping[str, float]) -> DataProto:
         t0 = time.perf_counter()
         nt = rollout.non_tensor_batch
         alphas = self._row_alphas(nt["uid"], alpha)
@@ -196,6 +203,21 @@ class TeacherWorker(WeightReceiver):
         if negatives is not None:
             tensors["contrast_row"] = torch.tensor([n is not None for n in negatives], dtype=torch.float32)
         return DataProto.from_dict(tensors=tensors, meta_info={"time_s": time.perf_counter() - t0})
+
+    def _score_routed(self, rollout: DataProto, alpha: float | Mapping[str, float]) -> DataProto:
+        """Multi-teacher OPD: the targets of the rows ``teacher.routes`` sends to this model, zeros on
+        the others, and ``teacher_rows`` [B] saying which are which (``objective.merge_routed``)."""
+        key = self.cfg.teacher.route_key
+        mine = [self.cfg.teacher.route(v) == self.model_cfg.name for v in rollout.non_tensor_batch[key]]
+        rows = torch.tensor(mine, dtype=torch.bool)
+        if not rows.any():
+            return DataProto.from_dict(tensors={"teacher_rows": rows.float()}, meta_info={"time_s": 0.0})
+        scored = self._targets(rollout.select_idxs(rows.numpy()), alpha)
+        tensors = {"teacher_rows": rows.float()}
+        for k, v in scored.batch.items():
+            tensors[k] = torch.zeros((len(rows), *v.shape[1:]), dtype=v.dtype)
+            tensors[k][rows] = v
+        return DataProto.from_dict(tensors=tensors, meta_info=scored.meta_info)
 
     def _contexts(self, nt: dict, rewards: list[float] | None) -> tuple[list[tuple[str, str]], list[bool]]:
         """Per row, what the privileged teacher reads (text, answer) and whether it is a correct peer

@@ -61,6 +61,12 @@ def check(cfg: Config) -> Config:
             f"algorithm={name} distills no teacher targets on the student's tokens, so teacher.context and "
             "teacher.signal would not change it: leave them at their defaults",
         )
+    require(
+        not teacher.routes or algorithms[name].routes_teachers,
+        "teacher.routes",
+        f"algorithm={name} does not route problems to teachers; teacher.routes is for "
+        f"{', '.join(n for n, a in algorithms.items() if a.routes_teachers)}",
+    )
     algorithms[name].check(cfg)
     return cfg
 

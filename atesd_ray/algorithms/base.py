@@ -48,6 +48,7 @@ class Algorithm:
     stepwise: ClassVar[bool] = False  # it builds step-wise monitored trajectories (mode=motab_synthesize)
     # the student distills the teacher's targets on its own tokens (teacher.context and teacher.signal apply)
     distills_targets: ClassVar[bool] = False
+    routes_teachers: ClassVar[bool] = False  # it scores each problem with the teacher teacher.routes names
 
     def __init__(self, name: str):
         self.name = name

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 class OPD(Algorithm):
     prefetches = True
     distills_targets = True
+    routes_teachers = True
 
     def check(self, cfg: Config) -> None:
         require(
@@ -59,7 +60,7 @@ class OPD(Algorithm):
     ) -> Launched:
         rollouts = rollouts or launch_rollouts(actors, batch, step, min_version=step)
         # the separate teacher reads the student's prompt: the exposure it is given plays no part
-        scored = actors.teachers.score(rollouts, 1.0)
+        scored = actors.score_routed(rollouts, 1.0)  # with teacher.routes, each row from its own teacher
         return Launched(actors.students.train_step(step, rollouts, scored))
 
 

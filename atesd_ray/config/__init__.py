@@ -142,6 +142,16 @@ class Config(Section):
                 "vocabulary, teacher.topk=0, the loss is the full divergence and its clamps would go unused)",
             )
         self._check_teacher_signal()
+        for name in self.teacher.models():
+            family = model_preset(name).tokenizer_family
+            require(
+                family is None
+                or self.model.tokenizer_family is None
+                or family == self.model.tokenizer_family,
+                "teacher.routes" if name != self.teacher.model else "teacher.model",
+                f"teacher model {name} has the {family} tokenizer and the student {self.model.name} the "
+                f"{self.model.tokenizer_family} one: per-token targets need the same token ids",
+            )
         if self.teacher.model is not None:
             require(
                 self.teacher.model_config() != self.model,

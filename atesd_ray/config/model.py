@@ -64,6 +64,9 @@ class ModelConfig(Section):
     gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
     # where the tokenizer comes from when it differs from `path` (the tiny model borrows the bundled one)
     tokenizer: str | None = None
+    # models of one family share one tokenizer (the same token ids), so one can give another per-token
+    # targets; null: not declared (a teacher of another vocabulary is then refused when it starts)
+    tokenizer_family: str | None = None
     dtype: str = setting("float32", one_of("float32", "bfloat16", "float16"))
     # auto: flash_attention_2 on a GPU when the flash-attn package is installed, else sdpa
     attn_implementation: str = setting("sdpa", one_of("auto", "sdpa", "eager", "flash_attention_2"))

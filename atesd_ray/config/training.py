@@ -181,6 +181,11 @@ class TeacherConfig(Section):
     # a model preset (conf/model/<name>.yaml) as a separate teacher, prompted like the student;
     # null: the student itself as the privileged self-teacher
     model: str | None = setting(None, one_of(model_presets))
+    # multi-teacher OPD (verl's and NeMo-RL's): a problem whose record field `route_key` holds a value
+    # named here is scored by that preset instead of teacher.model, one teacher group per model; the
+    # field is the record's `source` by default (verl's data_source column: data.columns={source: data_source})
+    routes: dict[str, str] = setting(dict)
+    route_key: str = setting("source", one_of("source", "difficulty"))
     replicas: int = setting(1, positive)
     topk: int = setting(
         0, non_negative
@@ -198,6 +203,14 @@ class TeacherConfig(Section):
     def model_config(self) -> ModelConfig | None:
         """The separate teacher model, or None for the privileged self-teacher."""
         return None if self.model is None else model_preset(self.model)
+
+    def models(self) -> list[str]:
+        """Every separate teacher model, teacher.model first: one teacher group each."""
+        return list(dict.fromkeys([m for m in [self.model, *self.routes.values()] if m is not None]))
+
+    def route(self, value: object) -> str | None:
+        """The teacher model that scores a problem whose ``route_key`` field holds ``value``."""
+        return self.routes.get(str(value), self.model)
 
     def check(self, key: str) -> None:
         if self.engine == "vllm":
@@ -218,6 +231,25 @@ class TeacherConfig(Section):
                 "teacher.signal needs the teacher's full log-probs at every position (the contrast gathers "
                 "a second pass at the first pass's top-k ids, the gate takes the exact entropy); vLLM's "
                 "prompt logprobs give the top-k only: use teacher.engine=hf",
+            )
+        for value, preset in self.routes.items():
+            require(
+                preset in model_presets(),
+                subkey(key, f"routes.{value}"),
+                f"got {preset!r}; allowed values: {', '.join(model_presets())}",
+            )
+        if self.routes:
+            require(
+                self.model is not None,
+                subkey(key, "model"),
+                "teacher.routes sends some problems to other teacher models; teacher.model scores the rest "
+                "and must be set",
+            )
+            require(
+                self.topk > 0,
+                subkey(key, "topk"),
+                "with teacher.routes each problem's targets come from its own teacher model, merged row by "
+                "row: set teacher.topk > 0 (full-vocabulary rows of models with other output sizes do not merge)",
             )
         if self.model is not None:
             require(
