@@ -50,6 +50,38 @@ def peer(uids: Sequence, samples: Sequence, rewards: Sequence[float], row: int, 
     return min(found, key=lambda j: samples[j]) if found else None
 
 
+def privileged_contexts(
+    rows: dict, rewards: list[float] | None, hindsight: bool
+) -> tuple[list[tuple[str, str]], list[bool]]:
+    """Per row of a rollout chunk (its non-tensor columns ``rows``), what the privileged teacher reads,
+    (text, answer), and whether it is a correct peer (``hindsight``) rather than the reference."""
+    contexts, peers = [], []
+    for i in range(len(rows["uid"])):
+        j = peer(rows["uid"], rows["sample"], rewards, i, correct=True) if hindsight else None
+        contexts.append((rows["reference"][i] if j is None else rows["response_text"][j], rows["answer"][i]))
+        peers.append(j is not None)
+    return contexts, peers
+
+
+def negative_contexts(
+    rows: dict, rewards: list[float] | None, contexts: list[tuple[str, str]], contrast: str
+) -> list[tuple[str, str, str] | None]:
+    """Per row, the negative context of the contrast as (problem, text, answer) of the teacher's
+    template: the row's context without the problem (``reference_only``), or its first other wrong
+    sample (``wrong_hint``) with that sample's own answer, never the right one, which the exposure
+    would otherwise add; None where the problem has no other wrong sample."""
+    out: list[tuple[str, str, str] | None] = []
+    for i, (text, answer) in enumerate(contexts):
+        if contrast == "reference_only":
+            out.append(("", text, answer))
+            continue
+        j = peer(rows["uid"], rows["sample"], rewards, i, correct=False)
+        out.append(
+            None if j is None else (rows["problem"][i], rows["response_text"][j], rows["extracted"][j] or "")
+        )
+    return out
+
+
 def contrast_shift(
     logp: Tensor, logp_negative: Tensor, weight: float, indices: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:

@@ -37,7 +37,14 @@ from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import blend_into, load_into
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import response_logprobs, rows_to_lists, slices, token_logprobs
-from atesd_ray.teacher_signal import contrast_shift, entropy, gate_weight, outside, peer
+from atesd_ray.teacher_signal import (
+    contrast_shift,
+    entropy,
+    gate_weight,
+    negative_contexts,
+    outside,
+    privileged_contexts,
+)
 from atesd_ray.trajectories import step_end, topk_entropy
 from workers.common import setup_actor
 from workers.engines import HFEngine
@@ -170,15 +177,19 @@ class TeacherWorker(WeightReceiver):
         alphas = self._row_alphas(nt["uid"], alpha)
         peers = self.cfg.teacher.context == "hindsight" or self.cfg.teacher.signal.contrast == "wrong_hint"
         rewards = rollout.batch["reward"].tolist() if peers else None  # the peers' grades
-        contexts, hindsight = self._contexts(nt, rewards)
+        contexts, hindsight = privileged_contexts(nt, rewards, self.cfg.teacher.context == "hindsight")
         prompts = [
             self._encode(self._messages(nt["problem"][i], text, answer, a))
             for i, ((text, answer), a) in enumerate(zip(contexts, alphas, strict=True))
         ]
+        contrast = self.cfg.teacher.signal.contrast
         negatives = (
-            self._negatives(nt, rewards, alphas, contexts)
-            if self.cfg.teacher.signal.contrast != "none"
-            else None
+            None
+            if contrast == "none"
+            else [
+                None if n is None else self._encode(teacher_messages(*n, a, self.cfg.prompts))
+                for n, a in zip(negative_contexts(nt, rewards, contexts, contrast), alphas, strict=True)
+            ]
         )
         response_ids, response_mask = rollout.batch["response_ids"], rollout.batch["response_mask"]
         responses = rows_to_lists(response_ids, response_mask)
@@ -218,41 +229,6 @@ class TeacherWorker(WeightReceiver):
             tensors[k] = torch.zeros((len(rows), *v.shape[1:]), dtype=v.dtype)
             tensors[k][rows] = v
         return DataProto.from_dict(tensors=tensors, meta_info=scored.meta_info)
-
-    def _contexts(self, nt: dict, rewards: list[float] | None) -> tuple[list[tuple[str, str]], list[bool]]:
-        """Per row, what the privileged teacher reads (text, answer) and whether it is a correct peer
-        (``teacher.context=hindsight``) rather than the reference."""
-        contexts, peers = [], []
-        for i in range(len(nt["uid"])):
-            j = (
-                peer(nt["uid"], nt["sample"], rewards, i, correct=True)
-                if self.cfg.teacher.context == "hindsight"
-                else None
-            )
-            contexts.append((nt["reference"][i] if j is None else nt["response_text"][j], nt["answer"][i]))
-            peers.append(j is not None)
-        return contexts, peers
-
-    def _negatives(
-        self, nt: dict, rewards: list[float] | None, alphas: list[float], contexts: list[tuple[str, str]]
-    ) -> list[list[int] | None]:
-        """Per row, the negative context's prompt of the contrast, at the row's exposure: the context
-        without the problem (reference_only), or a wrong peer in the teacher's template (wrong_hint; None
-        where the problem has no other wrong sample)."""
-        out: list[list[int] | None] = []
-        for i, ((text, answer), a) in enumerate(zip(contexts, alphas, strict=True)):
-            if self.cfg.teacher.signal.contrast == "reference_only":
-                out.append(self._encode(teacher_messages("", text, answer, a, self.cfg.prompts)))
-                continue
-            j = peer(nt["uid"], nt["sample"], rewards, i, correct=False)
-            # the wrong peer's own answer line (never the right one, which expose() would otherwise add)
-            wrong = None if j is None else (nt["response_text"][j], nt["extracted"][j] or "")
-            out.append(
-                None
-                if wrong is None
-                else self._encode(teacher_messages(nt["problem"][i], *wrong, a, self.cfg.prompts))
-            )
-        return out
 
     def _forward(
         self, model, prompts: list, responses: list, temperature: float = 1.0, width: int | None = None
