@@ -217,4 +217,15 @@ def render(out: Path) -> str:
                     f"| {label} | fit: {arm}, {FIT_AXES[axis]} | | {_s(f['intercept_s'])} s + "
                     f"{_s(f['per_1k_tokens_s'])} s per 1k tokens | R² {f['r2']:.3f} | | |"
                 )
+    lines += _table(
+        "(h) Bytes per weight sync: the LoRA adapter against the merged model",
+        ["run", "model", "LoRA r", "dtype", "adapter MB", "merged MB", "adapter share", "how"],
+    )
+    for label, d in _versions(out, "sync_bytes"):
+        for r in d["rows"]:
+            lines.append(
+                f"| {label} | {r['model']} | {r['lora_r']} | {r['dtype']} | {r['trainable']['bytes'] / 1e6:.1f} | "
+                f"{r['merged']['bytes'] / 1e6:.1f} | {100 * r['adapter_share']:.1f}% | "
+                f"{'loaded' if r['measured'] else 'meta device, config.json dimensions'} |"
+            )
     return "\n".join(lines) + "\n"

@@ -5,8 +5,9 @@
 
 Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
-against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length) and
-the tables in ``README.md``.
+against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length),
+``<prefix>sync_bytes.json`` (h: bytes per sync, the LoRA adapter against the merged model, written
+with (d)) and the tables in ``README.md``.
 (a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's two
 trainers in turn (ABCDABCD...), so load from other processes on the machine falls on all alike;
 the first round is a warm-up and is not counted. Before it, a loop of the same kind races our step
@@ -27,7 +28,7 @@ import torch
 
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data
-from bench import engines, memory, report, scaling, weight_sync
+from bench import engines, memory, report, scaling, sync_bytes, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
 from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
 from bench.single_process import SingleProcessStep
@@ -127,6 +128,7 @@ def _start(model: str, repeats: int) -> tuple[Config, dict]:
 def _weight_sync(context: dict, dist: DistributedStep, repeats: int, out: Path, prefix: str) -> dict:
     results_d = context | weight_sync.measure(dist, max(repeats, SYNC_REPEATS))
     results_d["load_average"] = load_average()
+    _write(out, f"{prefix}sync_bytes.json", context | sync_bytes.measure())
     _write(out, f"{prefix}weight_sync.json", results_d)
     return results_d
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from atesd_ray.models import load_model
@@ -94,3 +95,18 @@ def test_a_shared_load_keeps_the_senders_memory_and_a_later_copy_never_writes_it
     load_into(receiver, {n: torch.zeros_like(t) for n, t in shared.items()})
     assert all(torch.equal(shared[n], kept[n]) for n in shared)  # the shared memory is untouched
     assert all(mine[n].abs().max() == 0 and mine[n].data_ptr() != shared[n].data_ptr() for n in shared)
+
+
+@pytest.mark.parametrize("name", ["qwen3_1_7b", "qwen3_4b", "qwen3_8b"])
+def test_an_adapter_sync_of_a_qwen3_preset_is_under_5_percent_of_the_merged_one(name):
+    """Counted by the sync's own stream on the preset's network on the meta device: the adapter
+    (r 64 on every projection) against every base weight with it merged in."""
+
+    from bench.sync_bytes import qwen3_on_meta, sync_bytes
+
+    model = qwen3_on_meta(name)
+    counted = sync_bytes(model, torch.bfloat16, 2.0)
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert counted["merged"]["bytes"] == 2 * base and counted["trainable"]["bytes"] == 2 * adapter
+    assert counted["adapter_share"] <= 0.05
