@@ -165,8 +165,11 @@ def _release(thing: ActorGroup | Placement | ActorHandle) -> None:
         ray.kill(thing, no_restart=True)
 
 
-def rollout_group(cfg: Config, name: str, placement: Placement | None = None) -> RolloutGroup:
-    """``rollout.replicas`` rollout actors (restarted by Ray when they die)."""
+def rollout_group(
+    cfg: Config, name: str, placement: Placement | None = None, signals: frozenset[str] = frozenset()
+) -> RolloutGroup:
+    """``rollout.replicas`` rollout actors (restarted by Ray when they die); ``signals``: what they
+    measure as the teacher too (``teacher.engine=rollout``)."""
     from workers.rollout import RolloutWorker
 
     c = cfg.cluster
@@ -176,7 +179,7 @@ def rollout_group(cfg: Config, name: str, placement: Placement | None = None) ->
         c.rollout,
         c.rollout_strategy,
         name,
-        lambda i: ((cfg, i), {}),
+        lambda i: ((cfg, i, signals), {}),
         max_restarts=restart_limit(cfg, "rollout"),
         placement=placement,
         timeout_s=c.placement_timeout_s,
@@ -256,10 +259,13 @@ def assemble(
             timeout_s=timeout,
         )
         created.append(students)
-        rollouts = rollout_group(cfg, f"{name}-rollout", placement=shared)
+        rollouts = rollout_group(cfg, f"{name}-rollout", placement=shared, signals=signals)
         created.append(rollouts)
-        teachers = teacher_group(cfg, f"{name}-teacher", signals)
-        created.append(teachers)
+        if cfg.teacher.engine == "rollout":  # the rollout actors score as the teacher too
+            teachers = TeacherGroup.serving_as(rollouts)
+        else:
+            teachers = teacher_group(cfg, f"{name}-teacher", signals)
+            created.append(teachers)
         routed = {}
         for model in cfg.teacher.models()[1:]:
             routed[model] = teacher_group(cfg, f"{name}-teacher-{model}", signals, model)
@@ -274,7 +280,8 @@ def assemble(
         topology = ray.get(students.call("init_distributed", address, port))
         placed = ray.get(rollouts.call("placement") + teachers.call("placement"))
         routed_placed = {f"teacher {m}": ray.get(g.call("placement")) for m, g in routed.items()}
-        receivers = rollouts.actors + (teachers.actors if cfg.teacher.weights != "frozen" else [])
+        separate = cfg.teacher.weights != "frozen" and cfg.teacher.engine != "rollout"
+        receivers = rollouts.actors + (teachers.actors if separate else [])
         backend = topology[0]["backend"]  # the weight broadcast's: the student group's
         weight_sync = make_weight_sync(
             cfg.trainer.weight_transport,

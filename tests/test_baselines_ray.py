@@ -80,9 +80,9 @@ def test_sft_lowers_the_nll_and_its_checkpoint_serves_eval(ray_cluster, tmp_path
     prompts = ray.get(worker.prompt_ids.remote([r["problem"] for r in records]))
     tokenizer = load_tokenizer(cfg.model)
     ref_ids = [tokenizer(r["reference"], add_special_tokens=False)["input_ids"] for r in records]
-    before = ray.get(worker.score.remote(prompts, ref_ids))
+    before = ray.get(worker.score_responses.remote(prompts, ref_ids))
     assert ray.get(worker.load_checkpoint.remote(str(run_dir / "checkpoints" / "step_4"))) == 4
-    after = ray.get(worker.score.remote(prompts, ref_ids))
+    after = ray.get(worker.score_responses.remote(prompts, ref_ids))
     ray.kill(worker)
     assert _mean(after) > _mean(before) + 0.3
 

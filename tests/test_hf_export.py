@@ -108,7 +108,7 @@ def test_the_vllm_engine_loads_the_folder(lora_run):
     prompts, responses = [ids[:20]], [ids[20:]]
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, 0)
     try:
-        served = torch.tensor(ray.get(worker.score.remote(prompts, responses))[0])
+        served = torch.tensor(ray.get(worker.score_responses.remote(prompts, responses))[0])
     finally:
         ray.kill(worker)
     logp = torch.log_softmax(_folder_logits(model_directory(lora_run), torch.tensor([ids]))[0, :-1], -1)

@@ -103,11 +103,11 @@ def test_weight_sync_gives_rollout_the_students_logprobs(run):
         rollouts, scored = _batch(actors, step=step)
         actors.students.train_step(step, rollouts, scored).get()
         student = actors.students.score(prompts, responses).get()
-        stale = ray.get(rollout.score.remote(prompts, responses))
+        stale = ray.get(rollout.score_responses.remote(prompts, responses))
         assert _max_gap(student, stale) > 1e-3, "the update should change the student's log-probs"
         sync.sync(version + 1).get()
         assert ray.get(rollout.get_weight_version.remote()) == version + 1
-        synced = ray.get(rollout.score.remote(prompts, responses))
+        synced = ray.get(rollout.score_responses.remote(prompts, responses))
         assert _max_gap(student, synced) < 1e-5
         if sync is not actors.weight_sync:
             sync.teardown()

@@ -74,7 +74,7 @@ def test_weight_syncs_reach_the_vllm_rollout_exactly(ray_cluster):
             student = actors.students.score(prompts, responses).get()
             assert _gap(student, sampled) < 1e-4
             # the same through prompt logprobs (which skip the prefix cache)
-            assert _gap(student, ray.get(rollout.score.remote(prompts, responses))) < 1e-4
+            assert _gap(student, ray.get(rollout.score_responses.remote(prompts, responses))) < 1e-4
         small_buckets.teardown()
     finally:
         actors.shutdown()

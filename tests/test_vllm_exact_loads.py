@@ -79,7 +79,9 @@ def _train_and_check(actors, sync, step: int) -> float:
     responses = rows_to_lists(b["response_ids"], b["response_mask"])
     sampled = [b["rollout_logprobs"][i, : len(r)].tolist() for i, r in enumerate(responses)]
     student = actors.students.score(prompts, responses).get()
-    return max(_gap(student, sampled), _gap(student, ray.get(rollout.score.remote(prompts, responses))))
+    return max(
+        _gap(student, sampled), _gap(student, ray.get(rollout.score_responses.remote(prompts, responses)))
+    )
 
 
 def _cut_after(specs, names: set[str]) -> list:

@@ -38,7 +38,11 @@ def sampling_params(cfg: Config) -> SamplingParams:
 
 
 class RolloutWorker(WeightReceiver):
-    def __init__(self, cfg: Config, replica: int = 0):
+    """With ``teacher.engine=rollout`` it is the teacher too: :meth:`score` and
+    :meth:`reference_logprobs` run a :class:`~workers.teacher.TeacherWorker` on the engine's own
+    network (the LoRA adapter off for a frozen teacher), so the base weights are held once."""
+
+    def __init__(self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset()):
         self.threads, self.device = setup_actor(cfg, cfg.cluster.rollout, f"rollout {replica}")
         self.cfg = cfg
         self.replica = replica
@@ -53,6 +57,30 @@ class RolloutWorker(WeightReceiver):
             model = load_model(cfg.model, vocab_size=len(self.tokenizer), device=self.device)
             self.engine = HFEngine(model, self.tokenizer, micro_batch=cfg.rollout.micro_batch)
         self.payload_format = self.engine.weight_format
+        self.teacher = None
+        if cfg.teacher.engine == "rollout":  # an HF engine (checked in the config)
+            from workers.teacher import TeacherWorker
+
+            self.teacher = TeacherWorker(cfg, replica, signals, network=self.engine.model)
+
+    # -- the teacher's calls, with teacher.engine=rollout -----------------------------------------
+    def score(self, rollout: DataProto, alpha) -> DataProto:
+        return self.teacher.score(rollout, alpha)
+
+    def reference_logprobs(self, rollout: DataProto, temperature: float) -> DataProto:
+        return self.teacher.reference_logprobs(rollout, temperature)
+
+    def step_values(self, items: list[dict], alpha) -> list[dict]:
+        return self.teacher.step_values(items, alpha)
+
+    def continue_from(self, items: list[dict], alpha, params: SamplingParams, seed: int) -> list[dict]:
+        return self.teacher.continue_from(items, alpha, params, seed)
+
+    def save(self, directory: str) -> bool:
+        return self.teacher.save(directory)
+
+    def load(self, directory: str, version: int) -> int:
+        return self.weight_version
 
     # -- weights ---------------------------------------------------------------------------------
     def open_weights(self) -> None:
@@ -133,7 +161,7 @@ class RolloutWorker(WeightReceiver):
             },
         )
 
-    def score(
+    def score_responses(
         self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
     ) -> list[list[float]]:
         """Log-probs of fixed responses under the current weights (used to check weight syncs)."""

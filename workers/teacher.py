@@ -52,9 +52,20 @@ from workers.engines import HFEngine
 
 class TeacherWorker(WeightReceiver):
     def __init__(
-        self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset(), model: str | None = None
+        self,
+        cfg: Config,
+        replica: int = 0,
+        signals: frozenset[str] = frozenset(),
+        model: str | None = None,
+        network: torch.nn.Module | None = None,
     ):
-        self.threads, self.device = setup_actor(cfg, cfg.cluster.teacher, f"teacher {replica}")
+        """``model``: a preset other than ``teacher.model`` (a routed teacher); ``network``: score on
+        this network, the rollout engine's of the same process (``teacher.engine=rollout``), instead
+        of loading one in an actor of its own."""
+        if network is None:
+            self.threads, self.device = setup_actor(cfg, cfg.cluster.teacher, f"teacher {replica}")
+        else:
+            self.device = network.get_input_embeddings().weight.device
         self.cfg = cfg
         self.replica = replica
         self.grounding = "grounding" in signals
@@ -76,9 +87,10 @@ class TeacherWorker(WeightReceiver):
             self.payload_format = self.vllm.engine.weight_format
             self.vocab = len(self.tokenizer)
         else:
-            self.model = load_model(
+            self.model = network or load_model(
                 self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged, device=self.device
-            ).eval()
+            )
+            self.model.eval()
             self.vocab = self.model.get_output_embeddings().weight.shape[0]
         k = cfg.teacher.topk
         self.topk = None if k == 0 or k >= self.vocab else k

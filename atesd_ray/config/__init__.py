@@ -142,6 +142,20 @@ class Config(Section):
                 "vocabulary, teacher.topk=0, the loss is the full divergence and its clamps would go unused)",
             )
         self._check_teacher_signal()
+        if self.teacher.engine == "rollout":
+            require(
+                self.rollout.engine == "hf",
+                "teacher.engine",
+                "teacher.engine=rollout scores on the rollout engines' network: it needs rollout.engine=hf "
+                f"(got {self.rollout.engine}; a vLLM rollout holds merged weights, with no adapter to switch off)",
+            )
+            require(
+                self.teacher.weights == "live" or self.model.lora.enabled,
+                "teacher.engine",
+                "teacher.engine=rollout with a frozen teacher is the rollout's network with the LoRA adapter "
+                "off, the step-0 model: it needs model.lora.enabled=true (without LoRA the rollout holds no "
+                "step-0 weights; use teacher.engine=hf)",
+            )
         for name in self.teacher.models():
             family = model_preset(name).tokenizer_family
             require(
@@ -205,7 +219,7 @@ class Config(Section):
                 "cluster.colocate_rollout=true and GPUs for the student (cluster.student.gpus > 0)",
             )
             require(
-                self.teacher.weights == "frozen",
+                self.teacher.weights == "frozen" or self.teacher.engine == "rollout",
                 "trainer.weight_transport",
                 f"cuda_ipc reaches only the colocated rollouts; teacher.weights={self.teacher.weights} "
                 "needs the weights too: use collective or object_store",
@@ -219,7 +233,7 @@ class Config(Section):
             )
         if self.trainer.weight_transport == "collective" and c.student.gpus:
             members = {"student": c.student.gpus, "rollout": c.rollout.gpus}
-            if self.teacher.weights != "frozen":
+            if self.teacher.weights != "frozen" and self.teacher.engine != "rollout":
                 members["teacher"] = c.teacher.gpus
             shared = [f"cluster.{r}.gpus={g:g}" for r, g in members.items() if g is not None and g < 1]
             require(

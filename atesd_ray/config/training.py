@@ -176,8 +176,10 @@ class SignalConfig(Section):
 @dataclass
 class TeacherConfig(Section):
     # hf: transformers forward passes (any top-k, full vocabulary, any temperature); vllm: prompt
-    # logprobs of a vLLM engine (CPU or GPU), top-k only, see workers/vllm_engine.py
-    engine: str = setting("hf", one_of(*ENGINES))
+    # logprobs of a vLLM engine (CPU or GPU), top-k only, see workers/vllm_engine.py; rollout: the
+    # self-teacher scores on the rollout engines' network (HF rollouts), the LoRA adapter off for a
+    # frozen teacher and on for a live one: no teacher actors and no teacher copy of the base weights
+    engine: str = setting("hf", one_of(*ENGINES, "rollout"))
     # a model preset (conf/model/<name>.yaml) as a separate teacher, prompted like the student;
     # null: the student itself as the privileged self-teacher
     model: str | None = setting(None, one_of(model_presets))
@@ -223,6 +225,13 @@ class TeacherConfig(Section):
                 self.weights != "ema",
                 subkey(key, "weights"),
                 "teacher.engine=vllm cannot keep an EMA; use frozen or live",
+            )
+        if self.engine == "rollout":
+            require(
+                self.model is None and self.weights != "ema",
+                subkey(key, "engine"),
+                "teacher.engine=rollout scores with the student's own network on the rollout engines: it "
+                f"serves the self-teacher (teacher.model null; got {self.model}), frozen or live (got {self.weights})",
             )
         if self.engine == "vllm":
             require(

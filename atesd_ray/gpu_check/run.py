@@ -109,7 +109,7 @@ def run_part(out: Path) -> None:
                 rows_to_lists(b["response_ids"], b["response_mask"]),
             )
             student = actors.students.score(prompts, responses).get()
-            mine = ray.get(rollout.score.remote(prompts, responses))
+            mine = ray.get(rollout.score_responses.remote(prompts, responses))
             gap = max(
                 abs(x - y) for a, c in zip(student, mine, strict=True) for x, y in zip(a, c, strict=True)
             )

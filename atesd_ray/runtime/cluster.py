@@ -306,6 +306,7 @@ class ActorGroup:
         timeout_s: float = 300.0,
     ):
         self.name = name
+        self.owns_actors = True
         self.owns_placement = placement is None
         self.placement = placement or Placement(name, count, role_bundle(res), strategy, timeout_s)
         if count > len(self.placement):
@@ -327,6 +328,15 @@ class ActorGroup:
                 runtime_env={"env_vars": actor_env_vars() | hidden_gpus(res)},
             )
             self.actors.append(remote_cls.options(**options).remote(*args, **kwargs))
+
+    @classmethod
+    def serving_as(cls, other: ActorGroup) -> ActorGroup:
+        """The actors of ``other`` called as this class's group, when one process plays both roles
+        (``teacher.engine=rollout``); they stay ``other``'s to shut down."""
+        view = cls.__new__(cls)
+        view.name, view.placement, view.actors = other.name, other.placement, other.actors
+        view.owns_actors = view.owns_placement = False
+        return view
 
     @property
     def pg(self) -> PlacementGroup:
@@ -369,6 +379,8 @@ class ActorGroup:
         return [out for part in ray.get(refs) for out in part]
 
     def shutdown(self) -> None:
+        if not self.owns_actors:
+            return
         for a in self.actors:
             ray.kill(a, no_restart=True)
         if self.owns_placement:
