@@ -100,20 +100,20 @@ class RolloutWorker(WeightReceiver):
         the configured model; a checkpoint written for another model is refused. Returns N.
 
         The HF engine's network is the student's, so the tensors go straight into it; a vLLM engine
-        gets them merged (LoRA folded in) from a student network built for the purpose."""
+        gets them from a student network built for the purpose, merged (LoRA folded in) or, with
+        ``rollout.vllm.lora=adapter``, the adapter alone."""
         path = Path(checkpoint)
         m = self.cfg.model
-        student = (
-            self.engine.model
-            if self.engine.weight_format == "trainable"
-            else load_model(m, vocab_size=len(self.tokenizer))
-        )
+        hf = hasattr(self.engine, "model")  # the HF engine holds the student's network itself
+        student = self.engine.model if hf else load_model(m, vocab_size=len(self.tokenizer))
         mine = fingerprint(m.name, m.lora.enabled, synced_parameters(student))
         load_into(student, read_student_weights(path, mine))
-        if self.engine.weight_format == "merged":
-            merged = stream_weights(student, "merged", DTYPES[m.dtype], "cpu", m.lora.alpha / m.lora.r)
+        if not hf:  # a vLLM engine: merged weights, or the adapter alone
+            fmt = self.engine.weight_format
             self.engine.begin_load()
-            self.engine.load_weights(dict(merged))
+            self.engine.load_weights(
+                dict(stream_weights(student, fmt, DTYPES[m.dtype], "cpu", m.lora.alpha / m.lora.r))
+            )
             self.engine.finish_load()
         self.weight_version = read_state(path)["step"]
         return self.weight_version

@@ -10,7 +10,12 @@ imported when an engine is built, so an install without it runs every HF path.
   The actor sets its torch thread count before the engine starts; vLLM's CPU worker then keeps
   it (it replaces ``torch.set_num_threads`` with a no-op).
 - Weights arrive in the ``merged`` format and load in place: the vLLM load path of
-  ``atesd_ray/runtime/weight_formats.py``.
+  ``atesd_ray/runtime/weight_formats.py``. With ``rollout.vllm.lora=adapter`` the engine holds the
+  base weights once and serves the student as LoRA adapter 1: a sync carries the ``trainable``
+  tensors (the adapter alone) and replaces the adapter in memory (``push_adapter``). Requests with
+  and without the adapter never share a ``generate`` call: vLLM's CPU LoRA kernels index the
+  adapter slots with -1 for requests without one, which wraps to the last slot. ``lm_head`` is
+  not a LoRA target, so prompt logprobs are never routed through the LoRA logits path.
 - Sampled-token log-probs are vLLM's ``processed_logprobs``: of the distribution actually sampled
   from (temperature, then top-k/top-p), as verl uses them. The HF engine's are of
   softmax(logits / temperature) without the top-k/top-p cut; with top-k and top-p off both agree.
@@ -47,6 +52,32 @@ def max_model_len(cfg: Config, settings: VLLMConfig) -> int:
     return min(wanted, positions) if positions else wanted
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices (vllm/config/lora.py)
+ADAPTER_ID = 1
+
+
+def adapter_args(cfg: Config) -> dict:
+    """What ``vllm.LLM`` needs to serve the student as one LoRA adapter."""
+    lora = cfg.model.lora
+    return {
+        "enable_lora": True,
+        "max_loras": 1,
+        "max_lora_rank": min(r for r in LORA_RANKS if r >= lora.r),
+        "lora_target_modules": list(lora.target_modules),
+    }
+
+
+def peft_config(cfg: Config) -> dict:
+    """The adapter's PEFT settings, as ``adapter_config.json`` would hold them."""
+    lora = cfg.model.lora
+    return {
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "target_modules": list(lora.target_modules),
+        "bias": "none",
+    }
+
+
 def engine_args(cfg: Config, settings: VLLMConfig, max_logprobs: int, on_gpu: bool) -> dict:
     """Keyword arguments of ``vllm.LLM`` for this run and role."""
     if not on_gpu and settings.kv_cache_mb is None:
@@ -76,6 +107,7 @@ def engine_args(cfg: Config, settings: VLLMConfig, max_logprobs: int, on_gpu: bo
         "disable_log_stats": True,
         "use_tqdm_on_load": not quiet(),
         **memory,
+        **(adapter_args(cfg) if settings.lora == "adapter" else {}),
     }
 
 
@@ -86,8 +118,6 @@ def _token_prompts(prompts: list[list[int]]) -> list:
 
 
 class VLLMEngine:
-    weight_format = "merged"
-
     def __init__(
         self, cfg: Config, tokenizer, settings: VLLMConfig, device: torch.device, max_logprobs: int = 20
     ):
@@ -107,6 +137,12 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.dtype = DTYPES[cfg.model.dtype]
         self.loading = False
+        # what a sync carries (atesd_ray/runtime/weight_formats.py): the adapter, or merged weights
+        self.adapter = settings.lora == "adapter"
+        self.weight_format = "trainable" if self.adapter else "merged"
+        self.peft_config = peft_config(cfg) if self.adapter else None
+        self.pending: dict[str, torch.Tensor] = {}
+        self.lora_request = None  # the student's adapter, once a sync has pushed it
         self.llm = LLM(**engine_args(cfg, settings, max_logprobs, on_gpu=device.type == "cuda"))
         path = self.llm.llm_engine.model_config.model
         try:  # the EOS ids the HF engine stops at: generation_config.json's, else config.json's
@@ -140,7 +176,10 @@ class VLLMEngine:
             for i in range(len(expanded))
         ]
         completions = []
-        for out in self.llm.generate(_token_prompts(expanded), requests, use_tqdm=False):
+        outputs = self.llm.generate(
+            _token_prompts(expanded), requests, use_tqdm=False, lora_request=self.lora_request
+        )
+        for out in outputs:
             sample = out.outputs[0]
             ids = list(sample.token_ids)
             logprobs = (
@@ -153,13 +192,17 @@ class VLLMEngine:
             )
         return completions
 
-    def prompt_logprobs(self, sequences: list[list[int]], topk: int) -> list[list[dict]]:
+    def prompt_logprobs(
+        self, sequences: list[list[int]], topk: int, adapter: bool = True
+    ) -> list[list[dict]]:
         """Per sequence, per position after the first: {token id: (logprob, rank)} for the top-k and
-        the token that is there (temperature 1)."""
+        the token that is there (temperature 1); ``adapter=False``: of the base weights, the LoRA
+        adapter off (the frozen self-teacher on the rollout's engine)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         request = VLLMSamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk, detokenize=False)
-        outputs = self.llm.generate(_token_prompts(sequences), request, use_tqdm=False)
+        lora = self.lora_request if adapter else None
+        outputs = self.llm.generate(_token_prompts(sequences), request, use_tqdm=False, lora_request=lora)
         return [
             [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in out.prompt_logprobs[1:]]
             for out in outputs
@@ -180,7 +223,12 @@ class VLLMEngine:
 
     def begin_load(self) -> None:
         """Open one in-place load for a whole sync (``VLLMWorkerExtension``); one left open by an
-        interrupted sync is closed first, since the new load carries every weight again."""
+        interrupted sync is closed first, since the new load carries every weight again. An adapter
+        sync gathers its tensors and pushes them at :meth:`finish_load`."""
+        self.pending = {}
+        if self.adapter:
+            self.loading = True
+            return
         if self.loading:
             self.llm.collective_rpc("finish_weight_load", kwargs={"complete": False})
         self.llm.collective_rpc("begin_weight_load")
@@ -188,15 +236,27 @@ class VLLMEngine:
 
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         """Whole tensors by Hugging Face name (a whole sync or one bucket of it), copied into vLLM's
-        own (fused) parameters whether or not they are ``shared``."""
+        own (fused) parameters whether or not they are ``shared``; an adapter's by PEFT name, kept
+        (copied: a bucket's memory is reused) until the sync is complete."""
+        if self.adapter:
+            self.pending |= {n.replace(".default.", "."): t.detach().clone() for n, t in named.items()}
+            return
         self.llm.collective_rpc(
             "load_weight_chunk", args=([(n, t.to(self.dtype)) for n, t in named.items()],)
         )
 
     def finish_load(self) -> None:
-        """Close the load; the prefix cache goes, since its KV was computed with the old weights."""
+        """Close the load (push the adapter); the prefix cache goes, since its KV was computed with
+        the old weights."""
+        from vllm.lora.request import LoRARequest
+
         self.loading = False
-        self.llm.collective_rpc("finish_weight_load")
+        if self.adapter:
+            tensors, self.pending = self.pending, {}
+            self.llm.collective_rpc("push_adapter", args=(self.peft_config, tensors, ADAPTER_ID))
+            self.lora_request = LoRARequest("student", ADAPTER_ID, "in-memory")
+        else:
+            self.llm.collective_rpc("finish_weight_load")
         self.llm.reset_prefix_cache()
 
 

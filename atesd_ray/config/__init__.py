@@ -142,6 +142,18 @@ class Config(Section):
                 "vocabulary, teacher.topk=0, the loss is the full divergence and its clamps would go unused)",
             )
         self._check_teacher_signal()
+        require(
+            self.teacher.vllm.lora == "merged",
+            "teacher.vllm.lora",
+            "a vLLM teacher takes merged weights (a live teacher) or none (a frozen one); the adapter "
+            "choice is the rollout's: rollout.vllm.lora",
+        )
+        require(
+            self.rollout.vllm.lora == "merged" or (self.model.lora.enabled and self.rollout.engine == "vllm"),
+            "rollout.vllm.lora",
+            "rollout.vllm.lora=adapter serves the student as a LoRA adapter on a vLLM rollout: it needs "
+            f"model.lora.enabled=true and rollout.engine=vllm (got {self.model.lora.enabled}, {self.rollout.engine})",
+        )
         if self.teacher.engine == "rollout":
             require(
                 self.rollout.engine == "hf",

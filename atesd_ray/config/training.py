@@ -127,6 +127,11 @@ class VLLMConfig(Section):
     max_num_seqs: int = setting(64, positive)
     # weight syncs reset it (KV computed with older weights is never reused)
     enable_prefix_caching: bool = True
+    # with model.lora.enabled: merged (every weight, the adapter folded in, each sync) or adapter (the
+    # engine holds the base once and serves the student as a LoRA adapter; a sync moves the adapter
+    # alone, 2-4% of the merged bytes for the Qwen3 presets; vLLM's LoRA kernels cost time per token,
+    # on its CPU backend plain torch: README "vLLM engines")
+    lora: str = setting("merged", one_of("merged", "adapter"))
 
 
 @dataclass

