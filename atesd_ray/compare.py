@@ -1,14 +1,19 @@
-"""``make compare``: the paper's comparison at the scale of the embedded demo.
+"""``make compare``: the methods side by side at the scale of the embedded demo.
 
-ATESD, OPSD (α = 1) and one fixed α train one after another on this machine from the same SFT
-warm-up (``experiment=demo_warmup``), with the demo's budget, data and seed (``experiment=demo``),
-each evaluated on the same held-out problems at the start, every ``--eval-every`` steps and at the
-end. Writes into ``--out``: the runs, ``report.md`` / ``report.json`` (the ``mode=report`` table:
-Average@k per method with 95% intervals), ``compare.png`` (held-out accuracy and teacher-student
-mismatch against step for the three methods) and ``verdict.txt``, a line that says what the numbers
-show and whether the intervals separate the methods.
+``--suite paper`` (the default): ATESD, OPSD (α = 1) and one fixed α; ``--suite signals``: OPSD,
+ATESD, and ATESD with each teacher-signal variant and the hindsight context (README, "The teacher's
+context and signal"), two samples per problem. They train one after another on this machine from the
+same SFT warm-up (``experiment=demo_warmup``, or ``--warmup-dir``), with the demo's budget, data and
+seed (``experiment=demo``), the warm-up evaluated once at the start and each method every
+``--eval-every`` steps and at the end. A method whose run finished in an earlier call is kept, so an
+interrupted comparison goes on where it stopped. Writes into ``--out``: the runs, ``report.md`` /
+``report.json`` (the ``mode=report`` table: Average@k per method with 95% intervals, and the
+guardrails: pass@k, response lengths, mismatch, fork rate, entropy), ``compare.png`` (held-out
+accuracy, teacher-student mismatch and fork rate against step) and ``verdict.txt``, a line that says
+what the numbers show and whether the intervals separate the methods.
 
-    python -m atesd_ray.compare --out runs/compare [--warmup OVERRIDE ...] [overrides of the three runs ...]
+    python -m atesd_ray.compare --out runs/compare [--suite paper|signals] [--warmup-dir DIR]
+        [--warmup OVERRIDE ...] [overrides of every method's run ...]
 """
 
 from __future__ import annotations
@@ -166,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"run_dir={run_dir}",
             *overrides,
         )
-        run(cfg, run_dir)
+        summary = run_dir / "summary.json"
+        if not (summary.is_file() and "eval_after" in json.loads(summary.read_text())):
+            run(cfg, run_dir)  # a method that finished in an earlier call of this command is kept
         runs[method] = run_dir
     before = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
     report = build_report([str(d) for d in runs.values()], [])
