@@ -28,7 +28,7 @@ def test_the_config_says_when_one_engine_can_serve_both() -> None:
     make_config(*TINY, "teacher.engine=rollout", "teacher.weights=live")  # live needs no adapter
     with pytest.raises(ConfigError, match=r"'teacher.engine': .*needs model.lora.enabled=true"):
         make_config(*TINY, "teacher.engine=rollout")
-    with pytest.raises(ConfigError, match=r"'teacher.engine': .*needs rollout.engine=hf"):
+    with pytest.raises(ConfigError, match=r"'teacher.engine': .*unless rollout.vllm.lora=adapter"):
         make_config(*SHARED, "rollout.engine=vllm")
     with pytest.raises(ConfigError, match=r"'teacher.engine': .*frozen or live \(got ema\)"):
         make_config(*SHARED, "teacher.weights=ema")

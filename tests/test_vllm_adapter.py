@@ -13,7 +13,7 @@ from atesd_ray.config import ConfigError
 from atesd_ray.runtime.weight_sync.collective import CollectiveSync
 from atesd_ray.runtime.weight_sync.object_store import ObjectStoreSync
 from tests.conftest import TINY, make_config
-from tests.test_vllm_exact_loads import _train_and_check
+from tests.test_vllm_exact_loads import RECORDS, _train_and_check
 
 ADAPTER = [
     *TINY,
@@ -73,5 +73,40 @@ def test_adapter_syncs_leave_the_rollout_on_the_student(ray_cluster) -> None:
         # the same engine with the adapter off is the step-0 model, which training moved away from
         on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
         assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3
+    finally:
+        actors.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_the_frozen_teacher_scores_on_the_rollout_engine(ray_cluster) -> None:
+    """``teacher.engine=rollout`` on a vLLM rollout serving the adapter: no teacher actor; after an
+    adapter sync the targets the rollout actor gives as the teacher (the adapter off) equal a
+    separate HF frozen teacher's to 1e-4, while the rollout samples with the student's log-probs."""
+    import torch
+
+    from workers.teacher import TeacherWorker
+
+    cfg = make_config(*ADAPTER, "teacher.engine=rollout", "teacher.topk=8", "algorithm.loss.temperature=1.0")
+    actors = build_actors(cfg, total_steps=4, name="test-vllm-shared-teacher")
+    try:
+        assert actors.teachers.actors == actors.rollouts.actors
+        sync = ObjectStoreSync(actors.students, actors.rollouts.actors, "gloo")
+        sync.setup()
+        assert _train_and_check(actors, sync, 0) < 1e-4
+        rollout = ray.get(actors.rollouts.actors[0].generate.remote(RECORDS, 50, 0, 1))
+        shared = ray.get(actors.teachers.score([ray.put(rollout)], 1.0)[0])
+        alone = TeacherWorker(make_config(*ADAPTER, "teacher.topk=8", "algorithm.loss.temperature=1.0"))
+        own = alone.score(rollout, 1.0)
+        valid = rollout.batch["response_mask"].bool()
+        torch.testing.assert_close(
+            shared.batch["teacher_sampled_logprob"][valid],
+            own.batch["teacher_sampled_logprob"][valid],
+            atol=1e-4,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            shared.batch["teacher_logprobs"][valid], own.batch["teacher_logprobs"][valid], atol=1e-4, rtol=0
+        )
     finally:
         actors.shutdown()

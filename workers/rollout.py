@@ -38,9 +38,9 @@ def sampling_params(cfg: Config) -> SamplingParams:
 
 
 class RolloutWorker(WeightReceiver):
-    """With ``teacher.engine=rollout`` it is the teacher too: :meth:`score` and
-    :meth:`reference_logprobs` run a :class:`~workers.teacher.TeacherWorker` on the engine's own
-    network (the LoRA adapter off for a frozen teacher), so the base weights are held once."""
+    """With ``teacher.engine=rollout`` it is the teacher too: the teacher's calls run a
+    :class:`~workers.teacher.TeacherWorker` on this actor's engine (the LoRA adapter off for a frozen
+    teacher), so the base weights are held once."""
 
     def __init__(self, cfg: Config, replica: int = 0, signals: frozenset[str] = frozenset()):
         self.threads, self.device = setup_actor(cfg, cfg.cluster.rollout, f"rollout {replica}")
@@ -50,7 +50,9 @@ class RolloutWorker(WeightReceiver):
         if cfg.rollout.engine == "vllm":
             from workers.vllm_engine import VLLMEngine
 
-            self.engine = VLLMEngine(cfg, self.tokenizer, cfg.rollout.vllm, self.device)
+            # the teacher's top-k too, when it scores here (teacher.engine=rollout)
+            topk = cfg.teacher.topk if cfg.teacher.engine == "rollout" else 0
+            self.engine = VLLMEngine(cfg, self.tokenizer, cfg.rollout.vllm, self.device, max(20, topk))
         else:
             from workers.engines import HFEngine
 
@@ -61,7 +63,7 @@ class RolloutWorker(WeightReceiver):
         if cfg.teacher.engine == "rollout":  # an HF engine (checked in the config)
             from workers.teacher import TeacherWorker
 
-            self.teacher = TeacherWorker(cfg, replica, signals, network=self.engine.model)
+            self.teacher = TeacherWorker(cfg, replica, signals, engine=self.engine)
 
     # -- the teacher's calls, with teacher.engine=rollout -----------------------------------------
     def score(self, rollout: DataProto, alpha) -> DataProto:

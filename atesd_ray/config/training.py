@@ -182,8 +182,9 @@ class SignalConfig(Section):
 class TeacherConfig(Section):
     # hf: transformers forward passes (any top-k, full vocabulary, any temperature); vllm: prompt
     # logprobs of a vLLM engine (CPU or GPU), top-k only, see workers/vllm_engine.py; rollout: the
-    # self-teacher scores on the rollout engines' network (HF rollouts), the LoRA adapter off for a
-    # frozen teacher and on for a live one: no teacher actors and no teacher copy of the base weights
+    # self-teacher scores on the rollout engines (HF, or vLLM serving the student as an adapter), the
+    # LoRA adapter off for a frozen teacher and on for a live one: no teacher actors and no teacher
+    # copy of the base weights
     engine: str = setting("hf", one_of(*ENGINES, "rollout"))
     # a model preset (conf/model/<name>.yaml) as a separate teacher, prompted like the student;
     # null: the student itself as the privileged self-teacher
@@ -220,31 +221,12 @@ class TeacherConfig(Section):
         return self.routes.get(str(value), self.model)
 
     def check(self, key: str) -> None:
-        if self.engine == "vllm":
-            require(
-                self.topk > 0,
-                subkey(key, "topk"),
-                "teacher.engine=vllm returns top-k prompt logprobs; set teacher.topk > 0",
-            )
-            require(
-                self.weights != "ema",
-                subkey(key, "weights"),
-                "teacher.engine=vllm cannot keep an EMA; use frozen or live",
-            )
         if self.engine == "rollout":
             require(
                 self.model is None and self.weights != "ema",
                 subkey(key, "engine"),
                 "teacher.engine=rollout scores with the student's own network on the rollout engines: it "
                 f"serves the self-teacher (teacher.model null; got {self.model}), frozen or live (got {self.weights})",
-            )
-        if self.engine == "vllm":
-            require(
-                self.signal.plain,
-                subkey(key, "signal"),
-                "teacher.signal needs the teacher's full log-probs at every position (the contrast gathers "
-                "a second pass at the first pass's top-k ids, the gate takes the exact entropy); vLLM's "
-                "prompt logprobs give the top-k only: use teacher.engine=hf",
             )
         for value, preset in self.routes.items():
             require(
