@@ -228,4 +228,26 @@ def render(out: Path) -> str:
                 f"{r['merged']['bytes'] / 1e6:.1f} | {100 * r['adapter_share']:.1f}% | "
                 f"{'loaded' if r['measured'] else 'meta device, config.json dimensions'} |"
             )
+    lines += _table(
+        "(i) One engine for the student and its frozen self-teacher (LoRA r 16), against a teacher actor",
+        [
+            "run",
+            "layout",
+            "sync format",
+            "bytes per sync",
+            "sync s",
+            "step s",
+            "rollout s",
+            "teacher s",
+            "node peak GB",
+            "actors",
+        ],
+    )
+    for label, d in _versions(out, "one_engine"):
+        for name, r in d["layouts"].items():
+            lines.append(
+                f"| {label} | {name} | {r['sync_format']} | {r['sync_bytes'] / 1e6:.2f} MB | "
+                f"{_s(r['sync_s']['median'])} | {_s(r['step_s']['median'])} | {_s(r['time_rollout_s']['median'])} | "
+                f"{_s(r['time_teacher_s']['median'])} | {r['node_peak_bytes'] / 1e9:.2f} | {', '.join(r['actors'])} |"
+            )
     return "\n".join(lines) + "\n"

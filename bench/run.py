@@ -7,7 +7,9 @@ Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<pr
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
 against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length),
 ``<prefix>sync_bytes.json`` (h: bytes per sync, the LoRA adapter against the merged model, written
-with (d)) and the tables in ``README.md``.
+with (d)), ``<prefix>one_engine.json`` (i: one engine for the student and its frozen teacher
+against a teacher actor of its own: step, sync and rollout seconds, bytes per sync, peak memory) and
+the tables in ``README.md``.
 (a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's two
 trainers in turn (ABCDABCD...), so load from other processes on the machine falls on all alike;
 the first round is a warm-up and is not counted. Before it, a loop of the same kind races our step
@@ -28,7 +30,7 @@ import torch
 
 from atesd_ray.config import Config
 from atesd_ray.job import prepare_data
-from bench import engines, memory, report, scaling, sync_bytes, weight_sync
+from bench import engines, memory, one_engine, report, scaling, sync_bytes, weight_sync
 from bench.common import WORKLOADS, bench_config, load_average, machine, summary
 from bench.distributed import DistributedStep, breakdown, start_ray, task_intervals
 from bench.single_process import SingleProcessStep
@@ -208,6 +210,10 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_f["load_average"] = load_average()
     _write(out, f"{prefix}engines.json", results_f)
 
+    results_i = context | one_engine.measure(model, repeats)
+    results_i["load_average"] = load_average()
+    _write(out, f"{prefix}one_engine.json", results_i)
+
     results_g = context | scaling.measure(model, repeats)
     results_g["load_average"] = load_average()
     _write(out, f"{prefix}scaling.json", results_g)
@@ -221,6 +227,7 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
         "memory": results_e,
         "engines": results_f,
         "scaling": results_g,
+        "one_engine": results_i,
     }
     (out / "README.md").write_text(report.render(out))
     return parts

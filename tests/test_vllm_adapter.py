@@ -48,11 +48,20 @@ def _with_and_without_adapter(rollout) -> tuple[list[float], list[float]]:
 
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_adapter_syncs_leave_the_rollout_on_the_student(ray_cluster) -> None:
-    cfg = make_config(*ADAPTER)
-    actors = build_actors(cfg, total_steps=4, name="test-vllm-adapter")
+def test_one_vllm_engine_serves_the_student_and_its_frozen_teacher(ray_cluster) -> None:
+    """The rollout serves the adapter and, with ``teacher.engine=rollout``, scores as the frozen
+    teacher with the adapter off; no teacher actor. After adapter syncs over the object store and
+    the collective (one tensor per bucket) the rollout equals the student to 1e-4, and the targets it
+    gives as the teacher equal a separate HF frozen teacher's to 1e-4."""
+    import torch
+
+    from workers.teacher import TeacherWorker
+
+    shared = [*ADAPTER, "teacher.engine=rollout", "teacher.topk=8", "algorithm.loss.temperature=1.0"]
+    actors = build_actors(make_config(*shared), total_steps=4, name="test-vllm-adapter")
     try:
         rollout = actors.rollouts.actors[0]
+        assert actors.teachers.actors == actors.rollouts.actors
         assert ray.get(rollout.weight_format.remote()) == "trainable"
         layout = ray.get(actors.students.actors[0].weight_layout.remote("trainable"))
         assert layout and all("lora_" in spec.name for spec in layout)  # the adapter alone
@@ -73,40 +82,13 @@ def test_adapter_syncs_leave_the_rollout_on_the_student(ray_cluster) -> None:
         # the same engine with the adapter off is the step-0 model, which training moved away from
         on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
         assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3
-    finally:
-        actors.shutdown()
 
-
-@pytest.mark.ray
-@pytest.mark.vllm
-def test_the_frozen_teacher_scores_on_the_rollout_engine(ray_cluster) -> None:
-    """``teacher.engine=rollout`` on a vLLM rollout serving the adapter: no teacher actor; after an
-    adapter sync the targets the rollout actor gives as the teacher (the adapter off) equal a
-    separate HF frozen teacher's to 1e-4, while the rollout samples with the student's log-probs."""
-    import torch
-
-    from workers.teacher import TeacherWorker
-
-    cfg = make_config(*ADAPTER, "teacher.engine=rollout", "teacher.topk=8", "algorithm.loss.temperature=1.0")
-    actors = build_actors(cfg, total_steps=4, name="test-vllm-shared-teacher")
-    try:
-        assert actors.teachers.actors == actors.rollouts.actors
-        sync = ObjectStoreSync(actors.students, actors.rollouts.actors, "gloo")
-        sync.setup()
-        assert _train_and_check(actors, sync, 0) < 1e-4
-        rollout = ray.get(actors.rollouts.actors[0].generate.remote(RECORDS, 50, 0, 1))
-        shared = ray.get(actors.teachers.score([ray.put(rollout)], 1.0)[0])
+        batch = ray.get(rollout.generate.remote(RECORDS, 50, 0, 2))
+        given = ray.get(actors.teachers.score([ray.put(batch)], 1.0)[0])
         alone = TeacherWorker(make_config(*ADAPTER, "teacher.topk=8", "algorithm.loss.temperature=1.0"))
-        own = alone.score(rollout, 1.0)
-        valid = rollout.batch["response_mask"].bool()
-        torch.testing.assert_close(
-            shared.batch["teacher_sampled_logprob"][valid],
-            own.batch["teacher_sampled_logprob"][valid],
-            atol=1e-4,
-            rtol=0,
-        )
-        torch.testing.assert_close(
-            shared.batch["teacher_logprobs"][valid], own.batch["teacher_logprobs"][valid], atol=1e-4, rtol=0
-        )
+        own = alone.score(batch, 1.0)
+        valid = batch.batch["response_mask"].bool()
+        for key in ("teacher_sampled_logprob", "teacher_logprobs"):
+            torch.testing.assert_close(given.batch[key][valid], own.batch[key][valid], atol=1e-4, rtol=0)
     finally:
         actors.shutdown()
