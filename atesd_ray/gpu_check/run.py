@@ -137,6 +137,15 @@ def run_part(out: Path) -> None:
         assert all(m.get("sync_logprob_gap") is not None for m in metrics)
         return summary(metrics)
 
+    @check("LoRA adapter syncs into the GPU vLLM, the frozen teacher on the same engine")
+    def _adapter():
+        lora = ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32", "teacher.topk=16"]
+        shared = ["rollout.vllm.lora=adapter", "teacher.engine=rollout", "algorithm.loss.temperature=1.0"]
+        merged, _ = train("lora-merged", "trainer.total_steps=3", *lora)
+        adapter, topology = train("lora-adapter", "trainer.total_steps=3", *lora, *shared)
+        assert topology["teacher"] == topology["rollout"], topology
+        return {"merged": summary(merged), "adapter, one engine": summary(adapter)}
+
     @check("EMA teacher on the GPU taking syncs")
     def _ema():
         transport = (
