@@ -124,6 +124,8 @@ def recover(cfg: Config, actors: Actors, checkpoint: Path | None = None) -> None
     a receiver holds other weights); raise :class:`Rollback` when an actor is dead for good."""
     handles = {"controller": actors.controller}
     for role, group in actors.groups().items():
+        if not group.owns_actors:  # the rollout actors scoring as the teacher are waited for once
+            continue
         handles.update({f"{role} {i}": a for i, a in enumerate(group.actors)})
     needs = {
         name: role_bundle(getattr(cfg.cluster, name.split()[0])) for name in handles if name != "controller"

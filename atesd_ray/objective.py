@@ -135,6 +135,11 @@ def merge_routed(parts: list[DataProto]) -> DataProto:
         raise ValueError(f"rows {missing.nonzero().flatten().tolist()} were routed to no teacher")
     scored = [(p, rows) for p, rows in zip(parts, owned, strict=True) if rows.any()]
     keys = [k for k in scored[0][0].batch.keys() if k != "teacher_rows"]
+    for part, _ in scored[1:]:
+        if set(part.batch.keys()) - {"teacher_rows"} != set(keys):
+            raise ValueError(
+                f"routed teachers sent different targets: {sorted(keys)} and {sorted(part.batch.keys())}"
+            )
     tensors = {k: scored[0][0].batch[k].clone() for k in keys}
     for part, rows in scored[1:]:
         for k in keys:

@@ -3,8 +3,8 @@
 Each layout trains the same OPSD steps of the bundled model with LoRA (r 16, every projection)
 through the real actors, one layout after another (each one's memory is its own): the first step
 warms up, the next ``repeats`` are counted. Per layout: the step time and the teacher's part of it,
-the seconds of one weight sync alone (``repeats`` syncs after the steps, each to a new version, so
-every one moves and loads the whole payload), the bytes each sync moves (the rollout's weight
+the seconds of one weight sync alone (``repeats`` syncs after the steps, the rollout set back one
+version before each, so that every one moves and loads the whole payload), the bytes each sync moves (the rollout's weight
 format, counted by the sync's own stream), and each actor process's peak resident memory with their
 sum, the node's total (one node here).
 
@@ -65,10 +65,11 @@ def measure(model: str, repeats: int) -> dict:
             for _ in range(repeats + 1):
                 steps[name].append(dist.run())
             a = dist.actors
-            sync_s = []
-            for k in range(repeats):
+            sync_s, version = [], dist.step_index  # the student's update count
+            for _ in range(repeats):  # the receivers set back one version: each sync loads it all
+                ray.get([r.rewind_version.remote(version - 1) for r in a.rollouts.actors])
                 t0 = time.perf_counter()
-                a.weight_sync.sync(version=dist.step_index + 1 + k).get()
+                a.weight_sync.send(version, True).get()
                 sync_s.append(time.perf_counter() - t0)
             processes = {f"student{i}": h for i, h in enumerate(a.students.actors)}
             processes |= {f"rollout{i}": h for i, h in enumerate(a.rollouts.actors)}

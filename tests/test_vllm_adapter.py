@@ -35,6 +35,10 @@ def test_the_config_says_what_the_adapter_needs() -> None:
         make_config(*TINY, "rollout.engine=vllm", "rollout.vllm.lora=adapter")
     with pytest.raises(ConfigError, match=r"'teacher.vllm.lora'"):
         make_config(*TINY, "teacher.vllm.lora=adapter")
+    with pytest.raises(ConfigError, match=r"'teacher.engine': a live vLLM teacher takes merged weights"):
+        make_config(*ADAPTER, "teacher.engine=vllm", "teacher.weights=live", "teacher.topk=8")
+    with pytest.raises(ConfigError, match=r"'model.lora': .*got r=8 and target_modules \['lm_head'\]"):
+        make_config(*ADAPTER, "model.lora.target_modules=[q_proj,lm_head]")
 
 
 def _with_and_without_adapter(rollout) -> tuple[list[float], list[float]]:

@@ -289,7 +289,7 @@ class TeacherWorker(WeightReceiver):
                 out["teacher_tail"][part] = outside(logp, indices)
             else:
                 out["teacher_logprobs"][part] = logp
-            if negatives is not None:
+            if negatives is not None and any(negatives[i] is not None for i in range(n)[part]):
                 rows = range(n)[part]
                 negative = [negatives[i] or prompts[i] for i in rows]  # a row without one keeps p_T
                 logp_n, _, _ = response_logprobs(

@@ -46,6 +46,8 @@ def max_model_len(cfg: Config, settings: VLLMConfig) -> int:
     from transformers import AutoConfig
 
     wanted = cfg.model.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    if cfg.teacher.context == "hindsight":  # a teacher prompt may hold a peer rollout besides
+        wanted += cfg.rollout.max_new_tokens
     positions = getattr(
         AutoConfig.from_pretrained(pretrained_path(cfg.model)), "max_position_embeddings", None
     )

@@ -153,12 +153,28 @@ class Config(Section):
             "a vLLM teacher takes merged weights (a live teacher) or none (a frozen one); the adapter "
             "choice is the rollout's: rollout.vllm.lora",
         )
-        require(
-            self.rollout.vllm.lora == "merged" or (self.model.lora.enabled and self.rollout.engine == "vllm"),
-            "rollout.vllm.lora",
-            "rollout.vllm.lora=adapter serves the student as a LoRA adapter on a vLLM rollout: it needs "
-            f"model.lora.enabled=true and rollout.engine=vllm (got {self.model.lora.enabled}, {self.rollout.engine})",
-        )
+        if self.rollout.vllm.lora == "adapter":
+            lora = self.model.lora
+            require(
+                lora.enabled and self.rollout.engine == "vllm",
+                "rollout.vllm.lora",
+                "rollout.vllm.lora=adapter serves the student as a LoRA adapter on a vLLM rollout: it needs "
+                f"model.lora.enabled=true and rollout.engine=vllm (got {lora.enabled}, {self.rollout.engine})",
+            )
+            outside = sorted({"lm_head", "embed_tokens"} & set(lora.target_modules))
+            require(
+                lora.r <= 512 and not outside,
+                "model.lora",
+                f"vLLM serves adapters of rank <= 512 on the decoder's linear layers; got r={lora.r}"
+                + (f" and target_modules {outside}" if outside else ""),
+            )
+            require(
+                not (self.teacher.engine == "vllm" and self.teacher.weights == "live"),
+                "teacher.engine",
+                "a live vLLM teacher takes merged weights while rollout.vllm.lora=adapter takes the adapter, "
+                "and a sync carries one format: use teacher.engine=rollout (the teacher on the rollout's "
+                "engine, the adapter on) or teacher.engine=hf",
+            )
         if self.teacher.engine == "rollout" and self.teacher.weights == "frozen":
             require(
                 self.model.lora.enabled,
