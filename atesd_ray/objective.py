@@ -123,6 +123,20 @@ def concat(parts: list[DataProto]) -> tuple[DataProto, list[dict]]:
     return DataProto.concat(parts), metas
 
 
+def scatter_rows(scored: DataProto | None, rows: Tensor) -> DataProto:
+    """A routed teacher's targets of its ``rows`` [B] (bool) of a chunk as a chunk-sized batch: zeros
+    on the other rows and ``teacher_rows`` marking its own (what :func:`merge_routed` takes)."""
+    from verl import DataProto
+
+    tensors = {"teacher_rows": rows.float()}
+    for k, v in {} if scored is None else scored.batch.items():
+        tensors[k] = torch.zeros((len(rows), *v.shape[1:]), dtype=v.dtype)
+        tensors[k][rows] = v
+    return DataProto.from_dict(
+        tensors=tensors, meta_info={"time_s": 0.0} if scored is None else scored.meta_info
+    )
+
+
 def merge_routed(parts: list[DataProto]) -> DataProto:
     """One chunk's teacher targets from the chunk as each routed teacher scored it (multi-teacher
     OPD): each part holds its teacher's rows and ``teacher_rows`` [B], 1 on them; every row must be

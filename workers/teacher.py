@@ -32,6 +32,7 @@ from verl import DataProto
 
 from atesd_ray.config import Config, model_preset
 from atesd_ray.models import base_weights, load_model, load_tokenizer
+from atesd_ray.objective import scatter_rows
 from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
 from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import blend_into, load_into
@@ -236,17 +237,13 @@ class TeacherWorker(WeightReceiver):
     def _score_routed(self, rollout: DataProto, alpha: float | Mapping[str, float]) -> DataProto:
         """Multi-teacher OPD: the targets of the rows ``teacher.routes`` sends to this model, zeros on
         the others, and ``teacher_rows`` [B] saying which are which (``objective.merge_routed``)."""
-        key = self.cfg.teacher.route_key
-        mine = [self.cfg.teacher.route(v) == self.model_cfg.name for v in rollout.non_tensor_batch[key]]
-        rows = torch.tensor(mine, dtype=torch.bool)
-        if not rows.any():
-            return DataProto.from_dict(tensors={"teacher_rows": rows.float()}, meta_info={"time_s": 0.0})
-        scored = self._targets(rollout.select_idxs(rows.numpy()), alpha)
-        tensors = {"teacher_rows": rows.float()}
-        for k, v in scored.batch.items():
-            tensors[k] = torch.zeros((len(rows), *v.shape[1:]), dtype=v.dtype)
-            tensors[k][rows] = v
-        return DataProto.from_dict(tensors=tensors, meta_info=scored.meta_info)
+        t = self.cfg.teacher
+        rows = torch.tensor(
+            [t.route(v) == self.model_cfg.name for v in rollout.non_tensor_batch[t.route_key]]
+        )
+        return scatter_rows(
+            self._targets(rollout.select_idxs(rows.numpy()), alpha) if rows.any() else None, rows
+        )
 
     def _forward(
         self, model, prompts: list, responses: list, temperature: float = 1.0, width: int | None = None

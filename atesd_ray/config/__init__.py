@@ -33,6 +33,7 @@ from atesd_ray.config.run import (
     SweepConfig,
     TrackingConfig,
 )
+from atesd_ray.config.teacher_rules import check_teacher
 from atesd_ray.config.training import (
     ENGINES,
     ControllerConfig,
@@ -146,76 +147,7 @@ class Config(Section):
                 "topk_tail=none is verl's loss over the teacher's top-k: it needs teacher.topk > 0 (with the full "
                 "vocabulary, teacher.topk=0, the loss is the full divergence and its clamps would go unused)",
             )
-        self._check_teacher_signal()
-        require(
-            self.teacher.vllm.lora == "merged",
-            "teacher.vllm.lora",
-            "a vLLM teacher takes merged weights (a live teacher) or none (a frozen one); the adapter "
-            "choice is the rollout's: rollout.vllm.lora",
-        )
-        if self.rollout.vllm.lora == "adapter":
-            lora = self.model.lora
-            require(
-                lora.enabled and self.rollout.engine == "vllm",
-                "rollout.vllm.lora",
-                "rollout.vllm.lora=adapter serves the student as a LoRA adapter on a vLLM rollout: it needs "
-                f"model.lora.enabled=true and rollout.engine=vllm (got {lora.enabled}, {self.rollout.engine})",
-            )
-            outside = sorted({"lm_head", "embed_tokens"} & set(lora.target_modules))
-            require(
-                lora.r <= 512 and not outside,
-                "model.lora",
-                f"vLLM serves adapters of rank <= 512 on the decoder's linear layers; got r={lora.r}"
-                + (f" and target_modules {outside}" if outside else ""),
-            )
-            require(
-                not (self.teacher.engine == "vllm" and self.teacher.weights == "live"),
-                "teacher.engine",
-                "a live vLLM teacher takes merged weights while rollout.vllm.lora=adapter takes the adapter, "
-                "and a sync carries one format: use teacher.engine=rollout (the teacher on the rollout's "
-                "engine, the adapter on) or teacher.engine=hf",
-            )
-        if self.teacher.engine == "rollout" and self.teacher.weights == "frozen":
-            require(
-                self.model.lora.enabled,
-                "teacher.engine",
-                "teacher.engine=rollout with a frozen teacher is the rollout's network with the LoRA adapter "
-                "off, the step-0 model: it needs model.lora.enabled=true (without LoRA the rollout holds no "
-                "step-0 weights; use teacher.engine=hf)",
-            )
-            require(
-                self.rollout.engine == "hf" or self.rollout.vllm.lora == "adapter",
-                "teacher.engine",
-                "teacher.engine=rollout with a frozen teacher switches the LoRA adapter off on the rollout "
-                "engines; a vLLM rollout holds merged weights unless rollout.vllm.lora=adapter",
-            )
-        if self.teacher_engine == "vllm":
-            t = self.teacher
-            require(
-                t.topk > 0,
-                "teacher.topk",
-                "a vLLM teacher returns top-k prompt logprobs; set teacher.topk > 0",
-            )
-            require(
-                t.weights != "ema", "teacher.weights", "a vLLM teacher cannot keep an EMA; use frozen or live"
-            )
-            require(
-                t.signal.plain,
-                "teacher.signal",
-                "teacher.signal needs the teacher's full log-probs at every position (the contrast gathers "
-                "a second pass at the first pass's top-k ids, the gate takes the exact entropy); vLLM's "
-                "prompt logprobs give the top-k only: use teacher.engine=hf",
-            )
-        for name in self.teacher.models():
-            family = model_preset(name).tokenizer_family
-            require(
-                family is None
-                or self.model.tokenizer_family is None
-                or family == self.model.tokenizer_family,
-                "teacher.routes" if name != self.teacher.model else "teacher.model",
-                f"teacher model {name} has the {family} tokenizer and the student {self.model.name} the "
-                f"{self.model.tokenizer_family} one: per-token targets need the same token ids",
-            )
+        check_teacher(self.model, self.rollout, self.teacher, self.algorithm.loss)
         if self.teacher.model is not None:
             require(
                 self.teacher.model_config() != self.model,
@@ -229,27 +161,6 @@ class Config(Section):
                 "mode=report needs run directories (report.runs) or paper rows (report.paper_rows)",
             )
         self._check_runtime()
-
-    def _check_teacher_signal(self) -> None:
-        """The privileged context and the teacher-signal transforms against the loss and the rollouts."""
-        signal, loss = self.teacher.signal, self.algorithm.loss
-        if signal.contrast != "none":
-            require(
-                loss.kind != "sampled_token" and loss.topk_tail != "none",
-                "teacher.signal.contrast",
-                f"the contrast is a target distribution over the teacher's support (q ∝ p_S·(p_T/p_N)^λ); "
-                f"algorithm.loss.kind={loss.kind} with topk_tail={loss.topk_tail} uses no such distribution: "
-                "use kind jsd or topk with topk_tail renormalize or bucket",
-            )
-        peers = [f"teacher.context={self.teacher.context}"] if self.teacher.context == "hindsight" else []
-        if signal.contrast == "wrong_hint":
-            peers.append("teacher.signal.contrast=wrong_hint")
-        require(
-            not peers or self.rollout.n_samples >= 2,
-            "rollout.n_samples",
-            f"{' and '.join(peers)} read(s) another rollout of the same problem from the same step: "
-            f"set rollout.n_samples >= 2 (got {self.rollout.n_samples})",
-        )
 
     def _check_runtime(self) -> None:
         """Placement, weight transport and engine choices that depend on one another."""
