@@ -55,10 +55,11 @@ def _sync_bytes(cfg, fmt: str) -> int:
     )
 
 
-def measure(model: str, repeats: int) -> dict:
-    steps: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
+def measure(model: str, repeats: int, layouts: tuple[str, ...] = tuple(LAYOUTS)) -> dict:
+    steps: dict[str, list[dict]] = {name: [] for name in layouts}
     out: dict = {"layouts": {}}
-    for name, extra in LAYOUTS.items():  # one layout's actors at a time: their memory is their own
+    for name in layouts:  # one layout's actors at a time: their memory is their own
+        extra = LAYOUTS[name]
         cfg = bench_config(model, *LORA, *extra)
         dist = DistributedStep(cfg, name=f"bench-{name.replace(',', '').replace(' ', '-')}")
         try:

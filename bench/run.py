@@ -6,8 +6,8 @@
 Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
 against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length),
-``<prefix>sync_bytes.json`` (h: bytes per sync, the LoRA adapter against the merged model, written
-with (d)), ``<prefix>one_engine.json`` (i: one engine for the student and its frozen teacher
+``<prefix>sync_bytes.json`` (h: bytes per sync, the LoRA adapter against the merged model),
+``<prefix>one_engine.json`` (i: one engine for the student and its frozen teacher
 against a teacher actor of its own: step, sync and rollout seconds, bytes per sync, peak memory) and
 the tables in ``README.md``.
 (a)-(c) come from one loop that runs the distributed step, the single-process step and TRL's two
@@ -130,7 +130,6 @@ def _start(model: str, repeats: int) -> tuple[Config, dict]:
 def _weight_sync(context: dict, dist: DistributedStep, repeats: int, out: Path, prefix: str) -> dict:
     results_d = context | weight_sync.measure(dist, max(repeats, SYNC_REPEATS))
     results_d["load_average"] = load_average()
-    _write(out, f"{prefix}sync_bytes.json", context | sync_bytes.measure())
     _write(out, f"{prefix}weight_sync.json", results_d)
     return results_d
 
@@ -147,7 +146,14 @@ def run_weight_sync(model: str, repeats: int, out: Path, prefix: str = "") -> di
     return {"weight_sync": results_d}
 
 
-def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
+def run(
+    model: str,
+    repeats: int,
+    out: Path,
+    prefix: str = "",
+    layouts: tuple[str, ...] = tuple(one_engine.LAYOUTS),
+) -> dict:
+    """Every part; ``layouts``: which of (i)'s layouts to run (all by default)."""
     cfg, context = _start(model, repeats)
     version = trl_version()
     batch = prepare_data(cfg).train[: cfg.trainer.prompts_per_step]  # the batch every arm trains on
@@ -210,7 +216,8 @@ def run(model: str, repeats: int, out: Path, prefix: str = "") -> dict:
     results_f["load_average"] = load_average()
     _write(out, f"{prefix}engines.json", results_f)
 
-    results_i = context | one_engine.measure(model, repeats)
+    _write(out, f"{prefix}sync_bytes.json", context | sync_bytes.measure())
+    results_i = context | one_engine.measure(model, repeats, layouts)
     results_i["load_average"] = load_average()
     _write(out, f"{prefix}one_engine.json", results_i)
 

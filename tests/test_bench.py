@@ -12,8 +12,19 @@ from bench.run import SYNC_REPEATS, TOPK, run, run_weight_sync
 
 @pytest.mark.ray
 def test_bench_runs_end_to_end(ray_cluster, tmp_path):
-    parts = run("tiny", 1, tmp_path)
-    for name in ("step_breakdown", "overhead", "peer_trl", "weight_sync", "memory", "engines", "scaling"):
+    # (i) with the HF layouts only: the vLLM ones are the same code with two engine starts more
+    # (tests/test_vllm_adapter.py runs the vLLM adapter path)
+    parts = run("tiny", 1, tmp_path, layouts=("hf, teacher actor", "hf, one engine"))
+    for name in (
+        "step_breakdown",
+        "overhead",
+        "peer_trl",
+        "weight_sync",
+        "memory",
+        "engines",
+        "scaling",
+        "one_engine",
+    ):
         assert json.loads((tmp_path / f"{name}.json").read_text()) == json.loads(json.dumps(parts[name]))
         assert parts[name]["machine"]["cores"] >= 1
 
@@ -64,8 +75,18 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
         assert set(g["fit"][arm]) == {"prompts", "length"}
         assert all(f.keys() == {"intercept_s", "per_1k_tokens_s", "r2"} for f in g["fit"][arm].values())
 
+    i = parts["one_engine"]["layouts"]
+    assert i["hf, one engine"]["actors"] == ["rollout0", "student0"]
+    assert "teacher0" in i["hf, teacher actor"]["actors"]
+    assert all(
+        r["sync_s"]["median"] > 0 and r["node_peak_bytes"] > 0 and r["sync_bytes"] > 0 for r in i.values()
+    )
+    h = json.loads((tmp_path / "sync_bytes.json").read_text())["rows"]
+    assert {r["model"] for r in h} == {"smollm2_135m", "qwen3_1_7b", "qwen3_4b", "qwen3_8b"}
+
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table
+    assert "(h) Bytes per weight sync" in table and "| current | hf, one engine |" in table
     assert "| current | vllm | DistillationTrainer |" in table
 
     # (d) alone (--only-weight-sync) rewrites its own results and keeps the others'
