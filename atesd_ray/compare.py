@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
             run(cfg, run_dir)  # a method that finished in an earlier call of this command is kept
         runs[method] = run_dir
     before = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
-    report = build_report([str(d) for d in runs.values()], [])
+    # each run under its method's name (LABEL=DIR), so that the suite's ATESD variants are rows of
+    # their own; a name holding "=" (Fixed α=0.5) would split there, and is the run's own label anyway
+    report = build_report([str(d) if "=" in m else f"{m}={d}" for m, d in runs.items()], [])
     table = report_markdown(report)
     line = verdict(report["rows"])
     (out / "report.json").write_text(json.dumps(report | {"verdict": line}, indent=2))
