@@ -289,6 +289,7 @@ def assemble(
             receivers,
             backend,
             bucket_bytes=cfg.trainer.weight_bucket_mb << 20,
+            full_sync_every=cfg.trainer.full_sync_every if cfg.trainer.delta_sync else 0,
         )
         weight_sync.setup()
     except BaseException:

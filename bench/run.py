@@ -6,7 +6,8 @@
 Writes ``<prefix>step_breakdown.json`` (a), ``<prefix>overhead.json`` (b), ``<prefix>peer_trl.json``
 (c), ``<prefix>weight_sync.json`` (d), ``<prefix>memory.json`` (e), ``<prefix>engines.json`` (f: HF
 against vLLM), ``<prefix>scaling.json`` and ``scaling.png`` (g: cost against prompts and length),
-``<prefix>sync_bytes.json`` (h: bytes per sync, the LoRA adapter against the merged model),
+``<prefix>sync_bytes.json`` (h: bytes per sync, the LoRA adapter against the merged model, and delta
+syncs without LoRA against whole ones),
 ``<prefix>one_engine.json`` (i: one engine for the student and its frozen teacher
 against a teacher actor of its own: step, sync and rollout seconds, bytes per sync, peak memory) and
 the tables in ``README.md``.
@@ -216,7 +217,7 @@ def run(
     results_f["load_average"] = load_average()
     _write(out, f"{prefix}engines.json", results_f)
 
-    _write(out, f"{prefix}sync_bytes.json", context | sync_bytes.measure())
+    _write(out, f"{prefix}sync_bytes.json", context | sync_bytes.measure(delta_model=model))
     results_i = context | one_engine.measure(model, repeats, layouts)
     results_i["load_average"] = load_average()
     _write(out, f"{prefix}one_engine.json", results_i)

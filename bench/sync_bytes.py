@@ -3,7 +3,11 @@ that holds the frozen base and the adapter takes) against the merged model ("mer
 that knows nothing of PEFT takes), counted by the sync's own stream (``stream_weights(meta=True)``,
 shapes only, nothing allocated). The bundled model is loaded with the run's LoRA; the Qwen3 presets
 are built on the meta device from the dimensions of their Hugging Face ``config.json`` (no download),
-with the presets' LoRA (r 64 on every projection)."""
+with the presets' LoRA (r 64 on every projection).
+
+Beside them, delta syncs without LoRA (``trainer.delta_sync``): a model fully fine-tuned a few AdamW
+steps at the demo's learning rate (next-token loss on the bundled synthetic problems), each step's
+sync encoded by the sync's own encoder against the one before, in float32 and in bfloat16."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import dataclasses
 import torch
 
 from atesd_ray.config import model_preset
+from atesd_ray.data.synthetic import generate
 from atesd_ray.models import DTYPES, apply_lora, load_model, load_tokenizer
+from atesd_ray.runtime.weight_delta import DeltaEncoder
 from atesd_ray.runtime.weight_formats import stream_weights
 
 # (hidden, intermediate, layers, attention heads, key-value heads, head dim, vocabulary, tied head),
@@ -53,7 +59,45 @@ def sync_bytes(model: torch.nn.Module, dtype: torch.dtype, lora_scale: float) ->
     return out
 
 
-def measure(bundled_ranks: tuple[int, ...] = (16, 64)) -> dict:
+def delta_rows(name: str, steps: int = 2, lr: float = 1e-5) -> list[dict]:
+    """Per dtype: the share of a whole sync each step's delta sync carries, and of elements changed."""
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        base = model_preset(name)
+        cfg = dataclasses.replace(base, dtype=dtype, lora=dataclasses.replace(base.lora, enabled=False))
+        tokenizer = load_tokenizer(cfg)
+        model = load_model(cfg, vocab_size=len(tokenizer))
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        texts = [f"{r.problem}\n{r.reference}" for r in generate(8, seed=0)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        encoder = DeltaEncoder()
+        shares, changed = [], []
+        for step in range(steps + 1):
+            if step:
+                model(**batch, labels=labels).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            for _ in encoder.encode(stream_weights(model, "trainable", DTYPES[dtype], "cpu"), step, False):
+                pass
+            if step:
+                shares.append(encoder.last["sent"] / encoder.last["whole"])
+                changed.append(encoder.last["changed"] / encoder.last["elements"])
+        rows.append(
+            {
+                "model": name,
+                "dtype": dtype,
+                "lr": lr,
+                "whole_bytes": encoder.last["whole"],
+                "delta_share": shares,
+                "changed_share": changed,
+            }
+        )
+    return rows
+
+
+def measure(bundled_ranks: tuple[int, ...] = (16, 64), delta_model: str = "smollm2_135m") -> dict:
     """One row per model and LoRA rank: the bundled model at ``bundled_ranks``, the Qwen3 presets at theirs."""
     rows = []
     base = model_preset("smollm2_135m")
@@ -66,7 +110,7 @@ def measure(bundled_ranks: tuple[int, ...] = (16, 64)) -> dict:
         preset = model_preset(name)
         rows.append({"model": name, "lora_r": preset.lora.r, "dtype": preset.dtype, "measured": False})
         rows[-1] |= sync_bytes(qwen3_on_meta(name), DTYPES[preset.dtype], preset.lora.alpha / preset.lora.r)
-    return {"rows": rows}
+    return {"rows": rows, "delta": delta_rows(delta_model)}
 
 
 if __name__ == "__main__":

@@ -83,9 +83,13 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     )
     h = json.loads((tmp_path / "sync_bytes.json").read_text())["rows"]
     assert {r["model"] for r in h} == {"smollm2_135m", "qwen3_1_7b", "qwen3_4b", "qwen3_8b"}
+    delta = {r["dtype"]: r for r in json.loads((tmp_path / "sync_bytes.json").read_text())["delta"]}
+    assert set(delta) == {"float32", "bfloat16"} and all(len(r["delta_share"]) == 2 for r in delta.values())
+    assert all(0 < x <= 1 for r in delta.values() for x in r["delta_share"] + r["changed_share"])
 
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table
+    assert "(h) Delta syncs without LoRA" in table and "| current | tiny | bfloat16 |" in table
     assert "(h) Bytes per weight sync" in table and "| current | hf, one engine |" in table
     assert "| current | vllm | DistillationTrainer |" in table
 

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "atesd_ray.runtime",
             "atesd_ray.runtime.transfer",
             "atesd_ray.runtime.weights",
+            "atesd_ray.runtime.weight_delta",
             "atesd_ray.runtime.weight_formats",
             "atesd_ray.runtime.checkpoint",
             "atesd_ray.runtime.once",

@@ -54,7 +54,7 @@ def _student_group(cfg, ranks: int, name: str) -> ActorGroup:
 
 
 def _weights(group: ActorGroup) -> dict[str, torch.Tensor]:
-    packed = group.call("weight_transfer", object_store.export, "trainable", True)[0]
+    packed = group.call("weight_transfer", object_store.export, "trainable", True, 0, "whole")[0]
     return {k: v.clone() for k, v in unpack(ray.get(packed)).items()}
 
 

@@ -210,7 +210,7 @@ def corrupting_receive(receiver, version, buckets, allowed):
         if k == 1 and version >= 2:
             buffer[::7] = 0
         if newer:
-            receiver.apply_weights(collective.unflatten(buffer, bucket))
+            receiver.apply_chunk(collective.unflatten(buffer, bucket))
     return receiver.finish_update(version)
 
 

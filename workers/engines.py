@@ -9,7 +9,8 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from atesd_ray.models import eos_token_ids
-from atesd_ray.runtime.weights import load_into
+from atesd_ray.runtime.weight_delta import Parts
+from atesd_ray.runtime.weights import load_into, patch_into
 from atesd_ray.sampling import Completion, SamplingParams
 from atesd_ray.sequences import left_pad, response_logprobs, slices, token_logprobs
 from workers.few_row_linear import use_few_row_linear
@@ -34,6 +35,10 @@ class GenerationEngine(Protocol):
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         """Tensors of ``weight_format`` by name: a whole sync, or one bucket of it. ``shared``: they
         view read-only memory the engine may keep as its weights (an object-store read)."""
+        ...
+
+    def load_delta(self, parts: Parts) -> None:
+        """A delta sync's tensors of ``weight_format`` by name: (flat positions, new values)."""
         ...
 
     def finish_load(self) -> None:
@@ -174,6 +179,9 @@ class HFEngine:
 
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         load_into(self.model, named, share=shared)
+
+    def load_delta(self, parts: Parts) -> None:
+        patch_into(self.model, parts)
 
     def finish_load(self) -> None:
         """Nothing to close."""

@@ -15,6 +15,7 @@ from atesd_ray.models import DTYPES, load_model, load_tokenizer, synced_paramete
 from atesd_ray.prompts import encode_chat, student_messages
 from atesd_ray.rollout_batch import rollout_batch
 from atesd_ray.runtime.checkpoint import fingerprint, read_state, read_student_weights
+from atesd_ray.runtime.weight_delta import Parts
 from atesd_ray.runtime.weight_formats import stream_weights
 from atesd_ray.runtime.weight_sync import WeightReceiver
 from atesd_ray.runtime.weights import load_into
@@ -90,6 +91,9 @@ class RolloutWorker(WeightReceiver):
 
     def apply_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         self.engine.load_weights(named, shared)
+
+    def apply_delta(self, parts: Parts) -> None:
+        self.engine.load_delta(parts)
 
     def close_weights(self) -> None:
         self.engine.finish_load()

@@ -5,8 +5,7 @@ vocabulary when ``teacher.topk`` is 0 or >= vocab) at the loss temperature, the 
 token the student sampled, and per sequence the teacher-grounded signal g of DESIGN §4: the mean
 log-prob the exposure-α teacher gives the reference's answer line when that line is withheld.
 
-g is computed only when one of the run's consumers declared it (the exposure controller, when it
-scores its decisions; the exposure sweep): ``signals`` at construction.
+g is computed only when a consumer of the run declared it (``signals``: the controller, the sweep).
 
 Teacher weights (``teacher.weights``): ``frozen`` keeps the step-0 model (with LoRA: the same
 network with the adapter switched off); ``live`` takes every student sync; ``ema`` keeps an
@@ -34,8 +33,9 @@ from atesd_ray.config import Config, model_preset
 from atesd_ray.models import base_weights, load_model, load_tokenizer
 from atesd_ray.objective import scatter_rows
 from atesd_ray.prompts import encode_chat, grounding_messages, render_chat, student_messages, teacher_messages
+from atesd_ray.runtime.weight_delta import Parts
 from atesd_ray.runtime.weight_sync import WeightReceiver
-from atesd_ray.runtime.weights import blend_into, load_into
+from atesd_ray.runtime.weights import blend_into, load_into, patch_into
 from atesd_ray.sampling import SamplingParams
 from atesd_ray.sequences import response_logprobs, rows_to_lists, slices, token_logprobs
 from atesd_ray.teacher_signal import (
@@ -128,6 +128,9 @@ class TeacherWorker(WeightReceiver):
             load_into(self.model, named, share=shared)
         elif self.mode == "ema":
             blend_into(self.model, named, 1.0 - self.cfg.teacher.ema_decay)
+
+    def apply_delta(self, parts: Parts) -> None:  # a live teacher (the config refuses deltas beside EMA)
+        self.vllm.engine.load_delta(parts) if self.vllm is not None else patch_into(self.model, parts)
 
     def save(self, directory: str) -> bool:
         """Checkpoint the EMA weights; frozen and live teachers are rebuilt from the student."""
@@ -261,10 +264,7 @@ class TeacherWorker(WeightReceiver):
         bucket needs), sampled-token log-probs; with ``negatives`` (one prompt or None per row) the
         contrast's shift from a second pass over the same tokens, with the entropy gate its weights."""
         n, k, signal = len(prompts), self.topk or self.vocab, self.cfg.teacher.signal
-        out = {
-            "teacher_logprobs": torch.zeros(n, width, k),
-            "teacher_sampled_logprob": torch.zeros(n, width),
-        }
+        out = {"teacher_logprobs": torch.zeros(n, width, k), "teacher_sampled_logprob": torch.zeros(n, width)}
         if self.topk:
             out["teacher_ids"] = torch.zeros(n, width, k, dtype=torch.int32)
             out["teacher_tail"] = torch.full((n, width), -math.inf)

@@ -16,6 +16,11 @@ imported when an engine is built, so an install without it runs every HF path.
   and without the adapter never share a ``generate`` call: vLLM's CPU LoRA kernels index the
   adapter slots with -1 for requests without one, which wraps to the last slot. ``lm_head`` is
   not a LoRA target, so prompt logprobs are never routed through the LoRA logits path.
+- Delta syncs (``trainer.delta_sync``): vLLM's CPU backend re-packs each linear layer's weight for
+  its kernels and drops the original, so no element of it can be patched in place (vLLM's sparse
+  ``load_checkpoint_weight_patches`` writes into the kept weight, as on GPU). The engine therefore
+  keeps the tensors last synced in host memory, patches them and loads the sync whole in process:
+  only the delta crosses the wire, on every device, for one copy of the weights in host memory.
 - Sampled-token log-probs are vLLM's ``processed_logprobs``: of the distribution actually sampled
   from (temperature, then top-k/top-p), as verl uses them. The HF engine's are of
   softmax(logits / temperature) without the top-k/top-p cut; with top-k and top-p off both agree.
@@ -34,7 +39,9 @@ import torch
 from atesd_ray.config import Config, VLLMConfig
 from atesd_ray.console import quiet
 from atesd_ray.models import DTYPES, pretrained_path, tokenizer_path
+from atesd_ray.runtime.weight_delta import Parts
 from atesd_ray.runtime.weight_formats import VLLMWorkerExtension
+from atesd_ray.runtime.weights import patch
 from atesd_ray.sampling import Completion, SamplingParams
 
 
@@ -145,6 +152,10 @@ class VLLMEngine:
         self.weight_format = "trainable" if self.adapter else "merged"
         self.peft_config = peft_config(cfg) if self.adapter else None
         self.pending: dict[str, torch.Tensor] = {}
+        # delta syncs (trainer.delta_sync): the tensors last synced, by name, in host memory. A delta
+        # patches them, and the sync still reaches vLLM whole (its layerwise reload needs every weight)
+        self.synced: dict[str, torch.Tensor] | None = {} if cfg.trainer.delta_sync else None
+        self.forwarded: set[str] = set()
         self.lora_request = None  # the student's adapter, once a sync has pushed it
         self.llm = LLM(**engine_args(cfg, settings, max_logprobs, on_gpu=device.type == "cuda"))
         path = self.llm.llm_engine.model_config.model
@@ -229,7 +240,7 @@ class VLLMEngine:
         """Open one in-place load for a whole sync (``VLLMWorkerExtension``); one left open by an
         interrupted sync is closed first, since the new load carries every weight again. An adapter
         sync gathers its tensors and pushes them at :meth:`finish_load`."""
-        self.pending = {}
+        self.pending, self.forwarded = {}, set()
         if self.adapter:
             self.loading = True
             return
@@ -242,9 +253,30 @@ class VLLMEngine:
         """Whole tensors by Hugging Face name (a whole sync or one bucket of it), copied into vLLM's
         own (fused) parameters whether or not they are ``shared``; an adapter's by PEFT name, kept
         (copied: a bucket's memory is reused) until the sync is complete."""
+        if self.synced is not None:
+            self.synced |= {self._name(n): t.detach().to("cpu", copy=True) for n, t in named.items()}
         if self.adapter:
-            self.pending |= {n.replace(".default.", "."): t.detach().clone() for n, t in named.items()}
+            if self.synced is None:
+                self.pending |= {self._name(n): t.detach().clone() for n, t in named.items()}
             return
+        self._forward(named)
+
+    def load_delta(self, parts: Parts) -> None:
+        """Patch the tensors last synced (the engine is built with ``trainer.delta_sync``); they go
+        into vLLM at :meth:`finish_load`."""
+        for name, (index, values) in parts.items():
+            if self._name(name) not in self.synced:
+                raise RuntimeError(
+                    f"a delta sync for '{name}' reached a vLLM engine before any full sync of it"
+                )
+            patch(self.synced[self._name(name)], index, values)
+
+    def _name(self, name: str) -> str:
+        """An adapter tensor's PEFT name without the adapter's (vLLM's loader expects none)."""
+        return name.replace(".default.", ".") if self.adapter else name
+
+    def _forward(self, named: dict[str, torch.Tensor]) -> None:
+        self.forwarded |= set(named)
         self.llm.collective_rpc(
             "load_weight_chunk", args=([(n, t.to(self.dtype)) for n, t in named.items()],)
         )
@@ -256,10 +288,12 @@ class VLLMEngine:
 
         self.loading = False
         if self.adapter:
-            tensors, self.pending = self.pending, {}
+            tensors, self.pending = (self.pending if self.synced is None else self.synced), {}
             self.llm.collective_rpc("push_adapter", args=(self.peft_config, tensors, ADAPTER_ID))
             self.lora_request = LoRARequest("student", ADAPTER_ID, "in-memory")
         else:
+            if self.synced is not None:  # what a delta sync left out or patched
+                self._forward({n: t for n, t in self.synced.items() if n not in self.forwarded})
             self.llm.collective_rpc("finish_weight_load")
         self.llm.reset_prefix_cache()
 

@@ -185,6 +185,19 @@ class Config(Section):
                 f"cuda_ipc reaches only the colocated rollouts; teacher.weights={self.teacher.weights} "
                 "needs the weights too: use collective or object_store",
             )
+        if self.trainer.delta_sync:
+            require(
+                self.trainer.weight_transport != "cuda_ipc",
+                "trainer.delta_sync",
+                "cuda_ipc hands the colocated rollout GPU memory, moving no bytes a delta would save: "
+                "use trainer.delta_sync=false, or object_store / collective",
+            )
+            require(
+                self.teacher.weights != "ema",
+                "trainer.delta_sync",
+                "an EMA teacher blends every element of every sync toward the student: it needs whole "
+                "syncs (trainer.delta_sync=false), or teacher.weights=frozen or live",
+            )
         if self.trainer.weight_transport == "collective" and c.colocate_rollout and c.student.gpus:
             require(
                 False,

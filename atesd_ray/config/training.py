@@ -288,6 +288,10 @@ class TrainerConfig(Section):
     weight_transport: str = setting("object_store", one_of("object_store", "collective", "cuda_ipc"))
     # collective / cuda_ipc: weights move in buckets of at most this size
     weight_bucket_mb: int = setting(512, positive)
+    # a sync carries only the elements changed since the last one sent (runtime/weight_delta.py), and
+    # every full_sync_every versions a full one; exact. Pays off in bf16 (a few % change per step)
+    delta_sync: bool = False
+    full_sync_every: int = setting(10, positive)
     # torch.distributed backend: auto (gloo on CPU, nccl on GPU), gloo, nccl
     backend: str = setting("auto", one_of("auto", "gloo", "nccl"))
     # actor faults (atesd_ray/runtime/faults.py): retries of one step after a replica restart, and

@@ -70,6 +70,12 @@ def run_part(out: Path) -> None:
         metrics, _ = train("opsd-bf16", "trainer.total_steps=2", "model.dtype=bfloat16")
         return summary(metrics)
 
+    @check("bf16 delta syncs into the GPU vLLM: 4 steps, a full sync every 2, each sync checked")
+    def _delta():
+        delta = ("trainer.delta_sync=true", "trainer.full_sync_every=2")
+        metrics, _ = train("delta-bf16", "trainer.total_steps=4", "model.dtype=bfloat16", *delta)
+        return summary(metrics)
+
     @check("collective sync one tensor per bucket into the GPU vLLM, exact")
     def _buckets():
         from atesd_ray.algorithms import build_actors

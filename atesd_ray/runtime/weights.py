@@ -38,12 +38,19 @@ class PackedWeights:
         return sum(int(b.nbytes) for b in self.buffers)
 
 
+ALIGN = 8  # bytes: each tensor of a flat buffer starts aligned for any element size (a delta mixes dtypes)
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
 def layout(named: dict[str, torch.Tensor]) -> list[TensorSpec]:
     specs, offset = [], 0
     for name, t in named.items():
         nbytes = t.numel() * t.element_size()
         specs.append(TensorSpec(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset, nbytes))
-        offset += nbytes
+        offset = _aligned(offset + nbytes)
     return specs
 
 
@@ -58,26 +65,23 @@ def split_buckets(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSp
             buckets.append(current)
             current, size = [], 0
         current.append(TensorSpec(s.name, s.shape, s.dtype, size, s.nbytes))
-        size += s.nbytes
+        size = _aligned(size + s.nbytes)
     if current:
         buckets.append(current)
     return buckets
 
 
 def bucket_bytes(bucket: list[TensorSpec]) -> int:
-    return sum(s.nbytes for s in bucket)
+    return bucket[-1].offset + bucket[-1].nbytes if bucket else 0
 
 
 def flatten(named: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """All tensors' bytes, concatenated in dict order, into ``out`` (default: a new uint8 CPU tensor;
-    a GPU ``out`` keeps GPU tensors on the device)."""
-    total = sum(t.numel() * t.element_size() for t in named.values())
-    out = torch.empty(total, dtype=torch.uint8) if out is None else out
-    offset = 0
-    for t in named.values():
-        raw = _bytes(t)
-        out[offset : offset + raw.numel()].copy_(raw)
-        offset += raw.numel()
+    """All tensors' bytes in dict order, each at its ``layout`` offset, into ``out`` (default: a new
+    uint8 CPU tensor; a GPU ``out`` keeps GPU tensors on the device)."""
+    specs = layout(named)
+    out = torch.empty(bucket_bytes(specs), dtype=torch.uint8) if out is None else out
+    for s, t in zip(specs, named.values(), strict=True):
+        out[s.offset : s.offset + s.nbytes].copy_(_bytes(t))
     return out
 
 
@@ -135,6 +139,25 @@ def load_into(model: torch.nn.Module, named: dict[str, torch.Tensor], share: boo
                 target.shares_weights = False
             else:
                 target.copy_(tensor)
+
+
+def patch(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` at the flat positions ``index`` of ``target`` (in its dtype, on its device)."""
+    target.view(-1).index_copy_(0, index.to(target.device), values.to(target.device, target.dtype))
+
+
+def patch_into(model: torch.nn.Module, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A delta sync's tensors (``weight_delta.py``): each named parameter takes the new values at
+    their flat positions. A parameter viewing the object store's read-only memory (``load_into``'s
+    ``share``) first gets memory of its own."""
+    own = _targets(model, parts)
+    with torch.no_grad():
+        for name, (index, values) in parts.items():
+            target = own[name]
+            if getattr(target, "shares_weights", False):
+                target.data = target.data.clone()
+                target.shares_weights = False
+            patch(target, index, values)
 
 
 def blend_into(model: torch.nn.Module, named: dict[str, torch.Tensor], weight: float) -> None:

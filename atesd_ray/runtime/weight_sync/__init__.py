@@ -19,6 +19,11 @@ actors (:class:`WeightReceiver`); they name the format they load
 (``atesd_ray/runtime/weight_formats.py``: the trainable tensors for HF engines, whole weights with
 LoRA merged for vLLM).
 
+With ``trainer.delta_sync`` a sync may carry only what changed since the last one
+(``atesd_ray/runtime/weight_delta.py``): the transport asks for a full sync after every
+:meth:`WeightTransport.setup` (a receiver (re)joined) and every ``trainer.full_sync_every``
+versions, and a delta in between; the tensors travel the same way either way.
+
 Every sync carries a version: the student's update count. A sync of a version the student does not
 hold (the update behind it failed) is refused the same way by every transport: its refs resolve as
 usual, nothing moves, and every receiver keeps and answers the version it holds; the step then
@@ -38,6 +43,7 @@ import ray
 import torch
 from ray.actor import ActorHandle
 
+from atesd_ray.runtime.weight_delta import DeltaEncoder, DeltaReader, Parts
 from atesd_ray.runtime.weights import TensorSpec, layout, split_buckets
 
 if TYPE_CHECKING:
@@ -85,12 +91,24 @@ class WeightSender:
     rank: int
     device: torch.device
     version: int
+    delta: DeltaEncoder | None = None  # rank 0's record of the last sync sent (delta syncs only)
 
     def weight_stream(
         self, fmt: str, device: torch.device, meta: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors a sync in format ``fmt`` carries, whole, one at a time, in a fixed order."""
         raise NotImplementedError
+
+    def sync_stream(
+        self, fmt: str, device: torch.device, version: int, mode: str
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """What a sync at ``version`` carries, in ``mode`` (``weight_delta.MODES``): every rank walks
+        the whole stream (gathering is collective); rank 0's is encoded as a delta or kept for one."""
+        stream = self.weight_stream(fmt, device)
+        if mode == "whole" or self.rank != 0:
+            return stream
+        self.delta = self.delta or DeltaEncoder()
+        return self.delta.encode(stream, version, full=mode == "full")
 
     def weight_check(self) -> WeightCheck:
         """This rank's :class:`WeightCheck` at the weights it holds (every rank joins)."""
@@ -117,14 +135,15 @@ class WeightReceiver:
     """Mixin of an actor holding a copy of the student (rollout; live or EMA teacher).
 
     A sync reaches it as one update, whatever the transport: :meth:`begin_update`, then
-    :meth:`apply_weights` once per chunk (the whole sync on the object store, one bucket of a
+    :meth:`apply_chunk` once per chunk (the whole sync on the object store, one bucket of a
     broadcast or a CUDA IPC hand-off), then :meth:`finish_update`. The receiver owns its version:
     ``weight_version`` is the last version fully applied: set by :meth:`finish_update`, and by
     the loads that put a checkpoint's weights in place (a resume, a restart) and a rewind. An
     engine that must see a sync whole (vLLM re-packs fused layers once all of a layer's weights are
     in) opens its load in :meth:`open_weights` and closes it in :meth:`close_weights`.
 
-    Subclasses implement :meth:`apply_weights` and set ``payload_format``.
+    Subclasses implement :meth:`apply_weights` (whole tensors), :meth:`apply_delta` when they take
+    delta syncs, and set ``payload_format``.
     """
 
     device: torch.device  # of its models (``runtime/devices.py``)
@@ -132,23 +151,28 @@ class WeightReceiver:
     weight_version: int = 0
     payload_format: str = "trainable"
     updating: int | None = None  # the version of an update begun and not finished
+    reader: DeltaReader | None = None  # the update's: whole tensors and delta pairs apart
     mirrors_student: bool = True  # holds the student's weights as synced (an EMA teacher does not)
 
-    def begin_update(self, version: int) -> bool:
+    def begin_update(self, version: int, again: bool = False) -> bool:
         """Open an update to ``version``; False (nothing to apply) when it is not newer than what is
-        held, so a resumed EMA teacher is not blended twice. An update left unfinished (its sender
-        died mid-sync) is dropped: the new one carries every weight again."""
-        if version <= self.weight_version:
+        held, so a resumed EMA teacher is not blended twice, unless ``again``: the full sync a delta
+        sync builds on is taken even of the version held (an engine keeps its record of it). An
+        update left unfinished (its sender died mid-sync) is dropped: the new one carries every
+        weight again."""
+        if version < self.weight_version or (version == self.weight_version and not again):
             return False
         if self.updating is not None:
             log.warning("update to v%d was interrupted; starting over with v%d", self.updating, version)
         self.updating = version
+        self.reader = DeltaReader(self.weight_version)
         self.open_weights()
         return True
 
     def finish_update(self, version: int) -> int:
         """Close the update to ``version`` (if one is open); returns the version now held."""
         if self.updating == version:
+            self.reader.finish()
             self.close_weights()
             self.weight_version, self.updating = version, None
         return self.weight_version
@@ -159,8 +183,21 @@ class WeightReceiver:
     def close_weights(self) -> None:
         """Called after the last chunk of an update."""
 
+    def apply_chunk(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
+        """One chunk of the update begun (``shared`` as in :meth:`apply_weights`): its whole tensors
+        and its delta pairs."""
+        whole, parts = self.reader.split(named)
+        if whole:
+            self.apply_weights(whole, shared)
+        if parts:
+            self.apply_delta(parts)
+
+    def apply_delta(self, parts: Parts) -> None:
+        """Tensors of a delta sync by name: (flat positions, new values there)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take delta syncs")
+
     def apply_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
-        """One chunk of an update. ``shared``: ``named`` views read-only memory that lives as long
+        """Whole tensors of an update. ``shared``: ``named`` views read-only memory that lives as long
         as its tensors (the object store's); a receiver that only reads its weights may keep the
         tensors instead of copying them. Otherwise the memory is the transport's and is reused
         once this returns."""
@@ -224,12 +261,19 @@ class WeightTransport:
     name: ClassVar[str]
 
     def __init__(
-        self, students: ActorGroup, receivers: list[ActorHandle], backend: str, bucket_bytes: int = 512 << 20
+        self,
+        students: ActorGroup,
+        receivers: list[ActorHandle],
+        backend: str,
+        bucket_bytes: int = 512 << 20,
+        full_sync_every: int = 0,
     ):
         self.students = students
         self.receivers = list(receivers)
         self.backend = backend
         self.bucket_bytes = bucket_bytes
+        self.full_sync_every = full_sync_every  # 0: every sync whole and no record kept (no deltas)
+        self.full_at: int | None = None  # the version of the last full sync since setup
         self.format = "trainable"
 
     def setup(self, timeout_s: float | None = None) -> None:
@@ -242,10 +286,20 @@ class WeightTransport:
                 "use the same engine for the rollout and a live/EMA teacher, or teacher.weights=frozen"
             )
         self.format = formats.pop() if formats else "trainable"
+        self.full_at = None  # a receiver may have (re)joined: the next sync goes whole
+
+    def mode(self, version: int) -> str:
+        """How the sync at ``version`` travels (``weight_delta.MODES``)."""
+        if not self.full_sync_every:
+            return "whole"
+        if self.full_at is None or version - self.full_at >= self.full_sync_every or version < self.full_at:
+            self.full_at = version
+            return "full"
+        return "delta"
 
     def sync(self, version: int) -> Synced:
         allowed = self.students.actors[0].holds_version.remote(version)
-        return self.send(version, allowed)
+        return self.send(version, allowed, self.mode(version))
 
     def verify(self) -> list[ray.ObjectRef]:
         """Per receiver, a ref to its :meth:`WeightReceiver.verify_weights` against the student's
@@ -254,8 +308,8 @@ class WeightTransport:
         check = self.students.together("weight_check").ref
         return [r.verify_weights.remote(check) for r in self.receivers]
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
-        """Move the weights tagged ``version``; every call on either side takes ``allowed`` (rank 0's
+    def send(self, version: int, allowed: ray.ObjectRef, mode: str = "whole") -> Synced:
+        """Move the weights tagged ``version`` in ``mode``; every call on either side takes ``allowed`` (rank 0's
         ``holds_version``; Ray resolves it first) and does nothing when it is False."""
         raise NotImplementedError
 
@@ -274,11 +328,12 @@ def make_weight_sync(
     receivers: list[ActorHandle],
     backend: str,
     bucket_bytes: int = 512 << 20,
+    full_sync_every: int = 0,
 ) -> WeightTransport:
     if transport not in TRANSPORTS:
         raise ValueError(f"trainer.weight_transport: unknown transport '{transport}'")
     module = importlib.import_module(f"{__name__}.{transport}")
-    return module.TRANSPORT(students, receivers, backend, bucket_bytes)
+    return module.TRANSPORT(students, receivers, backend, bucket_bytes, full_sync_every)
 
 
 def take_bucket(

@@ -8,6 +8,10 @@ The student ranks already form torch.distributed's default group (FSDP2), and a 
 only one default group; ``ray.util.collective``'s gloo backend would try to create a second one.
 So the broadcast gets a standalone ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` on its own
 TCPStore, the way RL frameworks join trainer rank 0 with inference engines.
+
+With delta syncs (``trainer.delta_sync``) a sync's layout is only known once rank 0 has encoded it:
+every rank walks the stream first (:func:`encode`), rank 0 keeping the encoded tensors, whose
+buckets the receivers then take; rank 0 broadcasts them (:func:`send_encoded`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.distributed as dist
 from atesd_ray.runtime.cluster import free_port
 from atesd_ray.runtime.transfer import PeerLost, backend_group
 from atesd_ray.runtime.weight_sync import Synced, WeightReceiver, WeightSender, WeightTransport, take_bucket
-from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, unflatten
+from atesd_ray.runtime.weights import TensorSpec, bucket_bytes, flatten, layout, split_buckets, unflatten
 
 
 class BroadcastGroup:
@@ -100,18 +104,53 @@ def send(sender: WeightSender, fmt: str, buckets: list[list[TensorSpec]], allowe
     return sent
 
 
-def receive(receiver: WeightReceiver, version: int, buckets: list[list[TensorSpec]], allowed: bool) -> int:
+def encode(
+    sender: WeightSender, fmt: str, allowed: bool, version: int, mode: str, max_bytes: int
+) -> list[list[TensorSpec]] | None:
+    """Every rank walks the stream (gathering is collective); rank 0 keeps the encoded sync for
+    :func:`send_encoded` and returns its buckets, the others None. Rank 0 keeps it in host
+    memory, beside its record of the last sync sent, not on the GPU."""
+    if not allowed:
+        return None
+    device = torch.device("cpu") if sender.rank == 0 else sender.device
+    named = dict(sender.sync_stream(fmt, device, version, mode))
+    if sender.rank != 0:
+        return None
+    sender.encoded = named
+    return split_buckets(layout(named), max_bytes)
+
+
+def send_encoded(sender: WeightSender, buckets: list[list[TensorSpec]] | None) -> int:
+    """Rank 0 broadcasts the sync :func:`encode` kept, one bucket at a time; returns the bytes sent."""
+    if buckets is None:
+        return 0
+    stream, sender.encoded = iter(sender.encoded.items()), None
+    group, sent = sender.weight_group, 0
+    for bucket in buckets:
+        buffer = group.staging(bucket_bytes(bucket))
+        group.broadcast(flatten(take_bucket(stream, bucket), buffer))
+        sent += buffer.numel()
+    return sent
+
+
+def receive(
+    receiver: WeightReceiver,
+    version: int,
+    buckets: list[list[TensorSpec]],
+    allowed: bool,
+    mode: str = "whole",
+) -> int:
     """Bucket by bucket, as one update; every member joins each broadcast, even to discard an old
     version."""
-    if not allowed:
+    if not allowed or buckets is None:
         return receiver.weight_version
-    newer = receiver.begin_update(version)
+    newer = receiver.begin_update(version, again=mode == "full")
     group = receiver.weight_group
     for bucket in buckets:
         buffer = group.staging(bucket_bytes(bucket))
         group.broadcast(buffer)
         if newer:
-            receiver.apply_weights(unflatten(buffer, bucket))
+            receiver.apply_chunk(unflatten(buffer, bucket))
     return receiver.finish_update(version)
 
 
@@ -132,10 +171,17 @@ class CollectiveSync(WeightTransport):
         )
         self.layout = ray.put(self.buckets())  # the layout travels once, by reference
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
-        sent = self.students.call("weight_transfer", send, self.format, self.layout, allowed)
-        held = [r.weight_transfer.remote(receive, version, self.layout, allowed) for r in self.receivers]
-        return Synced(held, sent)
+    def send(self, version: int, allowed: ray.ObjectRef, mode: str = "whole") -> Synced:
+        if mode == "whole":
+            sent = self.students.call("weight_transfer", send, self.format, self.layout, allowed)
+            held = [r.weight_transfer.remote(receive, version, self.layout, allowed) for r in self.receivers]
+            return Synced(held, sent)
+        encoded = self.students.call(
+            "weight_transfer", encode, self.format, allowed, version, mode, self.bucket_bytes
+        )
+        sent = self.students.actors[0].weight_transfer.remote(send_encoded, encoded[0])
+        held = [r.weight_transfer.remote(receive, version, encoded[0], allowed, mode) for r in self.receivers]
+        return Synced(held, [sent, *encoded[1:]])
 
     def teardown(self, timeout_s: float | None = None) -> None:
         members = [self.students.actors[0], *self.receivers]

@@ -55,7 +55,7 @@ def receive(
         receiver.begin_update(version)
     if receiver.updating == version:
         buffer = open_shared(handle)
-        receiver.apply_weights(unflatten(buffer, bucket))
+        receiver.apply_chunk(unflatten(buffer, bucket))
         if buffer.is_cuda:
             torch.cuda.synchronize()  # done reading before the sender reuses its buffer
     return receiver.finish_update(version) if last else receiver.weight_version
@@ -87,7 +87,9 @@ class CudaIpcSync(WeightTransport):
             )
         self.layout = self.buckets()
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
+    def send(self, version: int, allowed: ray.ObjectRef, mode: str = "whole") -> Synced:
+        # colocated: nothing crosses a wire, so the config allows no delta syncs here
+        assert mode == "whole", "cuda_ipc moves whole syncs only"
         applied = self.students.call("weight_transfer", begin, self.format, self.layout, allowed)
         last = len(self.layout) - 1
         for k, bucket in enumerate(self.layout):

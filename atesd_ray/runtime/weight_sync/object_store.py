@@ -12,28 +12,28 @@ from atesd_ray.runtime.weight_sync import Synced, WeightReceiver, WeightSender, 
 from atesd_ray.runtime.weights import PackedWeights, pack, unpack
 
 
-def export(sender: WeightSender, fmt: str, allowed: bool) -> PackedWeights | None:
-    """Every rank gathers (a collective); rank 0 returns the packed weights, the others None."""
+def export(sender: WeightSender, fmt: str, allowed: bool, version: int, mode: str) -> PackedWeights | None:
+    """Every rank gathers (a collective); rank 0 returns the packed sync, the others None."""
     if not allowed:
         return None
-    named = dict(sender.weight_stream(fmt, torch.device("cpu")))
+    named = dict(sender.sync_stream(fmt, torch.device("cpu"), version, mode))
     return pack(named) if sender.rank == 0 else None
 
 
-def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int) -> int:
+def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int, mode: str = "whole") -> int:
     """The whole sync as one chunk; a refused sync (``packed`` None) changes nothing."""
-    if packed is not None and receiver.begin_update(version):
-        receiver.apply_weights(unpack(packed), shared=True)
+    if packed is not None and receiver.begin_update(version, again=mode == "full"):
+        receiver.apply_chunk(unpack(packed), shared=True)
     return receiver.finish_update(version)
 
 
 class ObjectStoreSync(WeightTransport):
     name = "object_store"
 
-    def send(self, version: int, allowed: ray.ObjectRef) -> Synced:
-        exported = self.students.call("weight_transfer", export, self.format, allowed)
+    def send(self, version: int, allowed: ray.ObjectRef, mode: str = "whole") -> Synced:
+        exported = self.students.call("weight_transfer", export, self.format, allowed, version, mode)
         # rank 0's buffer travels as a ref from the student to the receivers, never through the driver
-        received = [r.weight_transfer.remote(receive, exported[0], version) for r in self.receivers]
+        received = [r.weight_transfer.remote(receive, exported[0], version, mode) for r in self.receivers]
         return Synced(received, exported[1:])
 
 
