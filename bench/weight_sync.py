@@ -30,7 +30,7 @@ from bench.distributed import DistributedStep
 
 
 def _put_alone(sender, fmt: str) -> bool:
-    ray.put(export(sender, fmt, allowed=True))
+    ray.put(export(sender, fmt, True, sender.version, "whole"))
     return True
 
 

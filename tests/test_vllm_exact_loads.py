@@ -92,7 +92,7 @@ def _cut_after(specs, names: set[str]) -> list:
         if spec.name in names:
             buckets.append(current)
             current = []
-    return [split_buckets(b, sum(s.nbytes for s in b))[0] for b in buckets + [current] if b]
+    return [split_buckets(b, 1 << 62)[0] for b in buckets + [current] if b]
 
 
 class CutSync(CollectiveSync):

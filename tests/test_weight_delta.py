@@ -11,6 +11,7 @@ log-probs against the student's to 1e-4).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import ray
@@ -75,14 +76,16 @@ def test_a_delta_carries_the_changed_elements_and_lands_bit_for_bit():
     assert list(dict(encoder.encode(iter(newer.items()), version=5, full=True))) == list(newer)
 
 
-def test_a_delta_against_other_weights_is_refused_and_an_interrupted_one_leaves_no_base():
+def test_a_delta_against_other_weights_applies_nothing_and_an_interrupted_one_leaves_no_base():
     encoder = DeltaEncoder()
     weights = {"w": torch.zeros(100)}
     dict(encoder.encode(iter(weights.items()), version=1, full=True))
     weights["w"][0] = 1.0
     delta = dict(encoder.encode(iter(weights.items()), version=2, full=False))
-    with pytest.raises(RuntimeError, match="against weights v1 reached a receiver holding v0"):
-        DeltaReader(0).split(delta)
+    behind = DeltaReader(0)  # a receiver on other weights applies nothing of it and waits for a full sync
+    assert behind.split(delta) == ({}, {}) and behind.behind
+    assert behind.split({"w" + VALUES: delta["w" + VALUES]}) == ({}, {})
+    behind.finish()
     reader = DeltaReader(1)
     reader.split({BASE: delta[BASE], "w" + INDEX: delta["w" + INDEX]})
     with pytest.raises(RuntimeError, match="positions of 'w' and no values"):
@@ -138,11 +141,11 @@ def _train(actors, records, step: int) -> None:
 
 @pytest.mark.ray
 def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_student(ray_cluster):
-    """Syncs 0-5 over the object store with ``full_sync_every=3`` (full, delta, delta, full, delta,
-    delta), then a new collective transport in 64 KiB buckets (full after its setup, then a delta).
-    After each sync the rollout's and the teacher's parameters equal the student's bit for bit, and
-    each delta carries a fraction of the whole (the embedding rows of tokens no step saw do not
-    change, in float32 everything else does)."""
+    """bf16 syncs 0-5 over the object store with ``full_sync_every=3`` (full, delta, delta, full,
+    delta), the teacher then killed and restarted by Ray (it holds v0) so that v5's delta does not
+    fit it and v5 goes again whole; then a new collective transport in 64 KiB buckets (full after its
+    setup, then a delta). After each sync the rollout's and the teacher's parameters equal the
+    student's bit for bit, and each delta carries under half of the bytes (13-22% in the runs here)."""
     from atesd_ray.algorithms import build_actors
     from atesd_ray.data.synthetic import generate
     from atesd_ray.runtime.weight_sync.collective import CollectiveSync
@@ -168,25 +171,34 @@ def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_stu
         sent = [_sync_and_compare(actors, actors.weight_sync, 0)]
         for version, sync in enumerate(syncs[1:], start=1):
             _train(actors, records, version - 1)
+            if version == 5:
+                teacher = actors.teachers.actors[0]
+                ray.kill(teacher, no_restart=False)
+                _wait_for(teacher)
+                assert ray.get(teacher.get_weight_version.remote()) == 0
             if sync is collective and collective.full_at is None:
                 collective.setup()
             sent.append(_sync_and_compare(actors, sync, version))
         collective.teardown()
-        assert [s["mode"] for s in sent] == [
-            "full",
-            "delta",
-            "delta",
-            "full",
-            "delta",
-            "delta",
-            "full",
-            "delta",
-        ]
+        modes = ["full", "delta", "delta", "full", "delta", "full", "full", "delta"]
+        assert [s["mode"] for s in sent] == modes
         whole = sent[0]["whole"]
         assert all(s["whole"] == whole and (s["sent"] == whole) == (s["mode"] == "full") for s in sent), sent
         assert max(s["sent"] for s in sent if s["mode"] == "delta") < 0.5 * whole, sent
     finally:
         actors.shutdown()
+
+
+def _wait_for(actor, seconds: float = 120.0) -> None:
+    """Until Ray has restarted ``actor`` and it answers."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            ray.get(actor.ping.remote(), timeout=10)
+            return
+        except ray.exceptions.RayError:
+            assert time.monotonic() < deadline, "the killed actor was not restarted"
+            time.sleep(1)
 
 
 def _sync_and_compare(actors, sync, version) -> dict:

@@ -3,7 +3,7 @@ changed since the last sync sent, exactly, as verl's ``delta_sharded`` does.
 
 On the wire a delta is named tensors like any sync, so every transport moves it as it is:
 
-- ``BASE``, first: the version the delta applies to; a receiver holding any other refuses it;
+- ``BASE``, first: the version the delta applies to;
 - a tensor sent whole keeps its name (one that changed in more places than a delta saves);
 - a tensor sent in part is two, one after the other: ``NAME@index`` (flat positions, int32, or
   int64 past 2^31 elements) and ``NAME@values`` (its new values there, in the sync's dtype);
@@ -13,15 +13,21 @@ Elements compare bitwise in the sync's dtype, so a receiver that writes the valu
 positions holds the same bits as after a full sync. It pays where that dtype hides most updates:
 in bf16 an optimizer step moves a few percent of the elements across a rounding boundary; in
 float32 nearly all of them change, and every tensor goes whole. The sender keeps what it last sent
-(one copy of the sync in host memory, rank 0); a full sync every ``trainer.full_sync_every``
-versions, and after any receiver (re)joins, refreshes it and every receiver whole.
+(one copy of the sync in host memory, rank 0), and what it sends whole is that copy itself; a full
+sync every ``trainer.full_sync_every`` versions, and after any receiver (re)joins, refreshes it
+and every receiver whole. A receiver a delta does not fit (it holds another version: Ray restarted
+it between syncs) applies none of it and answers the version it holds; the transport then sends
+the same version again whole (:class:`~atesd_ray.runtime.weight_sync.Synced`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BASE = "@delta_base"
 INDEX = "@index"
@@ -59,7 +65,7 @@ class DeltaEncoder:
             last = self.sent.get(name)
             if full or last is None or last.shape != tensor.shape or last.dtype != tensor.dtype:
                 self.sent[name] = tensor.detach().to("cpu", copy=True)
-                encoded, count = [(name, tensor)], tensor.numel()
+                encoded, count = [(name, self.sent[name])], tensor.numel()
             else:
                 encoded, count = self._changes(name, tensor, last)
             changed += count
@@ -88,7 +94,7 @@ class DeltaEncoder:
         index_size = torch.empty((), dtype=index_dtype).element_size()
         if count * (index_size + new.element_size()) >= _nbytes(new):
             last.copy_(tensor.detach().reshape(last.shape))
-            return [(name, tensor)], count
+            return [(name, last)], count
         index = changed.nonzero().reshape(-1)
         values = new[index]
         last.view(-1)[index.cpu()] = values.cpu()
@@ -103,18 +109,23 @@ class DeltaReader:
     def __init__(self, held: int):
         self.held = held  # the version the receiver holds
         self.index: tuple[str, torch.Tensor] | None = None
+        self.behind = False  # a delta against other weights came: none of this update applies
 
     def split(self, named: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Parts]:
         whole: dict[str, torch.Tensor] = {}
         parts: Parts = {}
+        if BASE in named and (base := int(named[BASE].reshape(-1)[0])) != self.held:
+            log.warning(
+                "a delta sync against v%d reached a receiver holding v%d: it waits for a full one",
+                base,
+                self.held,
+            )
+            self.behind = True
+        if self.behind:
+            return whole, parts
         for name, tensor in named.items():
             if name == BASE:
-                base = int(tensor.reshape(-1)[0])
-                if base != self.held:
-                    raise RuntimeError(
-                        f"a delta sync against weights v{base} reached a receiver holding v{self.held}; "
-                        "it needs a full sync (the transport sends one after any receiver rejoins)"
-                    )
+                continue
             elif name.endswith(INDEX):
                 self.index = (name.removesuffix(INDEX), tensor.clone())
             elif name.endswith(VALUES):
@@ -128,7 +139,7 @@ class DeltaReader:
         return whole, parts
 
     def finish(self) -> None:
-        if self.index is not None:
+        if self.index is not None and not self.behind:
             raise RuntimeError(f"delta sync ended with positions of '{self.index[0]}' and no values")
 
 

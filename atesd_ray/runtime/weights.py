@@ -148,16 +148,16 @@ def patch(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> No
 
 def patch_into(model: torch.nn.Module, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """A delta sync's tensors (``weight_delta.py``): each named parameter takes the new values at
-    their flat positions. A parameter viewing the object store's read-only memory (``load_into``'s
-    ``share``) first gets memory of its own."""
+    their flat positions. Never into the object store's read-only memory (``load_into``'s ``share``),
+    which other receivers on the node read too."""
     own = _targets(model, parts)
     with torch.no_grad():
         for name, (index, values) in parts.items():
-            target = own[name]
-            if getattr(target, "shares_weights", False):
-                target.data = target.data.clone()
-                target.shares_weights = False
-            patch(target, index, values)
+            if getattr(own[name], "shares_weights", False):
+                raise RuntimeError(
+                    f"a delta sync would write '{name}', which views the object store's memory"
+                )
+            patch(own[name], index, values)
 
 
 def blend_into(model: torch.nn.Module, named: dict[str, torch.Tensor], weight: float) -> None:

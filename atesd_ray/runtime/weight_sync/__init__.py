@@ -36,7 +36,7 @@ import importlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import ray
@@ -73,15 +73,27 @@ class WeightCheck:
 @dataclass(frozen=True)
 class Synced:
     """A sync under way: ``held``, per receiver, a ref to the version it holds once the sync is
-    done (the receivers own their version); ``senders``, the student ranks' side, to wait on too."""
+    done (the receivers own their version); ``senders``, the student ranks' side, to wait on too.
+    A delta sync also holds ``whole``: the same version sent again whole, for when a receiver is
+    left behind (it held other weights than the delta's base)."""
 
     held: list[ray.ObjectRef]
     senders: list[ray.ObjectRef]
+    version: int | None = None
+    whole: Callable[[], Synced] | None = None
 
     def get(self) -> list[int]:
         """Wait for both sides; the versions the receivers hold."""
         ray.get(self.senders)
-        return ray.get(self.held)
+        held = ray.get(self.held)
+        if self.whole is not None and any(h < self.version for h in held):
+            log.warning(
+                "a receiver missed the delta sync of v%d (it holds v%d): sending it whole",
+                self.version,
+                min(held),
+            )
+            return self.whole().get()
+        return held
 
 
 class WeightSender:
@@ -171,6 +183,8 @@ class WeightReceiver:
 
     def finish_update(self, version: int) -> int:
         """Close the update to ``version`` (if one is open); returns the version now held."""
+        if self.updating == version and self.reader.behind:
+            return self.weight_version  # left open: the whole sync that follows starts it over
         if self.updating == version:
             self.reader.finish()
             self.close_weights()
@@ -299,7 +313,15 @@ class WeightTransport:
 
     def sync(self, version: int) -> Synced:
         allowed = self.students.actors[0].holds_version.remote(version)
-        return self.send(version, allowed, self.mode(version))
+        mode = self.mode(version)
+        synced = self.send(version, allowed, mode)
+        if mode == "delta":
+            return replace(synced, version=version, whole=lambda: self._whole(version, allowed))
+        return synced
+
+    def _whole(self, version: int, allowed: ray.ObjectRef) -> Synced:
+        self.full_at = version
+        return self.send(version, allowed, "full")
 
     def verify(self) -> list[ray.ObjectRef]:
         """Per receiver, a ref to its :meth:`WeightReceiver.verify_weights` against the student's

@@ -11,7 +11,9 @@ TCPStore, the way RL frameworks join trainer rank 0 with inference engines.
 
 With delta syncs (``trainer.delta_sync``) a sync's layout is only known once rank 0 has encoded it:
 every rank walks the stream first (:func:`encode`), rank 0 keeping the encoded tensors, whose
-buckets the receivers then take; rank 0 broadcasts them (:func:`send_encoded`).
+buckets the receivers then take; rank 0 broadcasts them (:func:`send_encoded`). Rank 0 then holds,
+in host memory, its record of the last sync (one copy of the weights), which the tensors it sends
+whole are, and the changed elements beside it.
 """
 
 from __future__ import annotations

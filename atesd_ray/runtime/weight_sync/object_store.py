@@ -21,9 +21,10 @@ def export(sender: WeightSender, fmt: str, allowed: bool, version: int, mode: st
 
 
 def receive(receiver: WeightReceiver, packed: PackedWeights | None, version: int, mode: str = "whole") -> int:
-    """The whole sync as one chunk; a refused sync (``packed`` None) changes nothing."""
+    """The whole sync as one chunk; a refused sync (``packed`` None) changes nothing. Weights that
+    deltas will patch are not the store's read-only memory: only a sync without deltas is shared."""
     if packed is not None and receiver.begin_update(version, again=mode == "full"):
-        receiver.apply_chunk(unpack(packed), shared=True)
+        receiver.apply_chunk(unpack(packed), shared=mode == "whole")
     return receiver.finish_update(version)
 
 
