@@ -12,15 +12,23 @@ guardrails: pass@k, response lengths, mismatch, fork rate, entropy), ``compare.p
 accuracy, teacher-student mismatch and fork rate against step) and ``verdict.txt``, a line that says
 what the numbers show and whether the intervals separate the methods.
 
+``--seeds 42 7 1234`` runs the suite once per seed (into ``OUT/seed-N``, all from the one warm-up; the
+seed also draws the held-out samples, so the warm-up is evaluated under each) and sets the seeds side
+by side: ``seeds.md`` (each method's Average@k per seed, their mean and spread, the guardrails' means,
+and which orderings every seed agrees on) and ``seeds.png``.
+
     python -m atesd_ray.compare --out runs/compare [--suite paper|signals] [--warmup-dir DIR]
-        [--warmup OVERRIDE ...] [overrides of every method's run ...]
+        [--seeds N ...] [--warmup OVERRIDE ...] [overrides of every method's run ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+
+from atesd_ray.tables import markdown_table
 
 SUITES = {
     "paper": {
@@ -128,6 +136,190 @@ def verdict(rows: list[dict]) -> str:
     return f"No method is distinguishable at this scale: the 95% intervals overlap ({shown})."
 
 
+def seed_rows(per_seed: dict[int, dict[str, Path]]) -> tuple[dict, dict]:
+    """Per seed, the warm-up's held-out evaluation; per method and seed, the final held-out
+    Average@k with its 95% interval, pass@k and length, and the first and last step's fork rate and
+    mismatch KL."""
+    warmup, rows = {}, {}
+    for seed, runs in per_seed.items():
+        warmup[seed] = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
+        for method, run_dir in runs.items():
+            after = json.loads((run_dir / "summary.json").read_text())["eval_after"]
+            k = after["k"]
+            steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            rows.setdefault(method, {})[seed] = {
+                "avg": after[f"avg@{k}"],
+                "ci": after[f"avg@{k}_ci95"],
+                "pass": after[f"pass@{k}"],
+                "len": after.get("response_len"),
+                "fork": (steps[0].get("fork_rate"), steps[-1].get("fork_rate")),
+                "kl": (steps[0].get("mismatch_kl"), steps[-1].get("mismatch_kl")),
+            }
+    return warmup, rows
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def seeds_table(warmup: dict, rows: dict) -> str:
+    """The methods (and the warm-up) by seed: Average@k [95% CI] per seed, the mean and standard
+    deviation over seeds, and the means of pass@k, held-out length, fork rate and mismatch KL."""
+    seeds = list(warmup)
+    k = next(iter(warmup.values()))["k"]
+    headers = ["method", *(f"seed {s}: Average@{k} [95% CI]" for s in seeds), f"mean Average@{k} (sd)"]
+    headers += [
+        f"mean pass@{k}",
+        "mean held-out length",
+        "fork rate, first → last step",
+        "mismatch KL, first → last step",
+    ]
+    before = {
+        s: {
+            "avg": w[f"avg@{k}"],
+            "ci": w[f"avg@{k}_ci95"],
+            "pass": w[f"pass@{k}"],
+            "len": w.get("response_len"),
+        }
+        for s, w in warmup.items()
+    }
+    lines = []
+    for method, per in {"warm-up": before, **rows}.items():
+        avgs = [per[s]["avg"] for s in seeds]
+        spread = f" ({statistics.stdev(avgs):.3f})" if len(avgs) > 1 else ""
+        cells = [f"{per[s]['avg']:.3f} [{per[s]['ci'][0]:.3f}, {per[s]['ci'][1]:.3f}]" for s in seeds]
+        cells += [f"{_mean(avgs):.3f}{spread}", _mean([per[s]["pass"] for s in seeds])]
+        length = _mean([per[s]["len"] for s in seeds])
+        cells.append(None if length is None else f"{length:.1f}")
+        for key in ("fork", "kl"):
+            first, last = (_mean([per[s][key][i] for s in seeds if key in per[s]]) for i in (0, 1))
+            cells.append(f"{first:.3f} → {last:.3f}" if first is not None and last is not None else None)
+        lines.append([method, *cells])
+    return markdown_table(headers, lines, digits=3)
+
+
+def seeds_agree(warmup: dict, rows: dict) -> str:
+    """The orderings every seed agrees on: methods above (or below) the warm-up, and each method's
+    lead over others, in Average@k, on every seed."""
+    k = next(iter(warmup.values()))["k"]
+    seeds = list(warmup)
+    said = []
+    for side, better in (("above", True), ("below", False)):
+        named = [
+            m
+            for m, per in rows.items()
+            if all((per[s]["avg"] > warmup[s][f"avg@{k}"]) == better for s in seeds)
+        ]
+        if named:
+            said.append(f"{side} the warm-up on every seed: {', '.join(named)}")
+    for method, per in rows.items():
+        beaten = [
+            o
+            for o, other in rows.items()
+            if o != method and all(per[s]["avg"] > other[s]["avg"] for s in seeds)
+        ]
+        if beaten:
+            said.append(f"{method} above {', '.join(beaten)} on every seed")
+    if not said:
+        return f"No ordering holds on all {len(seeds)} seeds."
+    return "; ".join(said) + "."
+
+
+def seeds_plot(warmup: dict, rows: dict, per_seed: dict[int, dict[str, Path]], path: Path) -> Path:
+    """Final held-out Average@k per method and seed with 95% intervals (the warm-up's dashed), and
+    the mismatch KL and fork rate against step, means over the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds, methods = list(warmup), list(rows)
+    k = next(iter(warmup.values()))["k"]
+    fig, (acc, kl, fork) = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    for i, seed in enumerate(seeds):
+        colour = f"C{i}"
+        x = [j + (i - (len(seeds) - 1) / 2) * 0.2 for j in range(len(methods))]
+        y = [rows[m][seed]["avg"] for m in methods]
+        low = [v - rows[m][seed]["ci"][0] for m, v in zip(methods, y, strict=True)]
+        high = [rows[m][seed]["ci"][1] - v for m, v in zip(methods, y, strict=True)]
+        acc.errorbar(x, y, yerr=[low, high], fmt="o", color=colour, capsize=3, label=f"seed {seed}")
+        acc.axhline(warmup[seed][f"avg@{k}"], color=colour, linestyle="--", linewidth=1)
+    acc.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
+    acc.set(ylabel=f"held-out Average@{k} (95% CI)", title="After training (dashed: the warm-up)")
+    for method in methods:
+        per_run = [curves(per_seed[s][method], warmup[s]) for s in seeds]
+        for ax, key in ((kl, "mismatch_kl"), (fork, "fork_rate")):
+            steps = sorted(set.intersection(*(set(c[key]) for c in per_run)))
+            means = [_mean([c[key][step] for c in per_run]) for step in steps]
+            ax.plot(steps, means, marker=".", label=method)
+    kl.set(xlabel="step", ylabel="mean token KL(teacher || student)", title="Mismatch, mean over seeds")
+    fork.set(xlabel="step", ylabel="share of rollout tokens", title="Fork rate, mean over seeds")
+    for ax in (acc, kl, fork):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_suite(suite: str, out: Path, warmup: Path, eval_every: int, overrides: list[str]) -> dict[str, Path]:
+    """Each method of the suite trained from ``warmup`` into ``out/<method>`` (a finished one kept)."""
+    from atesd_ray.config import compose
+    from atesd_ray.modes.train import run
+
+    runs: dict[str, Path] = {}
+    for method, choice in SUITES[suite].items():
+        run_dir = out / _slug(method)
+        print(f"\n--- {method}: {run_dir}", flush=True)
+        cfg = compose(
+            "experiment=demo",
+            *SHARED[suite],
+            *choice,
+            f"model.path={warmup}",
+            f"eval.every_n_steps={eval_every}",
+            f"eval.at_start={not runs}",  # the same warm-up, evaluated once
+            "dashboard.enabled=false",
+            f"run_dir={run_dir}",
+            *overrides,
+        )
+        summary = run_dir / "summary.json"
+        if not (summary.is_file() and "eval_after" in json.loads(summary.read_text())):
+            run(cfg, run_dir)  # a method that finished in an earlier call of this command is kept
+        runs[method] = run_dir
+    return runs
+
+
+def report_suite(runs: dict[str, Path], out: Path) -> dict:
+    """``report.md``, ``report.json``, ``verdict.txt`` and ``compare.png`` for one suite's runs."""
+    from atesd_ray.modes.report import build_report, report_markdown
+
+    before = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
+    # each run under its method's name (LABEL=DIR), so that the suite's ATESD variants are rows of
+    # their own; a name holding "=" (Fixed α=0.5) would split there, and is the run's own label anyway
+    report = build_report([str(d) if "=" in m else f"{m}={d}" for m, d in runs.items()], [])
+    table = report_markdown(report)
+    line = verdict(report["rows"])
+    (out / "report.json").write_text(json.dumps(report | {"verdict": line}, indent=2))
+    (out / "verdict.txt").write_text(line + "\n")
+    guardrails = guardrail_table(runs, before)
+    (out / "report.md").write_text(table + "\n" + line + "\n\n" + guardrails + "\n")
+    figure = plot({m: curves(d, before) for m, d in runs.items()}, out / "compare.png")
+    print(f"\n{table}\n{line}\n\n{guardrails}\nplot: {figure}\nreport: {out / 'report.md'}", flush=True)
+    return report | {"verdict": line}
+
+
+def report_seeds(per_seed: dict[int, dict[str, Path]], out: Path) -> dict:
+    """``seeds.md`` and ``seeds.png``: the suite's methods side by side over the seeds."""
+    warmup, rows = seed_rows(per_seed)
+    table, agreed = seeds_table(warmup, rows), seeds_agree(warmup, rows)
+    (out / "seeds.md").write_text(table + "\n" + agreed + "\n")
+    figure = seeds_plot(warmup, rows, per_seed, out / "seeds.png")
+    print(f"\n{table}\n{agreed}\nplot: {figure}\nreport: {out / 'seeds.md'}", flush=True)
+    return {"warmup": warmup, "methods": rows, "agreed": agreed}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
@@ -143,51 +335,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--warmup-dir", type=Path, help="an experiment=demo_warmup run to start from (default: train one)"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run the suite once per seed (OUT/seed-N) and set them side by side",
+    )
     args, overrides = parser.parse_known_args(argv)
+    if args.seeds and any(o.startswith("seed=") for o in overrides):
+        parser.error("give the seeds with --seeds or as seed=N, not both")
     out = args.out.resolve()
 
     from atesd_ray.config import compose
     from atesd_ray.console import configure_driver
 
     configure_driver("info")
-    from atesd_ray.modes.report import build_report, report_markdown
     from atesd_ray.modes.train import run
 
     warmup = args.warmup_dir.resolve() if args.warmup_dir else out / "warmup"
     if not args.warmup_dir:
         run(compose("experiment=demo_warmup", *args.warmup, f"run_dir={warmup}"), warmup)
-    runs: dict[str, Path] = {}
-    for method, choice in SUITES[args.suite].items():
-        run_dir = out / _slug(method)
-        print(f"\n--- {method}: {run_dir}", flush=True)
-        cfg = compose(
-            "experiment=demo",
-            *SHARED[args.suite],
-            *choice,
-            f"model.path={warmup}",
-            f"eval.every_n_steps={args.eval_every}",
-            f"eval.at_start={not runs}",  # the same warm-up, evaluated once
-            "dashboard.enabled=false",
-            f"run_dir={run_dir}",
-            *overrides,
+    if not args.seeds:
+        return report_suite(run_suite(args.suite, out, warmup, args.eval_every, overrides), out)
+    per_seed = {}
+    for seed in args.seeds:
+        seed_out = out / f"seed-{seed}"
+        per_seed[seed] = run_suite(
+            args.suite, seed_out, warmup, args.eval_every, [*overrides, f"seed={seed}"]
         )
-        summary = run_dir / "summary.json"
-        if not (summary.is_file() and "eval_after" in json.loads(summary.read_text())):
-            run(cfg, run_dir)  # a method that finished in an earlier call of this command is kept
-        runs[method] = run_dir
-    before = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
-    # each run under its method's name (LABEL=DIR), so that the suite's ATESD variants are rows of
-    # their own; a name holding "=" (Fixed α=0.5) would split there, and is the run's own label anyway
-    report = build_report([str(d) if "=" in m else f"{m}={d}" for m, d in runs.items()], [])
-    table = report_markdown(report)
-    line = verdict(report["rows"])
-    (out / "report.json").write_text(json.dumps(report | {"verdict": line}, indent=2))
-    (out / "verdict.txt").write_text(line + "\n")
-    guardrails = guardrail_table(runs, before)
-    (out / "report.md").write_text(table + "\n" + line + "\n\n" + guardrails + "\n")
-    figure = plot({m: curves(d, before) for m, d in runs.items()}, out / "compare.png")
-    print(f"\n{table}\n{line}\n\n{guardrails}\nplot: {figure}\nreport: {out / 'report.md'}", flush=True)
-    return report | {"verdict": line}
+        report_suite(per_seed[seed], seed_out)
+    return report_seeds(per_seed, out)
 
 
 if __name__ == "__main__":

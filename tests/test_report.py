@@ -104,3 +104,68 @@ def test_report_errors_name_the_run(tmp_path):
         make_config("mode=report", "report.paper_rows=[qwen3_2b]")
     with pytest.raises(ConfigError, match="report.runs"):
         make_config("mode=report")
+
+
+def write_training_run(
+    run: Path, avg: float, ci: tuple, fork: tuple, kl: tuple, before: float | None = None
+) -> Path:
+    """What a training run with eval.at_end (and eval.at_start, ``before``) writes, the fields
+    ``compare`` reads: summary.json's held-out evaluations and metrics.jsonl's first and last step."""
+    run.mkdir(parents=True)
+    held_out = {
+        "k": 4,
+        "avg@4": avg,
+        "avg@4_ci95": list(ci),
+        "pass@4": avg + 0.3,
+        "response_len": 40 + 10 * avg,
+    }
+    summary = {"eval_after": held_out}
+    if before is not None:
+        summary["eval_before"] = {"k": 4, "avg@4": before, "avg@4_ci95": [before - 0.1, before + 0.1],
+                                  "pass@4": 0.7, "response_len": 44.0}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    steps = [
+        {"step": 0, "fork_rate": fork[0], "mismatch_kl": kl[0]},
+        {"step": 1, "fork_rate": fork[1], "mismatch_kl": kl[1]},
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(s) for s in steps) + "\n")
+    return run
+
+
+def test_compare_sets_the_seeds_side_by_side(tmp_path):
+    from atesd_ray.compare import report_seeds
+
+    # two methods under two seeds: B above A on both, A above the warm-up on one seed only
+    per_seed = {
+        1: {"A": write_training_run(tmp_path / "1" / "a", 0.30, (0.2, 0.4), (0.1, 0.3), (0.2, 0.1), before=0.4),
+            "B": write_training_run(tmp_path / "1" / "b", 0.50, (0.4, 0.6), (0.1, 0.2), (0.2, 0.05))},
+        2: {"A": write_training_run(tmp_path / "2" / "a", 0.50, (0.4, 0.6), (0.2, 0.1), (0.4, 0.3), before=0.45),
+            "B": write_training_run(tmp_path / "2" / "b", 0.60, (0.5, 0.7), (0.2, 0.4), (0.4, 0.15))},
+    }  # fmt: skip
+    out = report_seeds(per_seed, tmp_path)
+
+    assert out["agreed"] == "above the warm-up on every seed: B; B above A on every seed."
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (tmp_path / "seeds.md").read_text().splitlines()[2:] if line.startswith("|")}  # fmt: skip
+    # per seed, then mean (sample sd), mean pass@4, mean length, fork and KL means first → last
+    assert rows["warm-up"] == [
+        "0.400 [0.300, 0.500]",
+        "0.450 [0.350, 0.550]",
+        "0.425 (0.035)",
+        "0.700",
+        "44.0",
+        "–",
+        "–",
+    ]
+    assert rows["A"] == ["0.300 [0.200, 0.400]", "0.500 [0.400, 0.600]", "0.400 (0.141)", "0.700", "44.0",
+                         "0.150 → 0.200", "0.300 → 0.200"]  # fmt: skip
+    assert rows["B"] == ["0.500 [0.400, 0.600]", "0.600 [0.500, 0.700]", "0.550 (0.071)", "0.850", "45.5",
+                         "0.150 → 0.300", "0.300 → 0.100"]  # fmt: skip
+    assert (tmp_path / "seeds.png").stat().st_size > 10_000
+
+
+def test_compare_takes_the_seeds_one_way():
+    from atesd_ray.compare import main
+
+    with pytest.raises(SystemExit):
+        main(["--seeds", "1", "2", "seed=3"])
