@@ -142,7 +142,8 @@ def _train(actors, records, step: int) -> None:
 @pytest.mark.ray
 def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_student(ray_cluster):
     """bf16 syncs 0-5 over the object store with ``full_sync_every=3`` (full, delta, delta, full,
-    delta), the teacher then killed and restarted by Ray (it holds v0) so that v5's delta does not
+    delta; a sync of v3 before the student holds it is refused, and the full sync it planned comes
+    with v3 itself), the teacher then killed and restarted by Ray (it holds v0) so that v5's delta does not
     fit it and v5 goes again whole; then a new collective transport in 64 KiB buckets (full after its
     setup, then a delta). After each sync the rollout's and the teacher's parameters equal the
     student's bit for bit, and each delta carries under half of the bytes (13-22% in the runs here)."""
@@ -170,12 +171,13 @@ def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_stu
         syncs = [actors.weight_sync] * 6 + [collective] * 2
         sent = [_sync_and_compare(actors, actors.weight_sync, 0)]
         for version, sync in enumerate(syncs[1:], start=1):
+            if version == 3:  # rank 0 holds v2: a sync of v3 is refused, and moves nothing
+                assert actors.weight_sync.sync(3).get() == [2, 2]
             _train(actors, records, version - 1)
             if version == 5:
                 teacher = actors.teachers.actors[0]
                 ray.kill(teacher, no_restart=False)
-                _wait_for(teacher)
-                assert ray.get(teacher.get_weight_version.remote()) == 0
+                _wait_for_restart(teacher)
             if sync is collective and collective.full_at is None:
                 collective.setup()
             sent.append(_sync_and_compare(actors, sync, version))
@@ -189,16 +191,18 @@ def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_stu
         actors.shutdown()
 
 
-def _wait_for(actor, seconds: float = 120.0) -> None:
-    """Until Ray has restarted ``actor`` and it answers."""
+def _wait_for_restart(actor, seconds: float = 120.0) -> None:
+    """Until Ray has restarted ``actor`` and it answers, holding v0 (``ray.kill`` returns before
+    the old process is gone, so a call may still reach it, or fail as the actor restarts)."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            ray.get(actor.ping.remote(), timeout=10)
-            return
+            if ray.get(actor.get_weight_version.remote(), timeout=10) == 0:
+                return
         except ray.exceptions.RayError:
-            assert time.monotonic() < deadline, "the killed actor was not restarted"
-            time.sleep(1)
+            pass
+        assert time.monotonic() < deadline, "the killed actor was not restarted"
+        time.sleep(1)
 
 
 def _sync_and_compare(actors, sync, version) -> dict:

@@ -75,17 +75,24 @@ class Synced:
     """A sync under way: ``held``, per receiver, a ref to the version it holds once the sync is
     done (the receivers own their version); ``senders``, the student ranks' side, to wait on too.
     A delta sync also holds ``whole``: the same version sent again whole, for when a receiver is
-    left behind (it held other weights than the delta's base)."""
+    left behind (it held other weights than the delta's base). ``allowed`` is rank 0's
+    ``holds_version``; when it refused the sync, ``refused`` is called (nothing moved)."""
 
     held: list[ray.ObjectRef]
     senders: list[ray.ObjectRef]
     version: int | None = None
     whole: Callable[[], Synced] | None = None
+    allowed: ray.ObjectRef | None = None
+    refused: Callable[[], None] | None = None
 
     def get(self) -> list[int]:
         """Wait for both sides; the versions the receivers hold."""
         ray.get(self.senders)
         held = ray.get(self.held)
+        if self.allowed is not None and not ray.get(self.allowed):
+            if self.refused is not None:
+                self.refused()
+            return held
         if self.whole is not None and any(h < self.version for h in held):
             log.warning(
                 "a receiver missed the delta sync of v%d (it holds v%d): sending it whole",
@@ -313,11 +320,15 @@ class WeightTransport:
 
     def sync(self, version: int) -> Synced:
         allowed = self.students.actors[0].holds_version.remote(version)
+        full_at = self.full_at
         mode = self.mode(version)
         synced = self.send(version, allowed, mode)
-        if mode == "delta":
-            return replace(synced, version=version, whole=lambda: self._whole(version, allowed))
-        return synced
+        whole = (lambda: self._whole(version, allowed)) if mode == "delta" else None
+
+        def refused() -> None:  # nothing moved: a planned full sync is still to come
+            self.full_at = full_at
+
+        return replace(synced, version=version, whole=whole, allowed=allowed, refused=refused)
 
     def _whole(self, version: int, allowed: ray.ObjectRef) -> Synced:
         self.full_at = version
