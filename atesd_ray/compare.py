@@ -12,13 +12,13 @@ guardrails: pass@k, response lengths, mismatch, fork rate, entropy), ``compare.p
 accuracy, teacher-student mismatch and fork rate against step) and ``verdict.txt``, a line that says
 what the numbers show and whether the intervals separate the methods.
 
-``--seeds 42 7 1234`` runs the suite once per seed (into ``OUT/seed-N``, all from the one warm-up; the
-seed also draws the held-out samples, so the warm-up is evaluated under each) and sets the seeds side
-by side: ``seeds.md`` (each method's Average@k per seed, their mean and spread, the guardrails' means,
+``--seeds 42,7,1234`` runs the suite once per seed (into ``OUT/seed-N``, each with its own report,
+verdict and plot, all from the one warm-up; the seed also draws the held-out samples, so the warm-up
+is evaluated under each) and sets the seeds side by side: ``seeds.md`` (each method's Average@k per seed, their mean and spread, the guardrails' means,
 and which orderings every seed agrees on) and ``seeds.png``.
 
     python -m atesd_ray.compare --out runs/compare [--suite paper|signals] [--warmup-dir DIR]
-        [--seeds N ...] [--warmup OVERRIDE ...] [overrides of every method's run ...]
+        [--seeds N,N,...] [--warmup OVERRIDE ...] [overrides of every method's run ...]
 """
 
 from __future__ import annotations
@@ -205,11 +205,11 @@ def seeds_agree(warmup: dict, rows: dict) -> str:
     k = next(iter(warmup.values()))["k"]
     seeds = list(warmup)
     said = []
-    for side, better in (("above", True), ("below", False)):
+    for side, sign in (("above", 1), ("below", -1)):
         named = [
             m
             for m, per in rows.items()
-            if all((per[s]["avg"] > warmup[s][f"avg@{k}"]) == better for s in seeds)
+            if all(sign * (per[s]["avg"] - warmup[s][f"avg@{k}"]) > 0 for s in seeds)
         ]
         if named:
             said.append(f"{side} the warm-up on every seed: {', '.join(named)}")
@@ -337,12 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--seeds",
-        type=int,
-        nargs="+",
+        type=lambda text: [int(seed) for seed in text.split(",")],
+        metavar="N,N,...",
         help="run the suite once per seed (OUT/seed-N) and set them side by side",
     )
     args, overrides = parser.parse_known_args(argv)
-    if args.seeds and any(o.startswith("seed=") for o in overrides):
+    if args.seeds and any(o.lstrip("+").startswith("seed=") for o in overrides):
         parser.error("give the seeds with --seeds or as seed=N, not both")
     out = args.out.resolve()
 

@@ -164,8 +164,9 @@ def test_compare_sets_the_seeds_side_by_side(tmp_path):
     assert (tmp_path / "seeds.png").stat().st_size > 10_000
 
 
-def test_compare_takes_the_seeds_one_way():
+def test_compare_takes_the_seeds_one_way(capsys):
     from atesd_ray.compare import main
 
     with pytest.raises(SystemExit):
-        main(["--seeds", "1", "2", "seed=3"])
+        main(["--seeds", "1,2", "+seed=3"])
+    assert "give the seeds with --seeds or as seed=N, not both" in capsys.readouterr().err

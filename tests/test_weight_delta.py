@@ -131,19 +131,31 @@ def _vllm_record(worker):
     return {n: t.clone() for n, t in worker.engine.synced.items()}
 
 
-def _train(actors, records, step: int) -> None:
+def _vllm_loads(worker) -> int:
+    return worker.engine.loads
+
+
+def _train(actors, records, step: int, poisoned: bool = False) -> None:
+    """One step; ``poisoned``: a NaN in the teacher's targets, so the numeric guard skips the update
+    (the weights stay, the version advances)."""
     from atesd_ray.algorithms.base import launch_rollouts
 
     rollouts = launch_rollouts(actors, records, step, min_version=step)
     scored = [actors.teachers.actors[0].score.remote(r, 1.0) for r in rollouts]
-    actors.students.train_step(step, rollouts, scored).get()
+    if poisoned:
+        batches = ray.get(scored)
+        for batch in batches:
+            batch.batch["teacher_logprobs"][0, 0] = float("nan")
+        scored = [ray.put(batch) for batch in batches]
+    stats = actors.students.train_step(step, rollouts, scored).get()
+    assert stats["update_skipped"] == int(poisoned)
 
 
 @pytest.mark.ray
 def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_student(ray_cluster):
     """bf16 syncs 0-5 over the object store with ``full_sync_every=3`` (full, delta, delta, full,
-    delta; a sync of v3 before the student holds it is refused, and the full sync it planned comes
-    with v3 itself), the teacher then killed and restarted by Ray (it holds v0) so that v5's delta does not
+    delta; a sync of v2 and one of v3 before the student holds them are refused: the delta is not
+    sent again whole, and the full sync planned comes with v3 itself), the teacher then killed and restarted by Ray (it holds v0) so that v5's delta does not
     fit it and v5 goes again whole; then a new collective transport in 64 KiB buckets (full after its
     setup, then a delta). After each sync the rollout's and the teacher's parameters equal the
     student's bit for bit, and each delta carries under half of the bytes (13-22% in the runs here)."""
@@ -171,8 +183,8 @@ def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_stu
         syncs = [actors.weight_sync] * 6 + [collective] * 2
         sent = [_sync_and_compare(actors, actors.weight_sync, 0)]
         for version, sync in enumerate(syncs[1:], start=1):
-            if version == 3:  # rank 0 holds v2: a sync of v3 is refused, and moves nothing
-                assert actors.weight_sync.sync(3).get() == [2, 2]
+            if version in (2, 3):  # rank 0 holds the version before: refused, nothing moves
+                assert actors.weight_sync.sync(version).get() == [version - 1] * 2
             _train(actors, records, version - 1)
             if version == 5:
                 teacher = actors.teachers.actors[0]
@@ -240,7 +252,8 @@ def test_a_delta_sync_leaves_vllm_as_a_full_sync_would(ray_cluster):
     """bf16 weights into a vLLM rollout: a delta over the object store, and one over the collective
     transport one tensor per bucket (every pair of positions and values split by a boundary). After
     each, the engine's record of the sync is the student's merged weights bit for bit, and its
-    log-probs equal those after the same version sent whole, exactly."""
+    log-probs equal those after the same version sent whole, exactly. Between them, an update the
+    numeric guard skipped: its delta changes nothing, and nothing is loaded into vLLM."""
     from atesd_ray.algorithms import build_actors
     from atesd_ray.data.synthetic import generate
     from atesd_ray.runtime.weight_sync.collective import CollectiveSync
@@ -248,7 +261,7 @@ def test_a_delta_sync_leaves_vllm_as_a_full_sync_would(ray_cluster):
     cfg = make_config(
         *TINY, "model.dtype=bfloat16", "rollout.engine=vllm", "trainer.delta_sync=true", "trainer.lr=1e-3"
     )
-    actors = build_actors(cfg, total_steps=4, name="test-delta-vllm")
+    actors = build_actors(cfg, total_steps=6, name="test-delta-vllm")
     try:
         records = [dataclasses.asdict(r) for r in generate(2, seed=5)]
         actors.weight_sync.sync(0).get()
@@ -256,13 +269,21 @@ def test_a_delta_sync_leaves_vllm_as_a_full_sync_would(ray_cluster):
         after_delta, after_full = _delta_then_full(actors, actors.weight_sync, 1)
         assert after_delta == after_full
 
+        student, rollout = actors.students.actors[0], actors.rollouts.actors[0]
+        loads = ray.get(rollout.weight_transfer.remote(_vllm_loads))
+        _train(actors, records, 1, poisoned=True)
+        assert actors.weight_sync.sync(2).get() == [2]
+        assert ray.get(student.weight_transfer.remote(_last_sync))["changed"] == 0
+        assert ray.get(rollout.weight_transfer.remote(_vllm_loads)) == loads
+        assert ray.get(rollout.score_responses.remote(PROMPTS, RESPONSES)) == after_full
+
         collective = CollectiveSync(actors.students, actors.rollouts.actors, "gloo", 1, full_sync_every=10)
         collective.setup()
         try:
-            _train(actors, records, 1)
-            collective.sync(2).get()  # the first after setup: full
             _train(actors, records, 2)
-            after_delta, after_full = _delta_then_full(actors, collective, 3)
+            collective.sync(3).get()  # the first after setup: full
+            _train(actors, records, 3)
+            after_delta, after_full = _delta_then_full(actors, collective, 4)
             assert after_delta == after_full
         finally:
             collective.teardown()

@@ -146,7 +146,8 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = DTYPES[cfg.model.dtype]
-        self.loading = False
+        self.loading = False  # a load into vLLM is open (a sync's whole tensors are arriving)
+        self.loads = 0  # loads into vLLM completed: one a sync (a delta in which nothing changed: none)
         # what a sync carries (atesd_ray/runtime/weight_formats.py): the adapter, or merged weights
         self.adapter = settings.lora == "adapter"
         self.weight_format = "trainable" if self.adapter else "merged"
@@ -237,17 +238,15 @@ class VLLMEngine:
         ]
 
     def begin_load(self) -> None:
-        """Open one in-place load for a whole sync (``VLLMWorkerExtension``); one left open by an
-        interrupted sync is closed first, since the new load carries every weight again. An adapter
-        sync gathers its tensors and pushes them at :meth:`finish_load`."""
-        self.pending, self.forwarded = {}, set()
-        if self.adapter:
-            self.loading = True
-            return
+        """Start a sync. Its tensors go into one in-place load (``VLLMWorkerExtension``), opened by
+        the first of them, so that a delta in which nothing changed (an update the numeric guard
+        skipped) loads nothing; a load left open by an interrupted sync is closed first, since the
+        new one carries every weight again. An adapter sync gathers its tensors and pushes them at
+        :meth:`finish_load`."""
+        self.pending, self.forwarded, self.patched = {}, set(), False
         if self.loading:
             self.llm.collective_rpc("finish_weight_load", kwargs={"complete": False})
-        self.llm.collective_rpc("begin_weight_load")
-        self.loading = True
+            self.loading = False
 
     def load_weights(self, named: dict[str, torch.Tensor], shared: bool = False) -> None:
         """Whole tensors by Hugging Face name (a whole sync or one bucket of it), copied into vLLM's
@@ -270,12 +269,16 @@ class VLLMEngine:
                     f"a delta sync for '{name}' reached a vLLM engine before any full sync of it"
                 )
             patch(self.synced[self._name(name)], index, values)
+            self.patched = True
 
     def _name(self, name: str) -> str:
         """An adapter tensor's PEFT name without the adapter's (vLLM's loader expects none)."""
         return name.replace(".default.", ".") if self.adapter else name
 
     def _forward(self, named: dict[str, torch.Tensor]) -> None:
+        if not self.loading:
+            self.llm.collective_rpc("begin_weight_load")
+            self.loading = True
         self.forwarded |= set(named)
         self.llm.collective_rpc(
             "load_weight_chunk", args=([(n, t.to(self.dtype)) for n, t in named.items()],)
@@ -286,15 +289,18 @@ class VLLMEngine:
         the old weights."""
         from vllm.lora.request import LoRARequest
 
-        self.loading = False
         if self.adapter:
             tensors, self.pending = (self.pending if self.synced is None else self.synced), {}
             self.llm.collective_rpc("push_adapter", args=(self.peft_config, tensors, ADAPTER_ID))
             self.lora_request = LoRARequest("student", ADAPTER_ID, "in-memory")
         else:
-            if self.synced is not None:  # what a delta sync left out or patched
+            if self.synced is not None and (self.patched or self.forwarded):  # what a delta left out
                 self._forward({n: t for n, t in self.synced.items() if n not in self.forwarded})
+            if not self.loading:
+                return  # a delta in which nothing changed: vLLM holds these weights already
             self.llm.collective_rpc("finish_weight_load")
+            self.loading = False
+            self.loads += 1
         self.llm.reset_prefix_cache()
 
 

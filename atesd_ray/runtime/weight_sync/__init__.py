@@ -325,8 +325,9 @@ class WeightTransport:
         synced = self.send(version, allowed, mode)
         whole = (lambda: self._whole(version, allowed)) if mode == "delta" else None
 
-        def refused() -> None:  # nothing moved: a planned full sync is still to come
-            self.full_at = full_at
+        def refused() -> None:  # nothing moved: a full sync planned for this version is still to come
+            if self.full_at == version:
+                self.full_at = full_at
 
         return replace(synced, version=version, whole=whole, allowed=allowed, refused=refused)
 
