@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import ray
+import torch
 
 from atesd_ray.algorithms import build_actors
 from atesd_ray.config import ConfigError
@@ -90,6 +91,43 @@ def test_one_vllm_engine_serves_the_student_and_its_frozen_teacher(ray_cluster) 
         batch = ray.get(rollout.generate.remote(RECORDS, 50, 0, 2))
         given = ray.get(actors.teachers.score([ray.put(batch)], 1.0)[0])
         alone = TeacherWorker(make_config(*ADAPTER, "teacher.topk=8", "algorithm.loss.temperature=1.0"))
+        own = alone.score(batch, 1.0)
+        valid = batch.batch["response_mask"].bool()
+        for key in ("teacher_sampled_logprob", "teacher_logprobs"):
+            torch.testing.assert_close(given.batch[key][valid], own.batch[key][valid], atol=1e-4, rtol=0)
+    finally:
+        actors.shutdown()
+
+
+def _student_adapter(sender) -> dict:
+    return {n: t.clone() for n, t in sender.weight_stream("trainable", torch.device("cpu"))}
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_the_rollouts_engine_scores_as_the_live_teacher_with_the_adapter(ray_cluster) -> None:
+    """``teacher.weights=live`` on the rollout's engine: after an adapter sync it scores with the
+    student's adapter on, and its targets equal those of a separate HF live teacher given the same
+    adapter through the receiver's own calls, to 1e-4."""
+    from workers.teacher import TeacherWorker
+
+    teacher = ["teacher.weights=live", "teacher.topk=8", "algorithm.loss.temperature=1.0"]
+    actors = build_actors(
+        make_config(*ADAPTER, "teacher.engine=rollout", *teacher), total_steps=2, name="test-live"
+    )
+    try:
+        rollout, student = actors.rollouts.actors[0], actors.students.actors[0]
+        assert actors.teachers.actors == actors.rollouts.actors
+        assert _train_and_check(actors, actors.weight_sync, 0) < 1e-4
+        on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
+        assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3  # the adapter matters
+
+        batch = ray.get(rollout.generate.remote(RECORDS, 60, 0, 1))
+        given = ray.get(actors.teachers.score([ray.put(batch)], 1.0)[0])
+        alone = TeacherWorker(make_config(*ADAPTER, *teacher))
+        assert alone.begin_update(1)
+        alone.apply_chunk(ray.get(student.weight_transfer.remote(_student_adapter)))
+        assert alone.finish_update(1) == 1
         own = alone.score(batch, 1.0)
         valid = batch.batch["response_mask"].bool()
         for key in ("teacher_sampled_logprob", "teacher_logprobs"):
