@@ -230,14 +230,24 @@ def render(out: Path) -> str:
             )
     lines += _table(
         "(h) Delta syncs without LoRA (trainer.delta_sync): each step's delta against a whole sync",
-        ["run", "model", "dtype", "lr", "whole MB", "delta share by step", "elements changed by step"],
+        [
+            "run",
+            "model",
+            "dtype",
+            "lr",
+            "whole MB",
+            "delta share by step",
+            "elements changed by step",
+            "rank 0 encode s by step",
+        ],
     )
     for label, d in _versions(out, "sync_bytes"):
         for r in d.get("delta", []):
             lines.append(
                 f"| {label} | {r['model']} | {r['dtype']} | {r['lr']:g} | {r['whole_bytes'] / 1e6:.1f} | "
                 f"{', '.join(f'{100 * x:.1f}%' for x in r['delta_share'])} | "
-                f"{', '.join(f'{100 * x:.2f}%' for x in r['changed_share'])} |"
+                f"{', '.join(f'{100 * x:.2f}%' for x in r['changed_share'])} | "
+                f"{', '.join(f'{x:.2f}' for x in r['encode_s']) if 'encode_s' in r else '–'} |"
             )
     lines += _table(
         "(i) One engine for the student and its frozen self-teacher (LoRA r 16), against a teacher actor",

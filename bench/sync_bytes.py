@@ -12,6 +12,7 @@ sync encoded by the sync's own encoder against the one before, in float32 and in
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -60,7 +61,9 @@ def sync_bytes(model: torch.nn.Module, dtype: torch.dtype, lora_scale: float) ->
 
 
 def delta_rows(name: str, steps: int = 2, lr: float = 1e-5) -> list[dict]:
-    """Per dtype: the share of a whole sync each step's delta sync carries, and of elements changed."""
+    """Per dtype: the share of a whole sync each step's delta sync carries, and of elements changed;
+    and student rank 0's seconds to encode each delta (a bitwise compare against its record in host
+    memory, the changed elements gathered, the record patched), which a whole sync does not spend."""
     rows = []
     for dtype in ("float32", "bfloat16"):
         base = model_preset(name)
@@ -73,15 +76,17 @@ def delta_rows(name: str, steps: int = 2, lr: float = 1e-5) -> list[dict]:
         batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         encoder = DeltaEncoder()
-        shares, changed = [], []
+        shares, changed, encode_s = [], [], []
         for step in range(steps + 1):
             if step:
                 model(**batch, labels=labels).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
+            t0 = time.perf_counter()
             for _ in encoder.encode(stream_weights(model, "trainable", DTYPES[dtype], "cpu"), step, False):
                 pass
             if step:
+                encode_s.append(time.perf_counter() - t0)
                 shares.append(encoder.last["sent"] / encoder.last["whole"])
                 changed.append(encoder.last["changed"] / encoder.last["elements"])
         rows.append(
@@ -92,6 +97,7 @@ def delta_rows(name: str, steps: int = 2, lr: float = 1e-5) -> list[dict]:
                 "whole_bytes": encoder.last["whole"],
                 "delta_share": shares,
                 "changed_share": changed,
+                "encode_s": encode_s,
             }
         )
     return rows

@@ -86,6 +86,7 @@ def test_bench_runs_end_to_end(ray_cluster, tmp_path):
     delta = {r["dtype"]: r for r in json.loads((tmp_path / "sync_bytes.json").read_text())["delta"]}
     assert set(delta) == {"float32", "bfloat16"} and all(len(r["delta_share"]) == 2 for r in delta.values())
     assert all(0 < x <= 1 for r in delta.values() for x in r["delta_share"] + r["changed_share"])
+    assert all(len(r["encode_s"]) == 2 and min(r["encode_s"]) > 0 for r in delta.values())
 
     table = (tmp_path / "README.md").read_text()
     assert "(a) Per-step breakdown" in table and "| current | opsd |" in table

@@ -157,6 +157,7 @@ class VLLMEngine:
         # patches them, and the sync still reaches vLLM whole (its layerwise reload needs every weight)
         self.synced: dict[str, torch.Tensor] | None = {} if cfg.trainer.delta_sync else None
         self.forwarded: set[str] = set()
+        self.patched = False  # a delta changed the record in this sync
         self.lora_request = None  # the student's adapter, once a sync has pushed it
         self.llm = LLM(**engine_args(cfg, settings, max_logprobs, on_gpu=device.type == "cuda"))
         path = self.llm.llm_engine.model_config.model
