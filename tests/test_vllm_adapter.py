@@ -51,6 +51,20 @@ def _with_and_without_adapter(rollout) -> tuple[list[float], list[float]]:
     )
 
 
+def _adapter_moves(rollout) -> bool:
+    """Whether the rollout's engine scores a fixed sequence more than 1e-3 apart with the adapter and
+    without it (the step-0 model, which training moved away from)."""
+    on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
+    return max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3
+
+
+def _assert_same_targets(batch, given, own) -> None:
+    """Two teachers' targets on the batch's response tokens, equal to 1e-4."""
+    valid = batch.batch["response_mask"].bool()
+    for key in ("teacher_sampled_logprob", "teacher_logprobs"):
+        torch.testing.assert_close(given.batch[key][valid], own.batch[key][valid], atol=1e-4, rtol=0)
+
+
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_one_vllm_engine_serves_the_student_and_its_frozen_teacher(ray_cluster) -> None:
@@ -58,7 +72,6 @@ def test_one_vllm_engine_serves_the_student_and_its_frozen_teacher(ray_cluster) 
     teacher with the adapter off; no teacher actor. After adapter syncs over the object store and
     the collective (one tensor per bucket) the rollout equals the student to 1e-4, and the targets it
     gives as the teacher equal a separate HF frozen teacher's to 1e-4."""
-    import torch
 
     from workers.teacher import TeacherWorker
 
@@ -84,17 +97,13 @@ def test_one_vllm_engine_serves_the_student_and_its_frozen_teacher(ray_cluster) 
             finally:
                 sync.teardown()
         assert max(gaps.values()) < 1e-4, f"the vLLM rollout is off the student by (nats): {gaps}"
-        # the same engine with the adapter off is the step-0 model, which training moved away from
-        on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
-        assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3
+        assert _adapter_moves(rollout)
 
         batch = ray.get(rollout.generate.remote(RECORDS, 50, 0, 2))
         given = ray.get(actors.teachers.score([ray.put(batch)], 1.0)[0])
         alone = TeacherWorker(make_config(*ADAPTER, "teacher.topk=8", "algorithm.loss.temperature=1.0"))
         own = alone.score(batch, 1.0)
-        valid = batch.batch["response_mask"].bool()
-        for key in ("teacher_sampled_logprob", "teacher_logprobs"):
-            torch.testing.assert_close(given.batch[key][valid], own.batch[key][valid], atol=1e-4, rtol=0)
+        _assert_same_targets(batch, given, own)
     finally:
         actors.shutdown()
 
@@ -119,8 +128,7 @@ def test_the_rollouts_engine_scores_as_the_live_teacher_with_the_adapter(ray_clu
         rollout, student = actors.rollouts.actors[0], actors.students.actors[0]
         assert actors.teachers.actors == actors.rollouts.actors
         assert _train_and_check(actors, actors.weight_sync, 0) < 1e-4
-        on, off = ray.get(rollout.weight_transfer.remote(_with_and_without_adapter))
-        assert max(abs(a - b) for a, b in zip(on, off, strict=True)) > 1e-3  # the adapter matters
+        assert _adapter_moves(rollout)
 
         batch = ray.get(rollout.generate.remote(RECORDS, 60, 0, 1))
         given = ray.get(actors.teachers.score([ray.put(batch)], 1.0)[0])
@@ -129,8 +137,6 @@ def test_the_rollouts_engine_scores_as_the_live_teacher_with_the_adapter(ray_clu
         alone.apply_chunk(ray.get(student.weight_transfer.remote(_student_adapter)))
         assert alone.finish_update(1) == 1
         own = alone.score(batch, 1.0)
-        valid = batch.batch["response_mask"].bool()
-        for key in ("teacher_sampled_logprob", "teacher_logprobs"):
-            torch.testing.assert_close(given.batch[key][valid], own.batch[key][valid], atol=1e-4, rtol=0)
+        _assert_same_targets(batch, given, own)
     finally:
         actors.shutdown()
