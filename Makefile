@@ -50,7 +50,7 @@ COMPARE_DIR ?= runs/compare
 compare: install
 	$(PY) -m atesd_ray.compare --out $(COMPARE_DIR) $(ARGS)
 
-# the suite in two parts: unit tests (no Ray cluster; about a minute) and cluster tests (real local Ray
+# the suite in two parts: unit tests (no Ray cluster; about two minutes) and cluster tests (real local Ray
 # clusters, FSDP process groups, vLLM engines). A test that takes a cluster fixture is a cluster test
 # (tests/conftest.py marks it `ray`). `make test` runs both.
 PYTEST     := $(PY) -X faulthandler -m pytest -q
