@@ -14,8 +14,9 @@ what the numbers show and whether the intervals separate the methods.
 
 ``--seeds 42,7,1234`` runs the suite once per seed (into ``OUT/seed-N``, each with its own report,
 verdict and plot, all from the one warm-up; the seed also draws the held-out samples, so the warm-up
-is evaluated under each) and sets the seeds side by side: ``seeds.md`` (each method's Average@k per seed, their mean and spread, the guardrails' means,
-and which orderings every seed agrees on) and ``seeds.png``.
+is evaluated under each) and sets the seeds side by side: ``seeds.md`` (each method's Average@k per
+seed, their mean and spread, the guardrails' means, and which orderings every seed agrees on) and
+``seeds.png``.
 
     python -m atesd_ray.compare --out runs/compare [--suite paper|signals] [--warmup-dir DIR]
         [--seeds N,N,...] [--warmup OVERRIDE ...] [overrides of every method's run ...]
@@ -65,17 +66,22 @@ def _slug(method: str) -> str:
     return method.lower().replace(" + ", "-").replace(" ", "-").replace("α=", "alpha")
 
 
-def curves(run_dir: Path, before: dict) -> dict:
-    """Held-out accuracy by step (0: ``before``, the warm-up's evaluation) and the guardrails per step."""
-    k = before["k"]
-    out: dict = {"accuracy": {0: before[f"avg@{k}"]}} | {g: {} for g in GUARDRAILS}
+def step_series(run_dir: Path, keys: tuple[str, ...]) -> dict[str, dict[int, float]]:
+    """Each of ``keys`` by step (1-based), from the run's metrics.jsonl, where the step logged it."""
+    out: dict[str, dict[int, float]] = {key: {} for key in keys}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        for g in GUARDRAILS:
-            out[g][m["step"] + 1] = m.get(g)
-        if f"eval/avg@{k}" in m:
-            out["accuracy"][m["step"] + 1] = m[f"eval/avg@{k}"]
+        for key in keys:
+            if m.get(key) is not None:
+                out[key][m["step"] + 1] = m[key]
     return out
+
+
+def curves(run_dir: Path, before: dict) -> dict:
+    """Held-out accuracy by step (0: ``before``, the warm-up's evaluation) and the guardrails per step."""
+    accuracy = f"eval/avg@{before['k']}"
+    series = step_series(run_dir, (*GUARDRAILS, accuracy))
+    return {"accuracy": {0: before[f"avg@{before['k']}"]} | series.pop(accuracy), **series}
 
 
 def guardrail_table(runs: dict[str, Path], before: dict) -> str:
@@ -136,22 +142,29 @@ def verdict(rows: list[dict]) -> str:
     return f"No method is distinguishable at this scale: the 95% intervals overlap ({shown})."
 
 
+def _held_out(evaluation: dict) -> dict:
+    """A held-out evaluation's Average@k, its 95% interval, pass@k and response length."""
+    k = evaluation["k"]
+    return {
+        "k": k,
+        "avg": evaluation[f"avg@{k}"],
+        "ci": evaluation[f"avg@{k}_ci95"],
+        "pass": evaluation[f"pass@{k}"],
+        "len": evaluation.get("response_len"),
+    }
+
+
 def seed_rows(per_seed: dict[int, dict[str, Path]]) -> tuple[dict, dict]:
-    """Per seed, the warm-up's held-out evaluation; per method and seed, the final held-out
-    Average@k with its 95% interval, pass@k and length, and the first and last step's fork rate and
-    mismatch KL."""
+    """Per seed, the warm-up's held-out evaluation; per method and seed, the final one, and the
+    first and last step's fork rate and mismatch KL."""
     warmup, rows = {}, {}
     for seed, runs in per_seed.items():
-        warmup[seed] = json.loads((next(iter(runs.values())) / "summary.json").read_text())["eval_before"]
+        first = json.loads((next(iter(runs.values())) / "summary.json").read_text())
+        warmup[seed] = _held_out(first["eval_before"])
         for method, run_dir in runs.items():
             after = json.loads((run_dir / "summary.json").read_text())["eval_after"]
-            k = after["k"]
             steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            rows.setdefault(method, {})[seed] = {
-                "avg": after[f"avg@{k}"],
-                "ci": after[f"avg@{k}_ci95"],
-                "pass": after[f"pass@{k}"],
-                "len": after.get("response_len"),
+            rows.setdefault(method, {})[seed] = _held_out(after) | {
                 "fork": (steps[0].get("fork_rate"), steps[-1].get("fork_rate")),
                 "kl": (steps[0].get("mismatch_kl"), steps[-1].get("mismatch_kl")),
             }
@@ -175,17 +188,8 @@ def seeds_table(warmup: dict, rows: dict) -> str:
         "fork rate, first → last step",
         "mismatch KL, first → last step",
     ]
-    before = {
-        s: {
-            "avg": w[f"avg@{k}"],
-            "ci": w[f"avg@{k}_ci95"],
-            "pass": w[f"pass@{k}"],
-            "len": w.get("response_len"),
-        }
-        for s, w in warmup.items()
-    }
     lines = []
-    for method, per in {"warm-up": before, **rows}.items():
+    for method, per in {"warm-up": warmup, **rows}.items():
         avgs = [per[s]["avg"] for s in seeds]
         spread = f" ({statistics.stdev(avgs):.3f})" if len(avgs) > 1 else ""
         cells = [f"{per[s]['avg']:.3f} [{per[s]['ci'][0]:.3f}, {per[s]['ci'][1]:.3f}]" for s in seeds]
@@ -202,14 +206,11 @@ def seeds_table(warmup: dict, rows: dict) -> str:
 def seeds_agree(warmup: dict, rows: dict) -> str:
     """The orderings every seed agrees on: methods above (or below) the warm-up, and each method's
     lead over others, in Average@k, on every seed."""
-    k = next(iter(warmup.values()))["k"]
     seeds = list(warmup)
     said = []
     for side, sign in (("above", 1), ("below", -1)):
         named = [
-            m
-            for m, per in rows.items()
-            if all(sign * (per[s]["avg"] - warmup[s][f"avg@{k}"]) > 0 for s in seeds)
+            m for m, per in rows.items() if all(sign * (per[s]["avg"] - warmup[s]["avg"]) > 0 for s in seeds)
         ]
         if named:
             said.append(f"{side} the warm-up on every seed: {', '.join(named)}")
@@ -244,11 +245,11 @@ def seeds_plot(warmup: dict, rows: dict, per_seed: dict[int, dict[str, Path]], p
         low = [v - rows[m][seed]["ci"][0] for m, v in zip(methods, y, strict=True)]
         high = [rows[m][seed]["ci"][1] - v for m, v in zip(methods, y, strict=True)]
         acc.errorbar(x, y, yerr=[low, high], fmt="o", color=colour, capsize=3, label=f"seed {seed}")
-        acc.axhline(warmup[seed][f"avg@{k}"], color=colour, linestyle="--", linewidth=1)
+        acc.axhline(warmup[seed]["avg"], color=colour, linestyle="--", linewidth=1)
     acc.set_xticks(range(len(methods)), methods, rotation=20, ha="right")
     acc.set(ylabel=f"held-out Average@{k} (95% CI)", title="After training (dashed: the warm-up)")
     for method in methods:
-        per_run = [curves(per_seed[s][method], warmup[s]) for s in seeds]
+        per_run = [step_series(per_seed[s][method], ("mismatch_kl", "fork_rate")) for s in seeds]
         for ax, key in ((kl, "mismatch_kl"), (fork, "fork_rate")):
             steps = sorted(set.intersection(*(set(c[key]) for c in per_run)))
             means = [_mean([c[key][step] for c in per_run]) for step in steps]

@@ -155,8 +155,8 @@ def _train(actors, records, step: int, poisoned: bool = False) -> None:
 def test_delta_syncs_leave_the_hf_rollout_and_a_live_teacher_bit_for_bit_the_student(ray_cluster):
     """bf16 syncs 0-5 over the object store with ``full_sync_every=3`` (full, delta, delta, full,
     delta; a sync of v2 and one of v3 before the student holds them are refused: the delta is not
-    sent again whole, and the full sync planned comes with v3 itself), the teacher then killed and restarted by Ray (it holds v0) so that v5's delta does not
-    fit it and v5 goes again whole; then a new collective transport in 64 KiB buckets (full after its
+    sent again whole, and the full sync planned comes with v3 itself), the teacher then killed and
+    restarted by Ray (it holds v0) so that v5's delta does not fit it and v5 goes again whole; then a new collective transport in 64 KiB buckets (full after its
     setup, then a delta). After each sync the rollout's and the teacher's parameters equal the
     student's bit for bit, and each delta carries under half of the bytes (13-22% in the runs here)."""
     from atesd_ray.algorithms import build_actors
